@@ -1,0 +1,194 @@
+"""Turning an image-folder tree into pack records: scanning, per-file encoding, splitting.
+
+Used by `tools/pack_dataset.py`; kept in the package so tests and the benchmark import
+it without running the tool. Knows PIL and numpy, never torch or DALI.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .pack import SPLITS
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+MIN_SIDE = 8
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One candidate file: where it is, its class folder, and its given split (or None)."""
+
+    path: Path
+    rel_path: str
+    class_name: str
+    split: str | None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The result of preparing one file: JPEG bytes and size, or the reason it was rejected."""
+
+    data: bytes | None
+    height: int
+    width: int
+    reason: str | None
+    copied: bool  # stored byte for byte, not re-encoded
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What was found under SRC_DIR."""
+
+    files: list[SourceFile]
+    empty_classes: list[str]
+    presplit: bool
+
+
+def _visible(entry: os.DirEntry[str]) -> bool:
+    return not entry.name.startswith(".")
+
+
+def _class_dirs(root: Path) -> list[os.DirEntry[str]]:
+    return sorted((e for e in os.scandir(root) if e.is_dir() and _visible(e)), key=lambda e: e.name)
+
+
+def scan_tree(src: Path) -> Scan:
+    """List candidate image files under `src` (class folders, or train/val/test of class folders).
+
+    Hidden files and folders and files without an image extension are ignored; class
+    folders with no candidate image are reported in `empty_classes`.
+    """
+    top = [e.name for e in _class_dirs(src)]
+    presplit = "train" in top and set(top) <= set(SPLITS)
+    roots = [(src / name, name) for name in SPLITS if name in top] if presplit else [(src, None)]
+    files: list[SourceFile] = []
+    empty: list[str] = []
+    for root, split in roots:
+        for class_dir in _class_dirs(root):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(class_dir.path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    path = Path(dirpath) / name
+                    found.append(SourceFile(path, path.relative_to(src).as_posix(), class_dir.name, split))
+            if found:
+                files.extend(found)
+            else:
+                empty.append(class_dir.name if split is None else f"{split}/{class_dir.name}")
+    return Scan(files, empty, presplit)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16-bit and float scaled, palettes and alpha flattened on black."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        # 16-bit data stored in 'I' keeps 0..65535; scale to 0..255 rather than clip.
+        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def encode_file(path: Path, max_side: int | None, quality: int) -> Encoded:
+    """Read, verify (full decode) and, where needed, re-encode one file as RGB JPEG.
+
+    A baseline RGB JPEG with no EXIF rotation and within `max_side` is kept byte for
+    byte; anything else is converted (EXIF orientation applied, RGB, downsized to
+    `max_side` with antialiasing) and encoded at `quality`.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Encoded(None, 0, 0, f"unreadable: {exc.strerror or exc}", False)
+    if not data:
+        return Encoded(None, 0, 0, "empty file", False)
+    try:
+        image = Image.open(io.BytesIO(data))
+        fmt = image.format
+        image.load()  # full decode: catches truncated and corrupt files
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except UnidentifiedImageError:
+        return Encoded(None, 0, 0, "not an image", False)
+    except Image.DecompressionBombError:
+        return Encoded(None, 0, 0, "image too large (decompression bomb guard)", False)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        return Encoded(None, 0, 0, f"undecodable: {str(exc).splitlines()[0][:100]}", False)
+    width, height = image.size
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    if min(width, height) < MIN_SIDE:
+        return Encoded(None, height, width, f"too small ({width}x{height}, need {MIN_SIDE} px a side)", False)
+    fits = max_side is None or max(width, height) <= max_side
+    progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+    if fmt == "JPEG" and image.mode == "RGB" and not progressive and orientation == 1 and fits:
+        return Encoded(data, height, width, None, True)
+    try:
+        image = _to_rgb(ImageOps.exif_transpose(image))
+        if not fits:
+            assert max_side is not None
+            scale = max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=quality)
+    except (OSError, ValueError) as exc:
+        return Encoded(None, height, width, f"could not convert: {str(exc).splitlines()[0][:100]}", False)
+    return Encoded(out.getvalue(), image.height, image.width, None, False)
+
+
+def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> np.ndarray:
+    """Assign each sample to train (0), val (1) or test (2), stratified by label.
+
+    Per class, val and test get floor(n * ratio) samples, and the remaining whole-set
+    quota (round(N * ratio) overall) goes to the classes with the largest fractional
+    parts, so both the totals and every class's proportions follow the ratios. Every
+    class keeps at least one training sample. Which samples go where is seeded.
+    """
+    labels = np.asarray(labels)
+    if val_ratio < 0 or test_ratio < 0 or val_ratio + test_ratio >= 1:
+        raise ValueError("need val_ratio >= 0, test_ratio >= 0 and val_ratio + test_ratio < 1")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    n_val = _apportion(counts, val_ratio, rng)
+    n_test = _apportion(counts, test_ratio, rng)
+    # Keep one training image per class: take back from test first, then from val.
+    for i, n in enumerate(counts):
+        while n_val[i] + n_test[i] > n - 1:
+            if n_test[i] > 0:
+                n_test[i] -= 1
+            else:
+                n_val[i] -= 1
+    splits = np.zeros(len(labels), dtype=np.uint8)
+    for i, cls in enumerate(classes):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        splits[members[: n_val[i]]] = 1
+        splits[members[n_val[i] : n_val[i] + n_test[i]]] = 2
+    return splits
+
+
+def _apportion(counts: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    exact = counts * ratio
+    base = np.floor(exact).astype(np.int64)
+    remaining = int(round(counts.sum() * ratio)) - int(base.sum())
+    if remaining > 0:
+        # Largest fractional part first; a random key breaks ties without favouring early classes.
+        order = np.lexsort((rng.random(len(counts)), -(exact - base)))
+        base[order[:remaining]] += 1
+    return base

@@ -1,0 +1,141 @@
+"""Write a small, deterministic, learnable image-folder tree: the demo data and most tests' data.
+
+    python tools/make_demo_dataset.py OUT_DIR [--classes 10] [--per-class 40] [--seed 0]
+
+Each class is a drawn shape (disc, square, triangle, ...) over a textured background,
+with random colour, position, scale and rotation; sizes between `--min-size` and
+`--max-size` px, mostly JPEG with every `--png-every`-th image a PNG. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond", "hexagon", "crescent", "arrow", "checker")
+
+
+def _polygon(cx: float, cy: float, radius: float, sides: int, rotation: float, star: bool = False) -> list[tuple[float, float]]:
+    points = []
+    count = sides * 2 if star else sides
+    for k in range(count):
+        r = radius * (0.45 if star and k % 2 else 1.0)
+        a = rotation + 2 * math.pi * k / count
+        points.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+    return points
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, color: tuple[int, int, int]) -> None:
+    """Draw one class's shape centred at (cx, cy) with radius r and rotation rot (radians)."""
+    if shape == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "square":
+        draw.polygon(_polygon(cx, cy, r, 4, rot), fill=color)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, rot), fill=color)
+    elif shape == "cross":
+        w = r / 3
+        for a in (rot, rot + math.pi / 2):
+            dx, dy = math.cos(a), math.sin(a)
+            px, py = -dy * w, dx * w
+            draw.polygon([(cx - dx * r + px, cy - dy * r + py), (cx + dx * r + px, cy + dy * r + py),
+                          (cx + dx * r - px, cy + dy * r - py), (cx - dx * r - px, cy - dy * r - py)], fill=color)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(2, int(r / 4)))
+    elif shape == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, rot, star=True), fill=color)
+    elif shape == "bar":
+        draw.polygon(_polygon(cx, cy, r, 4, rot)[:2] + [(cx, cy)], fill=color)
+        draw.line([(cx - r * math.cos(rot), cy - r * math.sin(rot)), (cx + r * math.cos(rot), cy + r * math.sin(rot))], fill=color, width=max(3, int(r / 3)))
+    elif shape == "diamond":
+        pts = _polygon(cx, cy, r, 4, rot + math.pi / 4)
+        draw.polygon([(x, cy + (y - cy) * 0.5) for x, y in pts], fill=color)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, rot), fill=color)
+    elif shape == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        off = r * 0.5
+        draw.ellipse([cx - r + off, cy - r, cx + r + off, cy + r], fill=(0, 0, 0))
+    elif shape == "arrow":
+        draw.polygon(_polygon(cx, cy, r, 3, rot), fill=color)
+        draw.line([(cx, cy), (cx - 1.6 * r * math.cos(rot), cy - 1.6 * r * math.sin(rot))], fill=color, width=max(3, int(r / 3)))
+    elif shape == "checker":
+        step = max(2, int(r / 2))
+        for i in range(-2, 2):
+            for j in range(-2, 2):
+                if (i + j) % 2 == 0:
+                    draw.rectangle([cx + i * step, cy + j * step, cx + (i + 1) * step, cy + (j + 1) * step], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def make_image(rng: np.random.Generator, shape: str, min_size: int, max_size: int) -> Image.Image:
+    """One random picture of `shape` on a noisy, gradient background."""
+    width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    base = rng.integers(0, 256, size=3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    gradient = (xx / width)[..., None] * rng.uniform(-60, 60, size=3) + (yy / height)[..., None] * rng.uniform(-60, 60, size=3)
+    noise = rng.normal(0, 12, size=(height, width, 3))
+    background = np.clip(base + gradient + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(background, "RGB")
+    draw = ImageDraw.Draw(image)
+    side = min(width, height)
+    r = side * rng.uniform(0.18, 0.38)
+    cx = rng.uniform(r, width - r)
+    cy = rng.uniform(r, height - r)
+    # Contrast with the background so every sample is learnable.
+    color = tuple(int(c) for c in (255 - base + rng.integers(-40, 41, size=3)).clip(0, 255))
+    draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), color)  # type: ignore[arg-type]
+    return image
+
+
+def make_demo_dataset(out_dir: Path, classes: int = 10, per_class: int = 40, seed: int = 0,
+                      min_size: int = 100, max_size: int = 400, png_every: int = 10, quality: int = 90) -> int:
+    """Write `classes` x `per_class` images under out_dir/<class>/; returns the number written."""
+    if not 1 <= classes <= len(SHAPES):
+        raise ValueError(f"classes must be between 1 and {len(SHAPES)}")
+    written = 0
+    for c, shape in enumerate(SHAPES[:classes]):
+        folder = out_dir / f"{c:02d}_{shape}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng((seed, c, i))
+            image = make_image(rng, shape, min_size, max_size)
+            if png_every and i % png_every == png_every - 1:
+                image.save(folder / f"{i:04d}.png")
+            else:
+                image.save(folder / f"{i:04d}.jpg", quality=quality)
+            written += 1
+    return written
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", default=10, show_default=True, help=f"Number of classes (at most {len(SHAPES)}).")
+@click.option("--per-class", default=40, show_default=True, help="Images per class.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--min-size", default=100, show_default=True, help="Smallest side length in px.")
+@click.option("--max-size", default=400, show_default=True, help="Largest side length in px.")
+@click.option("--png-every", default=10, show_default=True, help="Every n-th image is a PNG (0: none).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, max_size: int, png_every: int, force: bool) -> None:
+    """Write the deterministic demo image-folder tree into OUT_DIR."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise click.ClickException(f"{out_dir} exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out_dir)
+    if not 8 <= min_size <= max_size:
+        raise click.BadParameter("need 8 <= --min-size <= --max-size")
+    try:
+        count = make_demo_dataset(out_dir, classes, per_class, seed, min_size, max_size, png_every)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {count} images in {classes} classes to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
