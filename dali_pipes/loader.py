@@ -1,0 +1,95 @@
+"""`build_loader`: pick a backend by name, check the request, return a `BatchLoader`."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .base import BatchLoader
+from .pack import PackReader
+from .spec import PipelineSpec
+
+log = logging.getLogger("dali_pipes")
+
+# name -> module defining `make_loader(reader, split_indices, spec, *, train, batch_size, device,
+# dtype, num_workers, seed, rank, world_size, drop_last) -> BatchLoader`. Modules import lazily.
+BACKENDS = {
+    "dali": "dali_pipes.dali_backend",
+    "torch": "dali_pipes.torch_backend",
+    "synthetic": "dali_pipes.synthetic_backend",
+}
+DALI_INSTALL_HINT = "pip install 'nvidia-dali-cuda120' (or: pip install -e '.[dali]')"
+
+
+class LoaderError(Exception):
+    """A loader cannot be built as asked; the message is one line for the user."""
+
+
+def dali_available() -> bool:
+    """True when nvidia.dali imports."""
+    try:
+        importlib.import_module("nvidia.dali")
+    except Exception:  # a broken install raises more than ImportError
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine."""
+    return [name for name in BACKENDS if name != "dali" or dali_available()]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` ("auto": dali on CUDA when it imports, else torch)."""
+    if backend not in (*BACKENDS, "auto"):
+        raise LoaderError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    if backend == "auto":
+        chosen = "dali" if device.type == "cuda" and dali_available() else "torch"
+        log.info("backend auto -> %s (device %s, DALI %s)", chosen, device, "available" if dali_available() else "not installed")
+        return chosen
+    if backend == "dali" and not dali_available():
+        raise LoaderError(f"backend 'dali' needs NVIDIA DALI, which is not installed: {DALI_INSTALL_HINT}")
+    return backend
+
+
+def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backend: str = "auto", batch_size: int,
+                 train: bool, image_size: int = 224, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, num_workers: int | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool | None = None, spec: PipelineSpec | None = None) -> BatchLoader:
+    """An iterable of `(images, labels)` batches of `split` of `pack`.
+
+    images: N x 3 x S x S, channels_last, normalized by `spec` (or raw pixels when
+    `dtype` is torch.uint8), on `device`; labels: int64 on `device`. The loader has an
+    exact `len()` (batches this rank yields per epoch) and `set_epoch(epoch)`. Train
+    mode reshuffles each epoch and drops the last partial batch unless `drop_last` is
+    False; eval mode yields every sample of the split exactly once across ranks.
+    `spec` overrides `image_size` (a checkpoint's spec, say).
+    """
+    reader = pack if isinstance(pack, PackReader) else PackReader(Path(pack))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    spec = spec or PipelineSpec(image_size=image_size)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        raise LoaderError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype}")
+    split_indices = reader.split_indices(split)
+    if len(split_indices) == 0:
+        raise LoaderError(f"{reader.path}: split {split!r} is empty")
+    drop_last = train if drop_last is None else drop_last
+    per_rank = len(split_indices) // world_size if train else -(-len(split_indices) // world_size)
+    if drop_last and batch_size > per_rank:
+        raise LoaderError(f"batch size {batch_size} is larger than the {per_rank} {split} images per rank; lower --batch-size")
+    name = resolve_backend(backend, device)
+    module = importlib.import_module(BACKENDS[name])
+    workers = default_workers() if num_workers is None else num_workers
+    return module.make_loader(reader, split_indices, spec, train=train, batch_size=batch_size, device=device, dtype=dtype,
+                              num_workers=workers, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+
+
+def default_workers() -> int:
+    """One worker per core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
