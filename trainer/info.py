@@ -1,0 +1,63 @@
+"""`trainer info`: what a pack holds, as text or one JSON object."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dali_pipes.pack import PackReader
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"min": 0, "median": 0, "mean": 0.0, "max": 0}
+    return {"min": int(values.min()), "median": float(np.median(values)), "mean": round(float(values.mean()), 1), "max": int(values.max())}
+
+
+def pack_summary(reader: PackReader) -> dict[str, Any]:
+    """Counts per split and class, image-size statistics, rejects and format of a pack."""
+    counts = np.bincount(reader.labels, minlength=reader.num_classes)
+    per_split_class = {
+        split: np.bincount(reader.labels[reader.split_indices(split)], minlength=reader.num_classes).tolist()
+        for split in reader.split_counts()
+    }
+    sizes = np.diff(reader.offsets)
+    return {
+        "path": str(reader.path),
+        "format_version": reader.format_version,
+        "num_images": len(reader),
+        "num_classes": reader.num_classes,
+        "classes": list(reader.classes),
+        "splits": reader.split_counts(),
+        "images_per_class": {"min": int(counts.min()) if len(counts) else 0, "max": int(counts.max()) if len(counts) else 0},
+        "class_counts": {name: {"total": int(counts[i]), **{s: per_split_class[s][i] for s in per_split_class}} for i, name in enumerate(reader.classes)},
+        "height": _stats(reader.heights),
+        "width": _stats(reader.widths),
+        "bytes": {"total": int(reader.offsets[-1]), "mean_per_image": round(float(sizes.mean()), 1) if len(sizes) else 0.0},
+        "rejects": reader.rejects(),
+        "options": reader.options,
+    }
+
+
+def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
+    """Human-readable lines for `pack_summary`."""
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    h, w = summary["height"], summary["width"]
+    lines = [
+        f"{summary['path']}: pack format {summary['format_version']}",
+        f"  {summary['num_images']} images ({splits}), {summary['num_classes']} classes, "
+        f"{summary['images_per_class']['min']}-{summary['images_per_class']['max']} images per class",
+        f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px (median {w['median']:g}), "
+        f"{summary['bytes']['total'] / 1e6:.1f} MB of JPEG ({summary['bytes']['mean_per_image'] / 1e3:.1f} kB per image)",
+        "  classes:",
+    ]
+    for name, count in list(summary["class_counts"].items())[:max_classes]:
+        lines.append(f"    {name}: {count['total']} (train {count['train']}, val {count['val']}, test {count['test']})")
+    if len(summary["class_counts"]) > max_classes:
+        lines.append(f"    ... and {len(summary['class_counts']) - max_classes} more (--json lists all)")
+    rejects = summary["rejects"]
+    lines.append(f"  rejected files: {len(rejects)}")
+    lines += [f"    {r['path']}: {r['reason']}" for r in rejects[:20]]
+    if len(rejects) > 20:
+        lines.append(f"    ... and {len(rejects) - 20} more (--json lists all)")
+    return lines
