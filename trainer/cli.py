@@ -13,19 +13,14 @@ from typing import Any, Callable, TypeVar
 import click
 
 from dali_pipes import LoaderError, PackError
+from trainer.config import run_options
+from trainer.errors import TrainerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exceptions whose message is already a sentence for the user; anything else gets its
 # type named too, and a pointer to --debug.
-USER_ERRORS: tuple[type[BaseException], ...] = (PackError, LoaderError)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """All exception types whose message is meant for the user (collected lazily to keep import light)."""
-    from trainer.errors import TrainerError
-
-    return (*USER_ERRORS, TrainerError)
+USER_ERRORS: tuple[type[BaseException], ...] = (PackError, LoaderError, TrainerError)
 
 
 def one_line_errors(func: F) -> F:
@@ -44,7 +39,7 @@ def one_line_errors(func: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the whole point is one line for any failure
             if debug:
                 raise
-            if isinstance(exc, user_errors()):
+            if isinstance(exc, USER_ERRORS):
                 message = str(exc)
             elif isinstance(exc, OSError) and exc.strerror:
                 message = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}"
@@ -75,6 +70,70 @@ def info(pack: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary))
     else:
         click.echo("\n".join(format_summary(summary)))
+
+
+@main.command(context_settings={"show_default": False})
+@run_options
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or JSON file of option names to values; command-line options win.")
+@click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder from its last.pt (its config.json, overridden by options given here).")
+@one_line_errors
+def run(config_file: Path | None, resume: Path | None, **options: Any) -> None:
+    """Train a classifier on a pack: fine-tuning, frozen blocks, early stopping, top-k metrics.
+
+    \b
+    Example:
+      trainer run --pack pack.h5 --arch mobilenet_v2 --freeze 10 --head mlp --optimizer adamw
+    """
+    from trainer.config import build_config, load_config_file
+    from trainer.distributed import destroy_process_group, env_context, init_process_group, resolve_device
+    from trainer.run import default_out_dir, fit, prepare_out_dir
+
+    file_values = load_config_file(config_file) if config_file else {}
+    if resume is not None:
+        saved = resume / "config.json"
+        if not saved.is_file():
+            raise TrainerError(f"--resume {resume}: nothing to resume (no config.json there)")
+        file_values = {**json.loads(saved.read_text()), **file_values, "out": str(resume)}
+    cfg = build_config(options, file_values)
+    ctx = env_context()
+    device = resolve_device(cfg.device, ctx)
+    init_process_group(ctx, device)
+    try:
+        if not cfg.out:
+            cfg = cfg.replace(out=str(default_out_dir(cfg.arch)))
+        if ctx.is_main:
+            prepare_out_dir(Path(cfg.out), resume is not None)
+        fit(cfg, ctx, device, resume=resume is not None, echo=click.echo)
+    finally:
+        destroy_process_group()
+
+
+def _eval_device(choice: str) -> Any:
+    from trainer.distributed import env_context, resolve_device
+
+    return resolve_device(choice, env_context())
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
+@click.option("--pack", required=True, type=click.Path(path_type=Path), help="Pack with the same classes as the checkpoint.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Report top-1 .. top-k accuracy.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch", "synthetic"]), help="synthetic measures the model alone.")
+@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: one per core).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the confusion-matrix PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size: int, backend: str, workers: int | None,
+                 device: str, out: Path | None, as_json: bool) -> None:
+    """Top-1..top-k accuracy, loss and per-class accuracy of a checkpoint on a pack split."""
+    from trainer.evaluation import evaluate_checkpoint, format_eval
+
+    result = evaluate_checkpoint(checkpoint, pack, split=split, topk=topk, batch_size=batch_size, backend=backend,
+                                 device=_eval_device(device), workers=workers, out=out, warn=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(result) if as_json else "\n".join(format_eval(result)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""Saving and loading checkpoints, atomically, loadable with `torch.load(weights_only=True)`."""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.errors import TrainerError
+
+CHECKPOINT_FORMAT = "dali-trainer-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers, so saved keys never carry their prefixes."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch CPU and CUDA generator states (the only global RNGs the trainer uses)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over it.
+
+    A reader never sees a half-written file; if anything fails (a full disk, a kill)
+    the previous file stays as it was and the temporary is removed.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically save `payload` (plain containers and tensors only) as a checkpoint."""
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(payload, f))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise TrainerError(f"cannot write {path} ({os.strerror(exc.errno)}); the previous checkpoint is intact") from None
+        raise
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check one of our checkpoints; one-line `TrainerError` for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainerError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, not a zip, foreign pickles...
+        raise TrainerError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:100]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainerError(f"{path}: not a dali-trainer checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise TrainerError(f"{path}: checkpoint version {ckpt.get('version')}, this program reads {CHECKPOINT_VERSION}")
+    return ckpt

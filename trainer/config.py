@@ -1,0 +1,178 @@
+"""The run configuration: one frozen dataclass, the single source of every option and default.
+
+The click options of `trainer run` are generated from the fields below, so a name, a
+default, a choice list or a help text is written once. Values come from, in rising
+priority: the defaults here, an optional YAML/JSON file (`--config`), the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import click
+
+from trainer.errors import TrainerError
+
+ARCH_HELP = "mobilenet_v2, resnet18, resnet50, or any torchvision classification model name"
+
+
+def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None, flag: bool = False,
+         cli: bool = True) -> dict[str, Any]:
+    return {"help": help, "choices": choices, "min": minimum, "flag": flag, "cli": cli}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run; saved as config.json beside the run."""
+
+    pack: str = field(default="", metadata=_opt("Pack file made by tools/pack_dataset.py."))
+    arch: str = field(default="mobilenet_v2", metadata=_opt(f"Model: {ARCH_HELP}."))
+    weights: str = field(default="imagenet", metadata=_opt("imagenet (torchvision's weights), none, or a PATH to a state dict or checkpoint."))
+    freeze: int = field(default=0, metadata=_opt("Freeze the first N backbone blocks (MobileNetV2: features[0:N]; ResNet: stem, layer1..4).", minimum=0))
+    head: str = field(default="linear", metadata=_opt("Classifier head.", choices=("linear", "mlp")))
+    hidden: int = field(default=512, metadata=_opt("Hidden units of the mlp head.", minimum=1))
+    dropout: float = field(default=0.2, metadata=_opt("Dropout of the mlp head.", minimum=0.0))
+    activation: str = field(default="relu", metadata=_opt("Activation of the mlp head.", choices=("relu", "leaky_relu")))
+    optimizer: str = field(default="adamw", metadata=_opt("Optimizer.", choices=("adam", "adamw", "sgd")))
+    lr: float = field(default=1e-3, metadata=_opt("Learning rate for the global batch.", minimum=0.0))
+    weight_decay: float = field(default=0.05, metadata=_opt("Weight decay (never on biases and normalization weights).", minimum=0.0))
+    momentum: float = field(default=0.9, metadata=_opt("SGD momentum.", minimum=0.0))
+    scheduler: str = field(default="cosine", metadata=_opt("Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
+    step_size: int = field(default=10, metadata=_opt("Epochs between decays (step), or patience epochs (plateau).", minimum=1))
+    gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))
+    warmup_epochs: float = field(default=0.0, metadata=_opt("Linear warm-up length in epochs.", minimum=0.0))
+    label_smoothing: float = field(default=0.0, metadata=_opt("Label smoothing of the loss.", minimum=0.0))
+    epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
+    batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
+    image_size: int = field(default=224, metadata=_opt("Square input size in pixels.", minimum=8))
+    backend: str = field(default="auto", metadata=_opt("Data backend (auto: dali on CUDA when installed, else torch).", choices=("auto", "dali", "torch", "synthetic")))
+    workers: int | None = field(default=None, metadata=_opt("Loader workers or DALI threads (default: one per core).", minimum=0))
+    seed: int = field(default=0, metadata=_opt("Seed of initialization, data order and augmentation."))
+    amp: str = field(default="auto", metadata=_opt("Mixed precision (auto: bf16 where supported, fp16 otherwise, off on CPU).", choices=("auto", "bf16", "fp16", "off")))
+    channels_last: bool = field(default=True, metadata=_opt("Use channels_last memory format.", flag=True))
+    compile: bool = field(default=False, metadata=_opt("torch.compile the model.", flag=True))
+    monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=("val_loss", "val_top1")))
+    patience: int = field(default=5, metadata=_opt("Epochs without improvement before stopping (0: never stop early).", minimum=0))
+    min_delta: float = field(default=0.0, metadata=_opt("Smallest change that counts as an improvement.", minimum=0.0))
+    log_every: int = field(default=20, metadata=_opt("Steps between host syncs for the progress line.", minimum=1))
+    topk: int = field(default=5, metadata=_opt("k of the top-k accuracy reported.", minimum=1))
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda or cuda:N."))
+    out: str = field(default="", metadata=_opt("Run folder (default: runs/<arch>-<timestamp>)."))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, as written to config.json and checkpoints."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with `changes` applied and validated."""
+        return validate(dataclasses.replace(self, **changes))
+
+
+def config_fields() -> list[dataclasses.Field[Any]]:
+    """The dataclass fields that are options of `trainer run`."""
+    return [f for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)]
+
+
+def option_name(name: str) -> str:
+    """Field name -> command-line option (`batch_size` -> `--batch-size`)."""
+    return "--" + name.replace("_", "-")
+
+
+def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a click command with one option per `RunConfig` field (defaults None = not given)."""
+    for f in reversed(config_fields()):
+        meta = f.metadata
+        default = f.default
+        shown = "" if default in ("", None) else f" [default: {default}]"
+        if meta["flag"]:
+            shown = f" [default: {'on' if default else 'off'}]"
+        if meta["flag"]:
+            decls = [f"{option_name(f.name)}/--no-{f.name.replace('_', '-')}"]
+            func = click.option(*decls, f.name, default=None, help=meta["help"] + shown)(func)
+            continue
+        kind = _click_type(f)
+        func = click.option(option_name(f.name), f.name, type=kind, default=None, help=meta["help"] + shown)(func)
+    return func
+
+
+def _click_type(f: dataclasses.Field[Any]) -> click.ParamType:
+    meta = f.metadata
+    if meta["choices"]:
+        return click.Choice(meta["choices"])
+    base = f.type if isinstance(f.type, type) else str(f.type)
+    if base in (int, "int", "int | None"):
+        return click.IntRange(min=meta["min"]) if meta["min"] is not None else click.INT
+    if base in (float, "float"):
+        return click.FloatRange(min=meta["min"]) if meta["min"] is not None else click.FLOAT
+    return click.STRING
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON file of option names to values (dashes or underscores)."""
+    if not path.is_file():
+        raise TrainerError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise TrainerError(f"{path}: cannot parse config ({str(exc).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise TrainerError(f"{path}: config must be a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def build_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the file's values, then the command line's (None: not given)."""
+    known = {f.name for f in config_fields()}
+    file_values = dict(file_values or {})
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise TrainerError(f"unknown config keys: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name in known:
+        if cli_values.get(name) is not None:
+            values[name] = cli_values[name]
+        elif name in file_values:
+            values[name] = _coerce(name, file_values[name])
+    return validate(RunConfig(**values))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = next(f for f in config_fields() if f.name == name)
+    if value is None:
+        return f.default
+    try:
+        if f.metadata["flag"]:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        kind = _click_type(f)
+        return kind.convert(value, None, None)
+    except (ValueError, click.BadParameter) as exc:
+        detail = exc.format_message() if isinstance(exc, click.BadParameter) else f"expected {'true/false' if f.metadata['flag'] else f.type}"
+        raise TrainerError(f"config key {name!r}: invalid value {value!r} ({detail})") from None
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks that a single option's type cannot express."""
+    if not cfg.pack:
+        raise TrainerError("no pack given: pass --pack PACK.h5 (make one with tools/pack_dataset.py)")
+    if cfg.dropout >= 1:
+        raise TrainerError(f"--dropout must be below 1, got {cfg.dropout}")
+    if cfg.label_smoothing >= 1:
+        raise TrainerError(f"--label-smoothing must be below 1, got {cfg.label_smoothing}")
+    if cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
+        raise TrainerError(f"--warmup-epochs ({cfg.warmup_epochs}) must be shorter than --epochs ({cfg.epochs})")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
+        raise TrainerError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    return cfg

@@ -1,0 +1,104 @@
+"""`trainer eval` and `trainer predict`: a checkpoint, and nothing else, rebuilds model and preprocessing."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dali_pipes import PackReader, PipelineSpec, build_loader
+from trainer.checkpoint import load_checkpoint
+from trainer.errors import TrainerError
+from trainer.loop import evaluate
+from trainer.models import build_model
+from trainer.plots import confusion_matrix, most_confused, plot_confusion
+
+CONFUSION_PLOT_MAX_CLASSES = 50
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint, with what it needs to preprocess and name classes."""
+
+    model: nn.Module
+    classes: list[str]
+    spec: PipelineSpec
+    arch: str
+    epoch: int
+
+
+def load_model(path: Path, device: torch.device) -> LoadedModel:
+    """Rebuild the checkpoint's architecture and head, load its weights, move to `device` in eval mode."""
+    ckpt = load_checkpoint(path)
+    head = ckpt["head"]
+    classes = list(ckpt["classes"])
+    model = build_model(ckpt["arch"], len(classes), weights="none", head=head["type"], hidden=head["hidden"],
+                        dropout=head["dropout"], activation=head["activation"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise TrainerError(f"{path}: weights do not fit {ckpt['arch']} ({str(exc).splitlines()[0][:100]})") from None
+    channels_last = ckpt.get("config", {}).get("channels_last", True)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    return LoadedModel(model, classes, PipelineSpec.from_dict(ckpt["spec"]), ckpt["arch"], int(ckpt["epoch"]))
+
+
+def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", topk: int = 5, batch_size: int = 64,
+                        backend: str = "auto", device: torch.device, workers: int | None = None,
+                        out: Path | None = None, warn: Any = print) -> dict[str, Any]:
+    """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`; plots with `out`."""
+    loaded = load_model(checkpoint, device)
+    reader = PackReader(pack)
+    if list(reader.classes) != loaded.classes:
+        raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's {len(loaded.classes)} "
+                           f"(first difference: {_first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")
+    if topk > reader.num_classes:
+        warn(f"warning: --topk {topk} is above the {reader.num_classes} classes; using {reader.num_classes}")
+        topk = reader.num_classes
+    loader = build_loader(reader, split, backend=backend, batch_size=batch_size, train=False, device=device,
+                          num_workers=workers, spec=loaded.spec)
+    result = evaluate(loaded.model, loader, device=device, num_classes=reader.num_classes, topk=topk, keep_predictions=True)
+    targets, predictions = result.pop("targets").numpy(), result.pop("predictions").numpy()
+    correct, count = result.pop("per_class_correct"), result.pop("per_class_count")
+    result["per_class"] = {name: {"top1": correct[i] / count[i] if count[i] else None, "num_samples": count[i]}
+                           for i, name in enumerate(reader.classes)}
+    result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch, epoch=loaded.epoch)
+    result["most_confused"] = most_confused(targets, predictions, reader.classes)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if reader.num_classes <= CONFUSION_PLOT_MAX_CLASSES:
+            matrix = confusion_matrix(targets, predictions, reader.num_classes)
+            plot_confusion(matrix, reader.classes, out / f"confusion_{split}.png", title=f"{loaded.arch} on {split} ({len(targets)} images)")
+            result["confusion_png"] = str(out / f"confusion_{split}.png")
+    return result
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"class {i} is {x!r} in the pack, {y!r} in the checkpoint"
+    return "different class counts"
+
+
+def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
+    """Human-readable lines for `evaluate_checkpoint`'s result."""
+    ks = [k for k in range(1, result["topk"] + 1)]
+    accs = "  ".join(f"top{k} {result[f'top{k}']:.4f}" for k in ks)
+    lines = [f"{result['checkpoint']} (epoch {result['epoch'] + 1}, {result['arch']}) on {result['split']} of {result['pack']}:",
+             f"  {result['num_samples']} images  loss {result['loss']:.4f}  {accs}", "  per class top-1:"]
+    per_class = sorted(result["per_class"].items(), key=lambda kv: (kv[1]["top1"] is None, kv[1]["top1"] or 0))
+    for name, value in per_class[:max_classes]:
+        acc = "n/a" if value["top1"] is None else f"{value['top1']:.3f}"
+        lines.append(f"    {name}: {acc} ({value['num_samples']} images)")
+    if len(per_class) > max_classes:
+        lines.append(f"    ... {len(per_class) - max_classes} more (worst first; --json lists all)")
+    if result["most_confused"]:
+        lines.append("  most confused (true -> predicted):")
+        lines += [f"    {p['true']} -> {p['predicted']}: {p['count']}" for p in result["most_confused"][:10]]
+    if "confusion_png" in result:
+        lines.append(f"  confusion matrix: {result['confusion_png']}")
+    return lines

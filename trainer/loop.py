@@ -1,0 +1,250 @@
+"""The engine: one train step path, `train_one_epoch`, `evaluate`, top-k, early stopping.
+
+The loop receives an iterable of `(images, labels)` already on the device and never
+learns which backend made it. Host-device syncs (`.item()`) happen only every
+`log_every` steps and at the end of an epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from trainer.errors import TrainerError
+from trainer.progress import Progress
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for `--amp`: auto is bf16 on GPUs that have it, fp16 on older GPUs, off on the CPU."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def topk_credit(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """len(ks) x N credit in [0, 1] of each sample being in the top k, ties resolved by their expected value.
+
+    A sample is ranked by how many classes score strictly higher than its true class
+    (`above`) and how many others score exactly the same (`tied`). Breaking ties at
+    random, the true class lands in the top k with probability
+    clamp((k - above) / (tied + 1), 0, 1); that expectation is its credit. So a constant
+    model scores exactly k / K, never more.
+    """
+    logits = logits.float()
+    true_score = logits.gather(1, labels.view(-1, 1))
+    above = (logits > true_score).sum(1).float()
+    tied = (logits == true_score).sum(1).float() - 1.0
+    ks_t = torch.tensor(list(ks), dtype=torch.float32, device=logits.device).view(-1, 1)
+    return ((ks_t - above.view(1, -1)) / (tied.view(1, -1) + 1.0)).clamp_(0.0, 1.0)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Per-k number of correct samples (see `topk_credit` for ties)."""
+    return topk_credit(logits, labels, ks).sum(1)
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the monitored metric and when to stop."""
+
+    monitor: str = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    @property
+    def mode(self) -> str:
+        """'min' for losses, 'max' for accuracies."""
+        return "min" if self.monitor.endswith("loss") else "max"
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record one epoch's value; True when it is a new best."""
+        if self.best is None or (value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """True once `patience` epochs in a row brought no improvement (patience 0: never)."""
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def reason(self) -> str:
+        """Why training stopped, in words."""
+        return f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.patience} epochs (best {self.best:.4f} at epoch {self.best_epoch})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """State for checkpoints."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict`."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class StepConfig:
+    """What every train step needs besides the batch."""
+
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    log_every: int = 20
+    grad_clip: float | None = None
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class EpochState:
+    """Running sums of one epoch, kept on the device to avoid syncs."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = field(init=False)
+    correct: torch.Tensor = field(init=False)
+    samples: int = 0
+    steps: int = 0
+    data_wait: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.float64)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               step: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and update for one batch; returns (loss, logits), both still on the device."""
+    with torch.autocast(images.device.type, dtype=step.amp_dtype or torch.float32, enabled=step.amp_dtype is not None):
+        logits = model(images)
+        loss = step.criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    step.scaler.scale(loss).backward()
+    if step.grad_clip:
+        step.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
+    step.scaler.step(optimizer)
+    step.scaler.update()
+    return loss.detach(), logits.detach()
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
+                    device: torch.device, set_lr: Callable[[int], float], set_train_mode: Callable[[], None],
+                    progress: Progress | None = None, first_step: int = 0) -> dict[str, float]:
+    """One pass over `loader`; returns train_loss, train_top1, images_per_second, data_wait_fraction, lr.
+
+    `set_lr(i)` is called before the i-th step of the epoch (counting from `first_step`,
+    for a resumed epoch) and returns the learning rate it set.
+    """
+    set_train_mode()
+    state = EpochState(device)
+    lr = float("nan")
+    start = last = time.perf_counter()
+    running = {"loss": float("nan"), "top1": float("nan")}
+    if progress is not None:
+        progress.set_postfix(lambda: f"loss {running['loss']:.4f} top1 {running['top1']:.3f}")
+    for i, (images, labels) in enumerate(loader, start=first_step):
+        now = time.perf_counter()
+        state.data_wait += now - last
+        lr = set_lr(i)
+        loss, logits = train_step(model, optimizer, images, labels, step)
+        n = labels.shape[0]
+        state.loss_sum += loss.double() * n
+        state.correct += (logits.argmax(1) == labels).sum()
+        state.samples += n
+        state.steps += 1
+        if state.steps % step.log_every == 0:
+            running = _running(state)  # the only host sync inside the epoch
+            if not math.isfinite(running["loss"]):
+                raise TrainerError(f"non-finite loss at epoch step {i}: stopping; the last good checkpoints are untouched")
+        if progress is not None:
+            progress.update(n)
+        last = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    if state.samples == 0:
+        raise TrainerError("the training loader yielded no batch; lower --batch-size")
+    final = _running(state)
+    if not math.isfinite(final["loss"]):
+        raise TrainerError("non-finite training loss in this epoch: stopping; the last good checkpoints are untouched")
+    return {
+        "train_loss": final["loss"],
+        "train_top1": final["top1"],
+        "lr": lr,
+        "train_samples": state.samples,
+        "epoch_seconds": elapsed,
+        "images_per_second": state.samples / max(elapsed, 1e-9),
+        "data_wait_fraction": state.data_wait / max(elapsed, 1e-9),
+    }
+
+
+def _running(state: EpochState) -> dict[str, float]:
+    sums = torch.stack([state.loss_sum, state.correct]).cpu()
+    return {"loss": float(sums[0]) / max(state.samples, 1), "top1": float(sums[1]) / max(state.samples, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device, num_classes: int, topk: int = 5,
+             amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             keep_predictions: bool = False) -> dict[str, Any]:
+    """Loss and top-1..top-k accuracy over every sample `loader` yields.
+
+    Sums, never per-batch means, are accumulated, and `all_reduce` (for DDP) adds them
+    across ranks before dividing, so the figures are exact whatever the sharding.
+    Returns loss, top1..top{k}, num_samples, per_class_correct / per_class_count lists,
+    and with `keep_predictions`, this rank's `targets` and `predictions` (argmax) tensors.
+    """
+    model.eval()
+    k = max(1, min(topk, num_classes))
+    ks = list(range(1, k + 1))
+    criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros(len(ks), device=device, dtype=torch.float64)
+    class_correct = torch.zeros(num_classes, device=device, dtype=torch.float64)
+    class_count = torch.zeros(num_classes, device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    targets, predictions = [], []
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += criterion(logits, labels).double()
+        credit = topk_credit(logits, labels, ks).double()
+        correct += credit.sum(1)
+        class_correct.index_add_(0, labels, credit[0])
+        class_count.index_add_(0, labels, torch.ones_like(credit[0]))
+        count += labels.shape[0]
+        if keep_predictions:
+            targets.append(labels.cpu())
+            predictions.append(logits.argmax(1).cpu())
+    totals = torch.cat([loss_sum.view(1), correct, class_correct, class_count, count.view(1)])
+    if all_reduce is not None:
+        totals = all_reduce(totals)
+    totals = totals.cpu()
+    n = float(totals[-1])
+    if n == 0:
+        raise TrainerError("evaluation saw no samples")
+    result: dict[str, Any] = {"num_samples": int(n), "loss": float(totals[0]) / n}
+    for j, kk in enumerate(ks):
+        result[f"top{kk}"] = float(totals[1 + j]) / n
+    result["per_class_correct"] = totals[1 + len(ks) : 1 + len(ks) + num_classes].tolist()
+    result["per_class_count"] = [int(c) for c in totals[1 + len(ks) + num_classes : -1].tolist()]
+    if keep_predictions:
+        result["targets"] = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64)
+        result["predictions"] = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)
+    return result
+

@@ -1,0 +1,86 @@
+"""Figures: training curves and confusion matrices (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    from trainer.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Loss and top-1/top-5 against epoch, train and val, as one PNG."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in records]
+
+    def series(key: str) -> list[float]:
+        return [np.nan if r.get(key) is None else r[key] for r in records]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
+    ax_loss.plot(epochs, series("val_loss"), "s-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, series("train_top1"), "o-", label="train top-1")
+    ax_acc.plot(epochs, series("val_top1"), "s-", label="val top-1")
+    topk_keys = sorted({k for r in records for k in r if k.startswith("val_top") and k != "val_top1"})
+    if topk_keys:
+        ax_acc.plot(epochs, series(topk_keys[-1]), "^--", label=f"val {topk_keys[-1][4:].replace('top', 'top-')}")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [true, predicted]."""
+    return np.bincount(targets * num_classes + predictions, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def most_confused(targets: np.ndarray, predictions: np.ndarray, classes: Sequence[str], top: int = 20) -> list[dict[str, Any]]:
+    """The most frequent (true, predicted) mistakes, without a K x K matrix (fine for 7,000 classes)."""
+    wrong = targets != predictions
+    pairs, counts = np.unique(np.stack([targets[wrong], predictions[wrong]], 1), axis=0, return_counts=True) if wrong.any() else (np.zeros((0, 2), int), np.zeros(0, int))
+    order = np.argsort(-counts, kind="stable")[:top]
+    return [{"true": classes[pairs[i][0]], "predicted": classes[pairs[i][1]], "count": int(counts[i])} for i in order]
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
+    """Row-normalized confusion matrix as a PNG (meant for up to ~50 classes)."""
+    plt = _pyplot()
+    k = len(classes)
+    rows = matrix.sum(1, keepdims=True)
+    normalized = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+    size = min(4 + 0.35 * k, 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title or "confusion matrix (row-normalized)")
+    ax.set_xticklabels(classes, rotation=90, fontsize=8)
+    ax.set_yticklabels(classes, fontsize=8)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if normalized[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
+    plt.close(fig)
