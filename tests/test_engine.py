@@ -1,0 +1,164 @@
+"""Engine pieces against hand computations: top-k with ties, schedules, early stopping, config."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer.cli import main as trainer_main
+from trainer.config import RunConfig, build_config, config_fields, load_config_file, option_name
+from trainer.errors import TrainerError
+from trainer.loop import EarlyStopping, evaluate, resolve_amp, topk_correct
+from trainer.optim import Plateau, lr_factor
+
+
+def test_topk_on_known_logits() -> None:
+    logits = torch.tensor([
+        [0.1, 0.9, 0.0, 0.5],   # label 1: rank 0
+        [0.8, 0.1, 0.7, 0.2],   # label 2: one above -> top2
+        [0.1, 0.2, 0.3, 0.4],   # label 0: three above -> top4
+        [0.5, 0.5, 0.5, 0.5],   # label 3: all tied -> credit k/4
+        [0.9, 0.9, 0.1, 0.0],   # label 0: tied with one other at the top -> top1 credit 1/2
+    ])
+    labels = torch.tensor([1, 2, 0, 3, 0])
+    got = topk_correct(logits, labels, [1, 2, 3, 4]).tolist()
+    # Direct: per sample credit at k = clamp((k - above) / (tied + 1), 0, 1).
+    expected_per_sample = [
+        [1, 1, 1, 1],
+        [0, 1, 1, 1],
+        [0, 0, 0, 1],
+        [0.25, 0.5, 0.75, 1],
+        [0.5, 1, 1, 1],
+    ]
+    expected = [sum(row[j] for row in expected_per_sample) for j in range(4)]
+    assert got == pytest.approx(expected)
+
+
+def test_topk_constant_model_scores_chance() -> None:
+    logits = torch.zeros(1000, 10)
+    labels = torch.randint(0, 10, (1000,))
+    assert (topk_correct(logits, labels, [1, 5]) / 1000).tolist() == pytest.approx([0.1, 0.5])
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' returning preset logits per batch, to test evaluate's arithmetic."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return next(self.outputs)
+
+
+def test_evaluate_sums_not_batch_means() -> None:
+    torch.manual_seed(0)
+    logits = [torch.randn(5, 3), torch.randn(2, 3)]  # unequal batches: averaging means would be wrong
+    labels = [torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2])]
+    loader = [(torch.zeros(5, 1), labels[0]), (torch.zeros(2, 1), labels[1])]
+    result = evaluate(_Fixed(logits), loader, device=torch.device("cpu"), num_classes=3, topk=2)
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    assert result["num_samples"] == 7
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(all_logits, all_labels).item(), rel=1e-6)
+    assert result["top1"] == pytest.approx((all_logits.argmax(1) == all_labels).float().mean().item())
+    assert result["per_class_count"] == [2, 2, 3]
+    for c in range(3):
+        mask = all_labels == c
+        assert result["per_class_correct"][c] == pytest.approx((all_logits[mask].argmax(1) == c).sum().item())
+
+
+def test_evaluate_all_reduce_is_applied() -> None:
+    loader = [(torch.zeros(2, 1), torch.tensor([0, 1]))]
+    doubled = evaluate(_Fixed([torch.tensor([[2.0, 0.0], [0.0, 2.0]])]), loader, device=torch.device("cpu"), num_classes=2,
+                       all_reduce=lambda t: t * 2)
+    assert doubled["num_samples"] == 4 and doubled["top1"] == 1.0
+
+
+@pytest.mark.parametrize("epoch, expected", [(0, 1.0), (9.99, 1.0), (10, 0.1), (25, 0.01)])
+def test_step_schedule(epoch: float, expected: float) -> None:
+    assert lr_factor("step", epoch, epochs=30, step_size=10, gamma=0.1, warmup_epochs=0) == pytest.approx(expected)
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    f = lambda e: lr_factor("cosine", e, epochs=12, step_size=1, gamma=0.1, warmup_epochs=2)  # noqa: E731
+    assert f(1.0) == pytest.approx(0.5)  # halfway through the linear warm-up
+    assert f(2.0) == pytest.approx(1.0)
+    assert f(7.0) == pytest.approx(0.5)  # halfway through the cosine
+    assert f(12.0) == pytest.approx(0.0, abs=1e-12)
+    assert f(4.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2.5 / 10)))
+
+
+def test_plateau_decays_after_patience() -> None:
+    p = Plateau("min", patience=2, gamma=0.5)
+    for value in (1.0, 0.9, 0.95, 0.95):
+        p.step(value)
+    assert p.scale == 0.5 and lr_factor("plateau", 3, epochs=9, step_size=2, gamma=0.5, warmup_epochs=0, plateau_scale=p.scale) == 0.5
+
+
+def test_early_stopping_min_and_max() -> None:
+    stop = EarlyStopping("val_loss", patience=2, min_delta=0.01)
+    assert stop.update(1.0, 0) and not stop.update(0.995, 1)  # within min_delta: no improvement
+    assert not stop.should_stop
+    assert not stop.update(1.2, 2) and stop.should_stop and stop.best_epoch == 0
+    acc = EarlyStopping("val_top1", patience=1)
+    assert acc.update(0.5, 0) and acc.update(0.6, 1) and not acc.update(0.6, 2) and acc.should_stop
+    never = EarlyStopping("val_loss", patience=0)
+    for e in range(5):
+        never.update(1.0, e)
+    assert not never.should_stop
+
+
+def test_amp_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) == torch.bfloat16 and resolve_amp("fp16", cpu) == torch.float16
+
+
+def test_config_file_and_command_line_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("pack: a.h5\nbatch-size: 8\nlr: 0.01\nchannels_last: false\n")
+    cfg = build_config({"lr": 0.5}, load_config_file(path))
+    assert (cfg.pack, cfg.batch_size, cfg.lr, cfg.channels_last, cfg.epochs) == ("a.h5", 8, 0.5, False, RunConfig.epochs)
+    json_path = tmp_path / "c.json"
+    json_path.write_text(json.dumps({"pack": "b.h5", "optimizer": "sgd"}))
+    assert build_config({}, load_config_file(json_path)).optimizer == "sgd"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("pack: a.h5\nbatchsize: 8\n", "unknown config keys: batchsize"),
+    ("pack: a.h5\noptimizer: lion\n", "config key 'optimizer'"),
+    ("pack: a.h5\nepochs: many\n", "config key 'epochs'"),
+    ("pack: a.h5\ncompile: 3\n", "config key 'compile'"),
+    ("- just\n- a list\n", "must be a mapping"),
+])
+def test_bad_config_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(TrainerError, match=message):
+        build_config({}, load_config_file(path))
+
+
+def test_run_options_are_the_issue_contract() -> None:
+    names = {option_name(f.name) for f in config_fields()}
+    promised = ("--pack --arch --weights --freeze --head --hidden --dropout --activation --optimizer --lr --weight-decay "
+                "--momentum --scheduler --step-size --gamma --warmup-epochs --label-smoothing --epochs --batch-size "
+                "--image-size --backend --workers --seed --out --amp --channels-last --compile --monitor --patience "
+                "--min-delta --log-every").split()
+    assert set(promised) <= names
+    help_text = CliRunner().invoke(trainer_main, ["run", "--help"]).output
+    for option in promised + ["--config", "--resume", "--no-channels-last"]:
+        assert option in help_text
+    for arch in ("mobilenet_v2", "resnet18", "resnet50"):
+        assert arch in help_text
+
+
+def test_unknown_config_key_from_cli_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"pack": "x.h5", "nope": 1}')
+    result = CliRunner().invoke(trainer_main, ["run", "--config", str(path)])
+    assert result.exit_code == 1 and "unknown config keys: nope" in result.output
+    assert len(result.output.strip().splitlines()) == 1
