@@ -192,3 +192,16 @@ def _apportion(counts: np.ndarray, ratio: float, rng: np.random.Generator) -> np
         order = np.lexsort((rng.random(len(counts)), -(exact - base)))
         base[order[:remaining]] += 1
     return base
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Any supported image file as H x W x 3 uint8 RGB, EXIF orientation applied (as the packer stores it).
+
+    Raises `ValueError` naming the file when it cannot be read or decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.array(_to_rgb(ImageOps.exif_transpose(image)))  # a writable copy
+    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot read image ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__})") from None

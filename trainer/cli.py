@@ -136,5 +136,26 @@ def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size
     click.echo(json.dumps(result) if as_json else "\n".join(format_eval(result)))
 
 
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to list per image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+@one_line_errors
+def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, as_json: bool) -> None:
+    """Top-k classes with probabilities for each IMAGE_OR_DIR, with the checkpoint's own preprocessing."""
+    from trainer.evaluation import predict_files
+
+    results = predict_files(checkpoint, inputs, topk=topk, device=_eval_device(device), warn=lambda m: click.echo(m, err=True))
+    for r in results:
+        if as_json:
+            click.echo(json.dumps(r))
+        else:
+            click.echo(f"{r['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    if not results:
+        raise TrainerError("none of the given images could be read")
+
+
 if __name__ == "__main__":
     main()

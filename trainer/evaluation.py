@@ -102,3 +102,53 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     if "confusion_png" in result:
         lines.append(f"  confusion matrix: {result['confusion_png']}")
     return lines
+
+
+def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, device: torch.device,
+                  batch_size: int = 32, warn: Any = print) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for each image file (folders are walked), with the checkpoint's preprocessing.
+
+    Unreadable files are reported through `warn` and skipped.
+    """
+    from dali_pipes.base import to_model_input
+    from dali_pipes.packing import IMAGE_EXTENSIONS, load_rgb
+    from dali_pipes.torch_backend import resize_cpu
+
+    loaded = load_model(checkpoint, device)
+    k = min(topk, len(loaded.classes))
+    paths = list(_expand(inputs))
+    if not paths:
+        raise TrainerError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")")
+    results: list[dict[str, Any]] = []
+    size = loaded.spec.image_size
+    for start in range(0, len(paths), batch_size):
+        batch_paths, pixels = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                image = load_rgb(path)
+            except ValueError as exc:
+                warn(f"skipped: {exc}")
+                continue
+            out = torch.empty(size, size, 3, dtype=torch.uint8)
+            resize_cpu(image, loaded.spec, out)
+            batch_paths.append(path)
+            pixels.append(out)
+        if not pixels:
+            continue
+        images = to_model_input(torch.stack(pixels).to(device), loaded.spec, torch.float32)
+        with torch.no_grad():
+            probs = torch.softmax(loaded.model(images).float(), dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+        for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
+            results.append({"path": str(path), "top": [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]})
+    return results
+
+
+def _expand(inputs: Iterable[Path]) -> Iterable[Path]:
+    from dali_pipes.packing import IMAGE_EXTENSIONS
+
+    for path in inputs:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        else:
+            yield path
