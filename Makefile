@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA := demo_data/shapes
 DEMO_PACK := demo_data/shapes.h5
+DEMO_NEW := demo_data/new_images
 DEMO_RUN := runs/demo
+# Small enough for a 2-core CPU in a few minutes; from scratch, since nothing is downloaded.
+DEMO_TRAIN := --arch mobilenet_v2 --weights none --image-size 112 --batch-size 32 --optimizer adamw --lr 0.002 \
+              --scheduler cosine --epochs 20 --patience 5
 
 .PHONY: demo test venv clean
 
@@ -21,9 +25,14 @@ $(STAMP): setup.cfg setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python tools/make_demo_dataset.py $(DEMO_DATA) --force
+	$(BIN)/python tools/make_demo_dataset.py $(DEMO_DATA) --per-class 60 --force
+	$(BIN)/python tools/make_demo_dataset.py $(DEMO_NEW) --per-class 1 --seed 7 --force
 	$(BIN)/python tools/pack_dataset.py $(DEMO_DATA) $(DEMO_PACK) --force
 	$(BIN)/trainer info $(DEMO_PACK)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/trainer run --pack $(DEMO_PACK) $(DEMO_TRAIN) --out $(DEMO_RUN)
+	$(BIN)/trainer eval --checkpoint $(DEMO_RUN)/best.pt --pack $(DEMO_PACK) --topk 5 --out $(DEMO_RUN)
+	$(BIN)/trainer predict --checkpoint $(DEMO_RUN)/best.pt $(DEMO_NEW) --topk 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

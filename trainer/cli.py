@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -76,8 +77,9 @@ def info(pack: Path, as_json: bool) -> None:
 @run_options
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or JSON file of option names to values; command-line options win.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder from its last.pt (its config.json, overridden by options given here).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, help="Processes on this machine: launches torchrun with DDP (one per GPU; gloo on the CPU).")
 @one_line_errors
-def run(config_file: Path | None, resume: Path | None, **options: Any) -> None:
+def run(config_file: Path | None, resume: Path | None, nproc: int, **options: Any) -> None:
     """Train a classifier on a pack: fine-tuning, frozen blocks, early stopping, top-k metrics.
 
     \b
@@ -95,17 +97,40 @@ def run(config_file: Path | None, resume: Path | None, **options: Any) -> None:
             raise TrainerError(f"--resume {resume}: nothing to resume (no config.json there)")
         file_values = {**json.loads(saved.read_text()), **file_values, "out": str(resume)}
     cfg = build_config(options, file_values)
+    if nproc > 1 and "RANK" not in os.environ:
+        sys.exit(launch_torchrun(cfg, nproc, resume))
     ctx = env_context()
     device = resolve_device(cfg.device, ctx)
     init_process_group(ctx, device)
     try:
         if not cfg.out:
-            cfg = cfg.replace(out=str(default_out_dir(cfg.arch)))
+            # Every rank must write to the folder rank 0 named (their clocks may differ).
+            cfg = cfg.replace(out=str(ctx.broadcast_object(str(default_out_dir(cfg.arch)))))
         if ctx.is_main:
             prepare_out_dir(Path(cfg.out), resume is not None)
+        ctx.barrier()
         fit(cfg, ctx, device, resume=resume is not None, echo=click.echo)
     finally:
         destroy_process_group()
+
+
+def launch_torchrun(cfg: Any, nproc: int, resume: Path | None) -> int:
+    """Re-run this command under `torchrun --standalone --nproc_per_node=nproc` with the resolved config."""
+    import subprocess
+    import tempfile
+
+    from trainer.run import default_out_dir
+
+    if not cfg.out:
+        cfg = cfg.replace(out=str(default_out_dir(cfg.arch)))
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(cfg.to_dict()))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "trainer", "run", "--config", str(config_path)]
+        if resume is not None:
+            command += ["--resume", str(resume)]
+        return subprocess.call(command)
 
 
 def _eval_device(choice: str) -> Any:

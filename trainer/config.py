@@ -54,6 +54,7 @@ class RunConfig:
     amp: str = field(default="auto", metadata=_opt("Mixed precision (auto: bf16 where supported, fp16 otherwise, off on CPU).", choices=("auto", "bf16", "fp16", "off")))
     channels_last: bool = field(default=True, metadata=_opt("Use channels_last memory format.", flag=True))
     compile: bool = field(default=False, metadata=_opt("torch.compile the model.", flag=True))
+    sync_bn: bool = field(default=False, metadata=_opt("Under DDP, synchronize batch-norm statistics across processes.", flag=True))
     monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=("val_loss", "val_top1")))
     patience: int = field(default=5, metadata=_opt("Epochs without improvement before stopping (0: never stop early).", minimum=0))
     min_delta: float = field(default=0.0, metadata=_opt("Smallest change that counts as an improvement.", minimum=0.0))

@@ -44,6 +44,20 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def broadcast_object(self, value: object) -> object:
+        """Rank 0's `value` on every rank (for choices made once, such as the run folder)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's buffers (batch-norm statistics) to every rank, so all ranks evaluate one model."""
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
 
 def env_context() -> DistContext:
     """Rank, world size and local rank from torchrun's environment (single process without it)."""

@@ -83,11 +83,16 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int) -> None:
         raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
 
 
-def build_state(cfg: RunConfig, num_classes: int, device: torch.device) -> TrainingState:
+def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False) -> TrainingState:
     """Model (with head, weights, frozen blocks), optimizer, scaler and stopping state."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=cfg.head, hidden=cfg.hidden,
                         dropout=cfg.dropout, activation=cfg.activation)
+    if cfg.sync_bn and distributed:
+        if device.type != "cuda":
+            raise TrainerError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); drop it on the CPU")
+        # Same parameters and state-dict keys; converted before freezing so frozen blocks hold the new modules.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     frozen = freeze_blocks(model, cfg.freeze)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, device)
@@ -164,7 +169,7 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     check_pack(reader, cfg.batch_size, ctx.world_size)
     out = Path(cfg.out)
     spec = PipelineSpec(image_size=cfg.image_size)
-    state = build_state(cfg, reader.num_classes, device)
+    state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled)
     if resume:
         restore(state, load_checkpoint(out / "last.pt"), out)
         say(f"resuming {out} after epoch {state.next_epoch}")
@@ -243,6 +248,7 @@ def _run_epoch(cfg: RunConfig, ctx: DistContext, state: TrainingState, train_mod
                             set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress)
     progress.close()
     val_start = time.perf_counter()
+    ctx.broadcast_buffers(unwrap(train_model))
     val = evaluate(unwrap(train_model), val_loader, device=device, num_classes=num_classes, topk=max(cfg.topk, REPORTED_TOPK),
                    amp_dtype=amp_dtype, all_reduce=ctx.all_reduce)
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
