@@ -1,0 +1,93 @@
+"""DDP on the CPU (gloo, 2 processes): exact metrics, disjoint shards, failures that end the job."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dali_pipes import plan_epoch
+from tools.make_demo_dataset import make_demo_dataset
+from tools.pack_dataset import PackOptions, pack_folder
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--backend", "torch",
+       "--workers", "0", "--log-every", "2", "--scheduler", "step"]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    make_demo_dataset(root / "src", classes=3, per_class=15, seed=2, min_size=40, max_size=70, png_every=0)
+    # 9 val and 9 test images: odd, so two ranks get unequal eval shards.
+    pack_folder(root / "src", root / "p.h5", PackOptions(val_ratio=0.2, test_ratio=0.2), workers=1, show_progress=False)
+    return root / "p.h5"
+
+
+def _trainer(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 9, 10, 31, 64])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_shards_are_disjoint_and_complete(n: int, world_size: int, batch_size: int) -> None:
+    split = np.arange(100, 100 + n)
+    for epoch in (0, 1):
+        evals = [plan_epoch(split, train=False, seed=0, epoch=epoch, batch_size=batch_size, rank=r, world_size=world_size) for r in range(world_size)]
+        seen = np.concatenate([np.concatenate(list(p.batches())) if len(p) else np.zeros(0, int) for p in evals])
+        assert sorted(seen.tolist()) == split.tolist()  # every sample exactly once
+        trains = [plan_epoch(split, train=True, seed=0, epoch=epoch, batch_size=batch_size, rank=r, world_size=world_size, drop_last=False)
+                  for r in range(world_size)]
+        sizes = {len(p.indices) for p in trains}
+        assert sizes == {n // world_size}  # equal shards
+        together = np.concatenate([p.indices for p in trains])
+        assert len(set(together.tolist())) == len(together) == (n // world_size) * world_size
+    a = plan_epoch(split, train=True, seed=0, epoch=0, batch_size=1, world_size=1).indices
+    b = plan_epoch(split, train=True, seed=0, epoch=1, batch_size=1, world_size=1).indices
+    assert n < 3 or not np.array_equal(a, b)  # a new permutation each epoch
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_one_process_eval(pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "2", "--out", str(out), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2" in result.stdout and result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
+    summary = json.loads((out / "summary.json").read_text())
+    evaluated = _trainer("eval", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", "--backend", "torch", "--workers", "0")
+    assert evaluated.returncode == 0, evaluated.stderr
+    single = json.loads(evaluated.stdout)
+    assert single["num_samples"] == summary["test_samples"] == 9
+    assert single["top1"] == pytest.approx(summary["test_top1"], abs=1e-9)
+    assert single["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    # The 2-rank checkpoint resumes in a 1-process run.
+    resumed = _trainer("run", "--resume", str(out), "--epochs", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_with_its_message(pack: Path, tmp_path: Path) -> None:
+    # Inject the failure from outside the project: a sitecustomize that breaks rank 1's train step.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os
+        if os.environ.get("RANK") == "1":
+            import trainer.loop as loop
+            def broken(*args, **kwargs):
+                raise RuntimeError("injected failure on rank 1")
+            loop.train_step = broken
+    """))
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    result = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "2", "--out", str(tmp_path / "run"), "--nproc", "2",
+                      env=env, timeout=240)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stdout + result.stderr
