@@ -69,7 +69,7 @@ def trainer_epoch(cfg: RunConfig, pack: Path, backend: str, device: torch.device
     limited = _Limited(loader, warmup)
     train_one_epoch(state.model, limited, state.optimizer, step, **kwargs)  # warm-up: workers, allocator, cudnn
     _sync(device)
-    result = train_one_epoch(state.model, _Limited(loader, steps), state.optimizer, step, **kwargs)
+    result = train_one_epoch(state.model, _Limited(loader, steps), state.optimizer, step, **kwargs).metrics
     _sync(device)
     return {"images_per_second": result["images_per_second"], "data_wait_fraction": result["data_wait_fraction"]}
 

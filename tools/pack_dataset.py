@@ -25,6 +25,7 @@ import numpy as np
 
 from dali_pipes.pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
 from dali_pipes.packing import Encoded, SourceFile, encode_file, scan_tree, stratified_split
+from trainer.cli import OneLineUsageCommand
 from trainer.progress import Progress
 
 
@@ -223,7 +224,7 @@ def _handle_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineUsageCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each class for validation (ignored with train/val/test folders).")
@@ -242,7 +243,7 @@ def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: in
     """Pack the image folder SRC_DIR into the HDF5 file OUT."""
     signal.signal(signal.SIGTERM, _handle_sigterm)
     if val_ratio + test_ratio >= 1:
-        raise click.UsageError("--val-ratio + --test-ratio must be below 1")
+        raise click.ClickException("--val-ratio + --test-ratio must be below 1")
     options = PackOptions(val_ratio, test_ratio, seed, max_side, quality)
     try:
         report = pack_folder(src_dir, out, options, workers, strict, force, show_progress=not quiet and not as_json)

@@ -15,7 +15,7 @@ import click
 
 from dali_pipes import LoaderError, PackError
 from trainer.config import run_options
-from trainer.errors import TrainerError
+from trainer.errors import RunInterrupted, TrainerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +34,9 @@ def one_line_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except RunInterrupted as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -51,7 +54,44 @@ def one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.ClickException):
+    """A usage error shown as one line (click's default adds the usage text and a hint)."""
+
+    exit_code = 2
+
+
+class OneLineUsageCommand(click.Command):
+    """A click command whose bad options and arguments get one line, exit status 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+class TrainerGroup(click.Group):
+    """The `trainer` group: like `OneLineUsageCommand`, for the group and its subcommands."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+def _one_line(exc: click.UsageError) -> OneLineErrors:
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return OneLineErrors(" ".join(exc.format_message().split()) + where)
+
+
+@click.group(cls=TrainerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dali-trainer")
 def main() -> None:
     """Train and evaluate image classifiers on HDF5 packs, fed by DALI or torchvision pipelines."""

@@ -58,6 +58,7 @@ class RunConfig:
     monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=("val_loss", "val_top1")))
     patience: int = field(default=5, metadata=_opt("Epochs without improvement before stopping (0: never stop early).", minimum=0))
     min_delta: float = field(default=0.0, metadata=_opt("Smallest change that counts as an improvement.", minimum=0.0))
+    skip_nonfinite: bool = field(default=False, metadata=_opt("Skip (and count) steps whose loss or gradients are not finite, instead of stopping; costs one host sync per step.", flag=True))
     log_every: int = field(default=20, metadata=_opt("Steps between host syncs for the progress line.", minimum=1))
     topk: int = field(default=5, metadata=_opt("k of the top-k accuracy reported.", minimum=1))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda or cuda:N."))

@@ -112,83 +112,155 @@ class StepConfig:
 
 @dataclass
 class EpochState:
-    """Running sums of one epoch, kept on the device to avoid syncs."""
+    """Running sums of one epoch, kept on the device to avoid syncs; checkpointed mid-epoch."""
 
     device: torch.device
     loss_sum: torch.Tensor = field(init=False)
     correct: torch.Tensor = field(init=False)
+    first_bad_step: torch.Tensor = field(init=False)  # -1, or the first step whose loss was not finite
     samples: int = 0
     steps: int = 0
+    skipped_steps: int = 0
     data_wait: float = 0.0
+    seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values for a mid-epoch checkpoint."""
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "samples": self.samples, "steps": self.steps,
+                "skipped_steps": self.skipped_steps, "data_wait": self.data_wait, "seconds": self.seconds}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> "EpochState":
+        """Continue an epoch from `state_dict`."""
+        epoch = cls(device)
+        epoch.loss_sum.fill_(state["loss_sum"])
+        epoch.correct.fill_(state["correct"])
+        for key in ("samples", "steps", "skipped_steps", "data_wait", "seconds"):
+            setattr(epoch, key, state[key])
+        return epoch
+
+
+@dataclass
+class EpochResult:
+    """What `train_one_epoch` hands back: metrics, or where it was interrupted."""
+
+    metrics: dict[str, float]
+    interrupted: bool
+    next_step: int
+    state: EpochState
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               step: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward and update for one batch; returns (loss, logits), both still on the device."""
+               step: StepConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Forward, backward and update for one batch.
+
+    Returns (loss, logits) still on the device, and whether the update was skipped
+    (only with `skip_nonfinite`, which costs one host sync per step to decide).
+    """
     with torch.autocast(images.device.type, dtype=step.amp_dtype or torch.float32, enabled=step.amp_dtype is not None):
         logits = model(images)
         loss = step.criterion(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     step.scaler.scale(loss).backward()
+    if step.grad_clip or step.skip_nonfinite:
+        step.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
     if step.grad_clip:
-        step.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
+    # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
+    if step.skip_nonfinite and not (torch.isfinite(loss) and _grads_finite(optimizer)):
+        optimizer.zero_grad(set_to_none=True)
+        if step.scaler.is_enabled():
+            step.scaler.update()
+        return loss.detach(), logits.detach(), True
     step.scaler.step(optimizer)
     step.scaler.update()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), False
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
                     device: torch.device, set_lr: Callable[[int], float], set_train_mode: Callable[[], None],
-                    progress: Progress | None = None, first_step: int = 0) -> dict[str, float]:
-    """One pass over `loader`; returns train_loss, train_top1, images_per_second, data_wait_fraction, lr.
+                    progress: Progress | None = None, first_step: int = 0, resume_state: EpochState | None = None,
+                    stop_requested: Callable[[int], bool] | None = None) -> EpochResult:
+    """One pass over `loader` (which starts at step `first_step` of the epoch).
 
-    `set_lr(i)` is called before the i-th step of the epoch (counting from `first_step`,
-    for a resumed epoch) and returns the learning rate it set.
+    `set_lr(i)` is called before step i and returns the rate it set. After each step,
+    `stop_requested(i)` may end the epoch early (a signal): the result then says
+    `interrupted` and carries the sums so far, for a mid-epoch checkpoint. A
+    non-finite loss stops training with the step named (checked every step on the CPU,
+    every `log_every` steps on a GPU, where each check is a host sync), unless
+    `skip_nonfinite`, which skips such steps and counts them.
     """
     set_train_mode()
-    state = EpochState(device)
+    state = resume_state or EpochState(device)
+    check_every = 1 if device.type == "cpu" else step.log_every
     lr = float("nan")
     start = last = time.perf_counter()
     running = {"loss": float("nan"), "top1": float("nan")}
     if progress is not None:
         progress.set_postfix(lambda: f"loss {running['loss']:.4f} top1 {running['top1']:.3f}")
+    i = first_step - 1
+    interrupted = False
     for i, (images, labels) in enumerate(loader, start=first_step):
         now = time.perf_counter()
         state.data_wait += now - last
         lr = set_lr(i)
-        loss, logits = train_step(model, optimizer, images, labels, step)
+        loss, logits, skipped = train_step(model, optimizer, images, labels, step)
         n = labels.shape[0]
-        state.loss_sum += loss.double() * n
-        state.correct += (logits.argmax(1) == labels).sum()
-        state.samples += n
         state.steps += 1
+        if skipped:
+            state.skipped_steps += 1
+        else:
+            state.first_bad_step = torch.where((state.first_bad_step < 0) & ~torch.isfinite(loss), i, state.first_bad_step)
+            state.loss_sum += loss.double() * n
+            state.correct += (logits.argmax(1) == labels).sum()
+            state.samples += n
+        if state.steps % check_every == 0:
+            _raise_if_nonfinite(state)
         if state.steps % step.log_every == 0:
-            running = _running(state)  # the only host sync inside the epoch
-            if not math.isfinite(running["loss"]):
-                raise TrainerError(f"non-finite loss at epoch step {i}: stopping; the last good checkpoints are untouched")
+            running = _running(state)  # the only other host sync inside the epoch
         if progress is not None:
             progress.update(n)
         last = time.perf_counter()
-    elapsed = time.perf_counter() - start
+        if stop_requested is not None and stop_requested(i):
+            interrupted = True
+            break
+    state.seconds += time.perf_counter() - start
+    _raise_if_nonfinite(state)
+    if interrupted:
+        return EpochResult({}, True, i + 1, state)
     if state.samples == 0:
-        raise TrainerError("the training loader yielded no batch; lower --batch-size")
+        raise TrainerError("the training loader yielded no usable batch; lower --batch-size")
     final = _running(state)
-    if not math.isfinite(final["loss"]):
-        raise TrainerError("non-finite training loss in this epoch: stopping; the last good checkpoints are untouched")
-    return {
+    metrics = {
         "train_loss": final["loss"],
         "train_top1": final["top1"],
         "lr": lr,
         "train_samples": state.samples,
-        "epoch_seconds": elapsed,
-        "images_per_second": state.samples / max(elapsed, 1e-9),
-        "data_wait_fraction": state.data_wait / max(elapsed, 1e-9),
+        "skipped_steps": state.skipped_steps,
+        "epoch_seconds": state.seconds,
+        "images_per_second": state.samples / max(state.seconds, 1e-9),
+        "data_wait_fraction": state.data_wait / max(state.seconds, 1e-9),
     }
+    return EpochResult(metrics, False, i + 1, state)
+
+
+def _raise_if_nonfinite(state: EpochState) -> None:
+    bad = int(state.first_bad_step)
+    if bad >= 0:
+        raise TrainerError(f"non-finite loss at step {bad} of this epoch: training stopped, the last good checkpoints "
+                           "are untouched (lower --lr, or pass --skip-nonfinite to skip such steps)")
 
 
 def _running(state: EpochState) -> dict[str, float]:

@@ -21,13 +21,14 @@ from dali_pipes import PackReader, PipelineSpec, build_loader
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.config import RunConfig
 from trainer.distributed import DistContext
-from trainer.errors import TrainerError
-from trainer.loop import EarlyStopping, StepConfig, evaluate, resolve_amp, train_one_epoch
+from trainer.errors import RunInterrupted, TrainerError
+from trainer.loop import EarlyStopping, EpochResult, EpochState, StepConfig, evaluate, resolve_amp, train_one_epoch
 from trainer.metrics import read_metrics, write_json, write_metrics
 from trainer.models import build_model, freeze_blocks, set_train_mode
 from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.progress import Progress
+from trainer.signals import StopSignals
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
 
@@ -44,6 +45,7 @@ class TrainingState:
     frozen: list[nn.Module]
     records: list[dict[str, Any]] = field(default_factory=list)
     next_epoch: int = 0
+    position: dict[str, Any] | None = None  # mid-epoch resume point: epoch, step, partial sums
 
 
 def default_out_dir(arch: str) -> Path:
@@ -131,6 +133,7 @@ def restore(state: TrainingState, ckpt: dict[str, Any], out: Path) -> None:
     state.plateau.load_state_dict(ckpt["scheduler"]["plateau"])
     set_rng_state(ckpt["rng"])
     state.next_epoch = ckpt["epoch"] + 1
+    state.position = ckpt.get("position")
     # Lines written after the checkpoint (a crash between the two writes) are dropped.
     state.records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= ckpt["epoch"]]
 
@@ -161,62 +164,127 @@ def topk_keys(result: dict[str, Any], prefix: str, topk: int, num_classes: int) 
     return {f"{prefix}_top{k}": result[f"top{k}"] if k <= num_classes else 1.0 for k in range(1, max(topk, REPORTED_TOPK) + 1)}
 
 
+@dataclass
+class RunContext:
+    """What stays fixed during a run: configuration, placement, data, and the step."""
+
+    cfg: RunConfig
+    ctx: DistContext
+    device: torch.device
+    reader: PackReader
+    spec: PipelineSpec
+    out: Path
+    amp_dtype: torch.dtype | None
+    loader_args: dict[str, Any]
+    say: Callable[[str], None]
+
+
 def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool = False,
         echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train as `cfg` says; returns the summary also written to summary.json."""
-    say = echo if ctx.is_main else (lambda _line: None)
+    """Train as `cfg` says; returns the summary also written to summary.json.
+
+    SIGINT or SIGTERM ends the current step, writes a resumable mid-epoch last.pt and
+    raises `RunInterrupted` (exit status 130 or 143).
+    """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, ctx.world_size)
-    out = Path(cfg.out)
     spec = PipelineSpec(image_size=cfg.image_size)
-    state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled)
-    if resume:
-        restore(state, load_checkpoint(out / "last.pt"), out)
-        say(f"resuming {out} after epoch {state.next_epoch}")
-    if ctx.is_main:
-        write_json(out / "config.json", cfg.to_dict())
-    train_model = _wrap(state.model, cfg, ctx, device)
     amp_dtype = resolve_amp(cfg.amp, device)
     loader_args = dict(backend=cfg.backend, batch_size=cfg.batch_size, device=device, num_workers=cfg.workers, seed=cfg.seed,
                        rank=ctx.rank, world_size=ctx.world_size, spec=spec, dtype=torch.float32)
-    train_loader = build_loader(reader, "train", train=True, **loader_args)
-    val_loader = build_loader(reader, "val", train=False, **loader_args)
-    say(f"training {cfg.arch} on {reader.path} ({reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} train images "
-        f"per epoch) with backend {train_loader.backend} on {device}, amp {amp_dtype or 'off'}, world size {ctx.world_size}, "
-        f"global batch {cfg.batch_size * ctx.world_size} -> {out}")
-    step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), amp_dtype, state.scaler, cfg.log_every)
+    run = RunContext(cfg, ctx, device, reader, spec, Path(cfg.out), amp_dtype, loader_args, echo if ctx.is_main else (lambda _: None))
+    state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled)
+    if resume:
+        restore(state, load_checkpoint(run.out / "last.pt"), run.out)
+        where = f"epoch {state.next_epoch + 1}, step {state.position['step']}" if state.position else f"epoch {state.next_epoch + 1}"
+        run.say(f"resuming {run.out} at {where}")
+    if ctx.is_main:
+        write_json(run.out / "config.json", cfg.to_dict())
     start = time.perf_counter()
-    stop_reason = f"reached --epochs {cfg.epochs}"
-    stopped_early = state.early.should_stop
-    if stopped_early:
-        stop_reason = "early stopping: " + state.early.reason()
-    epoch = state.next_epoch
-    while epoch < cfg.epochs and not stopped_early:
-        record = _run_epoch(cfg, ctx, state, train_model, train_loader, val_loader, step, epoch, reader.num_classes, device, amp_dtype)
+    with StopSignals() as signals:
+        stopped_early, stop_reason = _train(run, state, signals)
+    run.say(f"stopped: {stop_reason}")
+    summary = _finish(cfg, ctx, state, reader, run.out, device, amp_dtype, loader_args)
+    summary.update(stopped_early=stopped_early, stop_reason=stop_reason, epochs_run=len(state.records),
+                   train_seconds=sum(r["epoch_seconds"] for r in state.records),
+                   skipped_steps=sum(r.get("skipped_steps", 0) for r in state.records),
+                   wall_seconds_this_session=time.perf_counter() - start)
+    if ctx.is_main:
+        write_json(run.out / "summary.json", summary)
+        plot_curves(state.records, run.out / "curves.png", title=f"{cfg.arch} on {Path(cfg.pack).name}")
+        run.say(f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f} "
+                f"(best epoch {summary['best_epoch'] + 1}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
+    return summary
+
+
+def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple[bool, str]:
+    """The epoch loop; returns (stopped early, why training stopped)."""
+    cfg, ctx = run.cfg, run.ctx
+    if state.early.should_stop:
+        return True, "early stopping: " + state.early.reason()
+    train_model = _wrap(state.model, cfg, ctx, run.device)
+    train_loader = build_loader(run.reader, "train", train=True, **run.loader_args)
+    val_loader = build_loader(run.reader, "val", train=False, **run.loader_args)
+    run.say(f"training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
+            f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
+            f"world size {ctx.world_size}, global batch {cfg.batch_size * ctx.world_size} -> {run.out}")
+    step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
+                      skip_nonfinite=cfg.skip_nonfinite)
+    stop_requested = _stop_check(signals, ctx, cfg.log_every)
+    for epoch in range(state.next_epoch, cfg.epochs):
+        outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
+        if outcome.interrupted:
+            _save_position(run, state, epoch, outcome)
+            raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
+                                 f"continue with: trainer run --resume {run.out}", signals.exit_code)
+        record = _validate(run, state, train_model, val_loader, epoch, outcome)
         improved = state.early.update(record[cfg.monitor], epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
+        state.position = None
         if ctx.is_main:
-            write_metrics(out / "metrics.jsonl", state.records)
-            save_checkpoint(out / "last.pt", checkpoint_payload(cfg, state, epoch, reader.classes, spec))
+            write_metrics(run.out / "metrics.jsonl", state.records)
+            save_checkpoint(run.out / "last.pt", checkpoint_payload(cfg, state, epoch, run.reader.classes, run.spec))
             if improved:
-                link_best(out)
+                link_best(run.out)
         ctx.barrier()
-        say(epoch_line(epoch, cfg.epochs, record, improved))
+        run.say(epoch_line(epoch, cfg.epochs, record, improved))
         if state.early.should_stop:
-            stopped_early, stop_reason = True, "early stopping: " + state.early.reason()
-        epoch += 1
-    say(f"stopped: {stop_reason}")
-    summary = _finish(cfg, ctx, state, reader, out, device, amp_dtype, loader_args)
-    summary.update(stopped_early=stopped_early, stop_reason=stop_reason, epochs_run=len(state.records),
-                   train_seconds=sum(r["epoch_seconds"] for r in state.records), wall_seconds_this_session=time.perf_counter() - start)
-    if ctx.is_main:
-        write_json(out / "summary.json", summary)
-        plot_curves(state.records, out / "curves.png", title=f"{cfg.arch} on {Path(cfg.pack).name}")
-        say(f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f} "
-            f"(best epoch {summary['best_epoch'] + 1}); wrote {out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
-    return summary
+            return True, "early stopping: " + state.early.reason()
+    return False, f"reached --epochs {cfg.epochs}"
+
+
+def _stop_check(signals: StopSignals, ctx: DistContext, log_every: int) -> Callable[[int], bool]:
+    if not ctx.enabled:
+        return lambda _step: signals.received is not None
+
+    # Ranks must stop at the same step, so they agree every `log_every` steps (one tiny all-reduce).
+    def agreed(step_index: int) -> bool:
+        if (step_index + 1) % log_every:
+            return False
+        flag = torch.tensor([1.0 if signals.received is not None else 0.0])
+        return bool(ctx.all_reduce(flag.to(ctx_device(ctx))).item() > 0)
+
+    return agreed
+
+
+def ctx_device(ctx: DistContext) -> torch.device:
+    """The device collectives run on: the rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _save_position(run: RunContext, state: TrainingState, epoch: int, outcome: EpochResult) -> None:
+    """A mid-epoch last.pt: the last completed epoch's state plus where this epoch stopped."""
+    if not run.ctx.is_main:
+        return
+    payload = checkpoint_payload(run.cfg, state, epoch - 1, run.reader.classes, run.spec)
+    payload["position"] = {"epoch": epoch, "step": outcome.next_step, "partial": outcome.state.state_dict()}
+    save_checkpoint(run.out / "last.pt", payload)
 
 
 def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device) -> nn.Module:
@@ -228,43 +296,54 @@ def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.devi
     return wrapped
 
 
-def _run_epoch(cfg: RunConfig, ctx: DistContext, state: TrainingState, train_model: nn.Module, train_loader: Any,
-               val_loader: Any, step: StepConfig, epoch: int, num_classes: int, device: torch.device,
-               amp_dtype: torch.dtype | None) -> dict[str, Any]:
-    train_loader.set_epoch(epoch)
-    val_loader.set_epoch(epoch)
-    steps = len(train_loader)
+def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, train_loader: Any, step: StepConfig,
+                 epoch: int, stop_requested: Callable[[int], bool]) -> EpochResult:
+    cfg = run.cfg
+    position = state.position if state.position and state.position["epoch"] == epoch else None
+    first_step = position["step"] if position else 0
+    train_loader.set_epoch(epoch, first_step)
+    steps = len(train_loader)  # a whole epoch's batches, also when resumed mid-epoch
 
     def set_lr_at(i: int) -> float:
-        scale = state.plateau.scale
         lr = cfg.lr * lr_factor(cfg.scheduler, epoch + i / steps, epochs=cfg.epochs, step_size=cfg.step_size, gamma=cfg.gamma,
-                                warmup_epochs=cfg.warmup_epochs, plateau_scale=scale)
+                                warmup_epochs=cfg.warmup_epochs, plateau_scale=state.plateau.scale)
         set_lr(state.optimizer, lr)
         return lr
 
-    interactive = ctx.is_main and sys.stderr.isatty()
-    progress = Progress(train_loader.num_samples * ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=interactive)
-    train = train_one_epoch(train_model, train_loader, state.optimizer, step, device=device, set_lr=set_lr_at,
-                            set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress)
+    interactive = run.ctx.is_main and sys.stderr.isatty()
+    progress = Progress(train_loader.num_samples * run.ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=interactive)
+    resume_state = EpochState.from_state_dict(position["partial"], run.device) if position else None
+    outcome = train_one_epoch(train_model, train_loader, state.optimizer, step, device=run.device, set_lr=set_lr_at,
+                              set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress,
+                              first_step=first_step, resume_state=resume_state, stop_requested=stop_requested)
     progress.close()
+    return outcome
+
+
+def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any, epoch: int,
+              outcome: EpochResult) -> dict[str, Any]:
+    ctx = run.ctx
+    train = outcome.metrics
     val_start = time.perf_counter()
+    val_loader.set_epoch(epoch)
     ctx.broadcast_buffers(unwrap(train_model))
-    val = evaluate(unwrap(train_model), val_loader, device=device, num_classes=num_classes, topk=max(cfg.topk, REPORTED_TOPK),
-                   amp_dtype=amp_dtype, all_reduce=ctx.all_reduce)
+    val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
+                   topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
-                                              float(train["train_samples"])], dtype=torch.float64))
+                                              float(train["train_samples"])], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
     return {
         "epoch": epoch,
         "train_loss": float(train_sums[0]) / n,
         "train_top1": float(train_sums[1]) / n,
         "val_loss": val["loss"],
-        **topk_keys(val, "val", cfg.topk, num_classes),
+        **topk_keys(val, "val", run.cfg.topk, run.reader.num_classes),
         "lr": train["lr"],
         "epoch_seconds": train["epoch_seconds"] + (time.perf_counter() - val_start),
         "train_seconds": train["epoch_seconds"],
         "images_per_second": train["images_per_second"] * ctx.world_size,
         "data_wait_fraction": train["data_wait_fraction"],
+        "skipped_steps": train["skipped_steps"],
     }
 
 
