@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
+import zipfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,8 +66,12 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomically save `payload` (plain containers and tensors only) as a checkpoint."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    # Serialized in memory first: torch's zip writer reports a full disk as an opaque
+    # RuntimeError ("unexpected pos"), while a plain write raises the real OSError.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     try:
-        atomic_write_bytes(path, lambda f: torch.save(payload, f))
+        atomic_write_bytes(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise TrainerError(f"cannot write {path} ({os.strerror(exc.errno)}); the previous checkpoint is intact") from None
@@ -77,6 +83,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise TrainerError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise TrainerError(f"{path}: not a readable checkpoint (truncated, or not a PyTorch file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a zip, foreign pickles...

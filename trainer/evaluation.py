@@ -51,8 +51,8 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
                         backend: str = "auto", device: torch.device, workers: int | None = None,
                         out: Path | None = None, warn: Any = print) -> dict[str, Any]:
     """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`; plots with `out`."""
-    loaded = load_model(checkpoint, device)
     reader = PackReader(pack)
+    loaded = load_model(checkpoint, device)
     if list(reader.classes) != loaded.classes:
         raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's {len(loaded.classes)} "
                            f"(first difference: {_first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")

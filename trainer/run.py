@@ -68,6 +68,10 @@ def prepare_out_dir(out: Path, resume: bool) -> Path:
         raise TrainerError(f"cannot create run folder {out} ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise TrainerError(f"run folder {out} is not writable")
+    # Temporaries of a write that was killed (kill -9, power loss) belong to no one now.
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    (out / ".best.pt.link").unlink(missing_ok=True)
     return out
 
 
