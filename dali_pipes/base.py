@@ -80,7 +80,7 @@ def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype)
         return nchw.contiguous(memory_format=torch.channels_last)
     mean = torch.tensor(spec.mean_255, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     inv_std = torch.tensor([1.0 / s for s in spec.std_255], device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    out = (nchw.float() - mean).mul_(inv_std)
+    out = nchw.float().sub_(mean).mul_(inv_std)  # in place: one full-size float buffer, not two
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
