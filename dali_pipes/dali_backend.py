@@ -1,0 +1,383 @@
+"""The `dali` backend: NVIDIA DALI decodes and augments, torch normalizes on the device.
+
+This is the only module of the project that imports `nvidia.dali`; `loader.py` imports
+it lazily, so machines without DALI never see it.
+
+How a batch is made:
+
+* The epoch's order and shard come from `base.plan_epoch`, each sample's flip and angle
+  from `spec.sample_augmentation`, so augmentation depends on (seed, epoch, index) only,
+  never on DALI's threads, and a resumed run (`set_epoch(e, start_batch)`) sees the
+  same images as an uninterrupted one.
+* A small Python iterator (`_Feed`) hands DALI one batch at a time through
+  `fn.external_source(batch=True)`: the encoded bytes as zero-copy views of the pack's
+  memory map (`no_copy=True`; the loader keeps them referenced until DALI has returned
+  that batch), the labels, and the per-sample geometry. Batches may be shorter than the
+  pipeline's `batch_size` (the last eval batch): external_source accepts any batch up
+  to that maximum, so nothing is padded.
+* `_define_graph` builds one graph for both devices. On CUDA the decode runs on the GPU
+  (`decoders.image(device="mixed")`: nvJPEG / the hardware decoder) and every later
+  operator follows its input onto the GPU; without CUDA the same graph runs on CPU
+  operators (`device_id=None`), which is how CI tests it.
+* Train geometry is one `fn.warp_affine` per sample with the 2x3 matrix of
+  `spec.affine_matrix` (resize, flip and rotation in one bilinear pass). DALI's
+  convention, checked against `cv2.warpAffine` in tests/test_dali_backend.py: with
+  `inverse_map=False` the matrix maps source to output, coordinates continuous with
+  pixel centres at +0.5 (cv2 puts them at integers), which is `affine_matrix`'s own
+  convention. `geometry="separate"` (resize, flip, rotate) is kept for benchmarking.
+* Eval geometry is `fn.resize` to exactly S x S, linear with antialiasing, which
+  matches PIL's `resize(..., BILINEAR)` (the torch backend's reference) to within a
+  couple of levels out of 255.
+* DALI returns uint8 HWC; `feed_ndarray` copies it into a torch tensor on the target
+  device, and `base.to_model_input` normalizes and casts it there.
+
+Epoch end: the feed raises StopIteration when the plan is exhausted; DALI first hands
+out the batches it had already prefetched (`prefetch_queue_depth`), then raises
+StopIteration from `run()`, and the loader calls `reset()` so the next epoch starts
+clean. A loop abandoned mid-epoch (`break`) stops the feed and drains what DALI still
+holds (at most the prefetch depth), so the next `__iter__` starts at its own plan.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .base import EpochPlan, plan_epoch, to_model_input
+from .loader import LoaderError
+from .pack import PackReader
+from .spec import PipelineSpec, affine_matrix, sample_augmentation
+
+GEOMETRIES = ("fused", "separate")
+DECODES = ("mixed", "cpu")
+PREFETCH_QUEUE_DEPTH = 2
+
+
+class ImageDecodeError(RuntimeError):
+    """An image in the pack cannot be decoded; the message names its pack index and source path."""
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """What `_define_graph` needs to know besides the feed: mode and placement."""
+
+    spec: PipelineSpec
+    train: bool
+    gpu: bool
+    decode: str
+    geometry: str
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Per-sample inputs the feed supplies, in external_source output order."""
+        if not self.train:
+            return ("data", "label")
+        if self.geometry == "fused":
+            return ("data", "label", "matrix")
+        return ("data", "label", "flip", "angle")
+
+
+class _Feed:
+    """The iterator behind `fn.external_source`: one batch of per-sample inputs per `next()`.
+
+    DALI calls `iter()` once when the pipeline is built, so this object is its own
+    iterator and the loader refills it for each epoch with `start()`. Batches handed to
+    DALI stay in `in_flight` until the loader has received their output: that keeps
+    the zero-copy byte views alive (`no_copy=True`) and tells which samples a decode
+    error can come from.
+    """
+
+    def __init__(self, reader: PackReader, graph: _Graph, seed: int) -> None:
+        self._reader = reader
+        self._graph = graph
+        self._seed = seed
+        self._epoch = 0
+        self._pending: collections.deque[np.ndarray] = collections.deque()
+        self.in_flight: collections.deque[tuple[np.ndarray, tuple[list[np.ndarray], ...]]] = collections.deque()
+
+    def start(self, epoch: int, batches: Iterator[np.ndarray]) -> None:
+        """Queue the pack-index batches of one epoch."""
+        self._epoch = epoch
+        self._pending = collections.deque(batches)
+        self.in_flight.clear()
+
+    def stop(self) -> None:
+        """Feed nothing more: DALI will end the epoch after what it already holds."""
+        self._pending.clear()
+
+    def done(self) -> np.ndarray:
+        """Forget the oldest batch in flight (its output has arrived); returns its indices."""
+        return self.in_flight.popleft()[0]
+
+    def __iter__(self) -> "_Feed":
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], ...]:
+        if not self._pending:
+            raise StopIteration
+        indices = self._pending.popleft()
+        columns = self._columns(indices)
+        self.in_flight.append((indices, columns))
+        return columns
+
+    def _columns(self, indices: np.ndarray) -> tuple[list[np.ndarray], ...]:
+        reader, spec = self._reader, self._graph.spec
+        values: dict[str, list[np.ndarray]] = {
+            "data": [reader.image_bytes(int(i)) for i in indices],
+            "label": [np.array(reader.labels[i], dtype=np.int64) for i in indices],
+        }
+        if not self._graph.train:
+            return values["data"], values["label"]
+        flips, angles = sample_augmentation(spec, self._seed, self._epoch, indices)
+        if self._graph.geometry == "fused":
+            values["matrix"] = [
+                affine_matrix(int(reader.heights[i]), int(reader.widths[i]), spec.image_size, bool(f), float(a)).astype(np.float32)
+                for i, f, a in zip(indices, flips, angles)
+            ]
+        else:
+            values["flip"] = [np.array(int(f), dtype=np.int32) for f in flips]
+            values["angle"] = [np.array(a, dtype=np.float32) for a in angles]
+        return tuple(values[name] for name in self._graph.fields)
+
+
+def _interp(name: str) -> Any:
+    from nvidia.dali import types
+
+    return {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}[name]
+
+
+def _external_inputs(feed: _Feed, graph: _Graph) -> dict[str, Any]:
+    """One external_source node per field, all fed by `feed` in one call."""
+    from nvidia.dali import fn, types
+
+    kinds = {"data": (types.UINT8, 1), "label": (types.INT64, 0), "matrix": (types.FLOAT, 2),
+             "flip": (types.INT32, 0), "angle": (types.FLOAT, 0)}
+    dtypes = [kinds[name][0] for name in graph.fields]
+    ndims = [kinds[name][1] for name in graph.fields]
+    # no_copy: DALI reads the memory-map views in place; `_Feed.in_flight` keeps them
+    # alive until their batch has come out (longer than the prefetch depth DALI needs).
+    nodes = fn.external_source(source=feed, num_outputs=len(graph.fields), batch=True, dtype=dtypes, ndim=ndims,
+                               no_copy=True)
+    return dict(zip(graph.fields, nodes))
+
+
+def _define_graph(feed: _Feed, graph: _Graph) -> tuple[Any, Any]:
+    """Decode + geometry for train or eval, on the GPU or the CPU: returns (images, labels) nodes.
+
+    The two variants differ only in where the decoder runs; every later operator runs
+    where its input lives.
+    """
+    from nvidia.dali import fn, types
+
+    inputs = _external_inputs(feed, graph)
+    spec, size = graph.spec, graph.spec.image_size
+    decoder_device = "mixed" if graph.gpu and graph.decode == "mixed" else "cpu"
+    images = fn.decoders.image(inputs["data"], device=decoder_device, output_type=types.RGB)
+    if graph.gpu and decoder_device == "cpu":
+        images = images.gpu()  # decode on the host, augment on the device
+    interp = _interp(spec.interpolation)
+    if not graph.train:
+        images = _resize(images, size, interp, spec.eval_antialias)
+    elif graph.geometry == "fused":
+        images = fn.warp_affine(images, matrix=inputs["matrix"], size=(size, size), inverse_map=False,
+                                fill_value=float(spec.fill), interp_type=interp)
+    else:
+        images = _resize(images, size, interp, spec.train_antialias)
+        images = fn.flip(images, horizontal=inputs["flip"])
+        images = fn.rotate(images, angle=inputs["angle"], keep_size=True, fill_value=float(spec.fill), interp_type=interp)
+    labels = inputs["label"].gpu() if graph.gpu else inputs["label"]
+    return images, labels
+
+
+def _resize(images: Any, size: int, interp: Any, antialias: bool) -> Any:
+    from nvidia.dali import fn, types
+
+    # Nearest-neighbour has no antialiasing in DALI; asking for it is an error there.
+    antialias = antialias and interp != types.INTERP_NN
+    return fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=antialias)
+
+
+def build_pipeline(feed: _Feed, graph: _Graph, *, batch_size: int, num_threads: int, device: torch.device,
+                   seed: int, prefetch_queue_depth: int = PREFETCH_QUEUE_DEPTH) -> Any:
+    """A built DALI pipeline running `_define_graph` on `device` (CUDA) or on CPU operators."""
+    from nvidia.dali import Pipeline
+
+    device_id = (device.index or 0) if graph.gpu else None
+    pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
+                    prefetch_queue_depth=prefetch_queue_depth)
+    with pipe:
+        pipe.set_outputs(*_define_graph(feed, graph))
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """The `BatchLoader` of the dali backend (see the module docstring)."""
+
+    backend = "dali"
+
+    def __init__(self, reader: PackReader, split_indices: np.ndarray, spec: PipelineSpec, *, train: bool, batch_size: int,
+                 device: torch.device, dtype: torch.dtype, num_threads: int, seed: int, rank: int, world_size: int,
+                 drop_last: bool, decode: str = "mixed", geometry: str = "fused",
+                 prefetch_queue_depth: int = PREFETCH_QUEUE_DEPTH) -> None:
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        if train and spec.interpolation == "cubic":
+            # DALI's warp kernels (warp_affine, rotate) do nearest and linear only.
+            raise LoaderError("the dali backend trains with linear or nearest interpolation, not cubic; "
+                              "use --backend torch or change the spec's interpolation")
+        # One warp cannot antialias; a spec asking for it gets the resize-based path.
+        if spec.train_antialias:
+            geometry = "separate"
+        self.spec = spec
+        self.num_classes = reader.num_classes
+        self._reader = reader
+        self._device = device
+        self._dtype = dtype
+        self._graph = _Graph(spec, train, device.type == "cuda", decode, geometry)
+        self._pipe_args = dict(batch_size=batch_size, num_threads=num_threads, device=device, seed=seed,
+                               prefetch_queue_depth=prefetch_queue_depth)
+        self._plan_args = dict(train=train, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
+                               drop_last=drop_last)
+        self._split_indices = split_indices
+        self._epoch = 0
+        self._start_batch = 0
+        self._plan: EpochPlan = plan_epoch(split_indices, epoch=0, **self._plan_args)
+        self._feed = _Feed(reader, self._graph, seed)
+        self._pipe: Any = None  # built on first use: no DALI work until iteration
+        self._mid_epoch = False  # DALI may still hold batches of an unfinished epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start epoch `epoch` at batch `start_batch` (earlier batches of its plan are skipped)."""
+        plan = plan_epoch(self._split_indices, epoch=epoch, **self._plan_args)
+        if not 0 <= start_batch <= len(plan):
+            raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
+        self._epoch, self._start_batch, self._plan = epoch, start_batch, plan
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch on this rank."""
+        return self._plan.num_samples
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._start_batch >= len(self._plan):
+            return
+        pipe = self._fresh_pipeline()
+        self._feed.start(self._epoch, self._plan.batches(self._start_batch))
+        self._mid_epoch = True
+        try:
+            while True:
+                try:
+                    outputs = pipe.run(self._stream())
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    self._pipe = None  # after an operator error DALI declares the pipeline invalid
+                    self._mid_epoch = False
+                    if isinstance(exc, RuntimeError):
+                        raise self._explain(exc) from exc
+                    raise
+                self._feed.done()
+                yield self._to_torch(outputs)
+            pipe.reset()
+            self._mid_epoch = False
+        finally:
+            if self._mid_epoch and self._pipe is not None:
+                self._drain()
+
+    def _fresh_pipeline(self) -> Any:
+        """The pipeline, built on first use, with nothing of an abandoned epoch left in it."""
+        if self._pipe is None:
+            self._pipe = build_pipeline(self._feed, self._graph, **self._pipe_args)
+        elif self._mid_epoch:
+            self._drain()
+        return self._pipe
+
+    def _drain(self) -> None:
+        """End an unfinished epoch: feed nothing more, discard what DALI prefetched, reset."""
+        self._feed.stop()
+        try:
+            while True:
+                self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+        except Exception:
+            self._pipe = None  # a failure in a discarded batch: rebuild next time
+        self._mid_epoch = False
+
+    def _to_torch(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        images_tl, labels_tl = outputs[0].as_tensor(), outputs[1].as_tensor()
+        stream = self._stream()
+        images = torch.empty(images_tl.shape(), dtype=torch.uint8, device=self._device)
+        labels = torch.empty(labels_tl.shape(), dtype=torch.int64, device=self._device)
+        feed_ndarray(images_tl, images, cuda_stream=stream)
+        feed_ndarray(labels_tl, labels, cuda_stream=stream)
+        return to_model_input(images, self.spec, self._dtype), labels
+
+    def _stream(self) -> Any:
+        """Torch's current stream on a CUDA device: DALI's outputs and our copies are ordered on it."""
+        return torch.cuda.current_stream(self._device) if self._graph.gpu else None
+
+    def _explain(self, exc: RuntimeError) -> Exception:
+        """Name the pack image behind a DALI failure: the first in-flight sample the host cannot decode."""
+        candidates = [int(i) for indices, _ in self._feed.in_flight for i in indices]
+        self._feed.in_flight.clear()
+        reason = _dali_reason(exc)
+        for index in candidates:
+            problem = _host_decode_problem(self._reader.image_bytes(index))
+            if problem is not None:
+                return ImageDecodeError(f"{self._reader.path}: image {index} ({self._reader.paths[index]}) cannot be "
+                                         f"decoded: {problem} (DALI: {reason})")
+        shown = ", ".join(str(i) for i in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
+        return RuntimeError(f"{self._reader.path}: DALI failed on a batch with pack images {shown}: {reason}")
+
+
+def _dali_reason(exc: Exception) -> str:
+    """One line out of DALI's multi-line report: the operator and what it encountered."""
+    text = str(exc)
+    operator = re.search(r"operator `([^`]+)`", text)
+    body = text.split("encountered:", 1)[-1]
+    noise = ("C++ context", "Current pipeline", "Critical error")
+    lines = [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    reason = " ".join(lines)[:200] or "unknown error"
+    return f"{operator.group(1)}: {reason}" if operator else reason
+
+
+def _host_decode_problem(data: np.ndarray) -> str | None:
+    """Why PIL cannot fully decode `data`, or None when it can."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "not a recognizable image (damaged header)"
+    except Exception as exc:  # PIL raises several types for bad data; any of them names the file
+        return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return None
+
+
+def make_loader(reader: PackReader, split_indices: np.ndarray, spec: PipelineSpec, *, train: bool, batch_size: int,
+                device: torch.device, dtype: torch.dtype, num_workers: int, seed: int, rank: int, world_size: int,
+                drop_last: bool, decode: str = "mixed", geometry: str = "fused") -> DaliLoader:
+    """Backend entry point (see `dali_pipes.loader.BACKENDS`); `num_workers` becomes DALI's num_threads.
+
+    `decode` ("mixed": nvJPEG on the GPU, "cpu": libjpeg-turbo on the host, then the GPU)
+    and `geometry` ("fused" warp or "separate" resize/flip/rotate) matter on CUDA and for
+    benchmarks; the loader registry never passes them.
+    """
+    return DaliLoader(reader, split_indices, spec, train=train, batch_size=batch_size, device=device, dtype=dtype,
+                      num_threads=max(1, num_workers), seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
+                      decode=decode, geometry=geometry)
