@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,17 @@ def encode_file(path: Path, max_side: int | None, quality: int) -> Encoded:
     except (OSError, ValueError) as exc:
         return Encoded(None, height, width, f"could not convert: {str(exc).splitlines()[0][:100]}", False)
     return Encoded(out.getvalue(), image.height, image.width, None, False)
+
+
+def encode_job(job: tuple[int, str, int | None, int]) -> tuple[int, Encoded]:
+    """`encode_file` for a pool: (position, path, max_side, quality) -> (position, result)."""
+    index, path, max_side, quality = job
+    return index, encode_file(Path(path), max_side, quality)
+
+
+def ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (it cleans up and stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> np.ndarray:

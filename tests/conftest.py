@@ -27,6 +27,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_dali = pytest.mark.skip(reason="nvidia-dali is not installed")
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     has_dali, has_cuda = _dali_imports(), _cuda()
+    # DALI's pipelines leave threads behind, and forking a multi-threaded process can
+    # hang a child on a lock copied while held: run everything that forks first.
+    items.sort(key=lambda item: "dali" in item.keywords)
     for item in items:
         if "dali" in item.keywords and not has_dali:
             item.add_marker(skip_dali)

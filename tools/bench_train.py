@@ -104,7 +104,7 @@ def make_pack(folder: Path, images: int) -> Path:
 
 @click.command()
 @click.option("--archs", default="mobilenet_v2,resnet18,resnet50", show_default=True)
-@click.option("--backends", default=None, help="Real backends to run end to end (default: all available).")
+@click.option("--backends", default=None, help="Real backends to run end to end (default: all available; 'none': compute only).")
 @click.option("--pack", type=click.Path(path_type=Path, exists=True), help="Use this pack instead of generating one.")
 @click.option("--images", default=600, show_default=True, help="Images in the generated pack.")
 @click.option("--image-size", default=224, show_default=True)
@@ -120,7 +120,7 @@ def main(archs: str, backends: str | None, pack: Path | None, images: int, image
          workers: int | None, amp: str, compile_: bool, device: str, json_out: Path | None) -> None:
     """Print training images/s per architecture and backend, with ratios to a bare loop."""
     dev = resolve_device(device, DistContext())
-    real = [b for b in (backends.split(",") if backends else available_backends()) if b != "synthetic"]
+    real = [b for b in (backends.split(",") if backends else available_backends()) if b not in ("synthetic", "none", "")]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pack = pack or make_pack(Path(tmp), images)

@@ -101,24 +101,35 @@ def make_image(rng: np.random.Generator, shape: str, min_size: int, max_size: in
     return image
 
 
+def _write_class(job: tuple[Path, int, int, int, int, int, int, int, int]) -> int:
+    out_dir, c, classes, first, last, seed, min_size, max_size, png_every = job
+    shape = SHAPES[c]
+    folder = out_dir / f"{c:02d}_{shape}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(first, last):
+        # Seeded per image, so the tree is the same whatever the number of workers.
+        image = make_image(np.random.default_rng((seed, c, i)), shape, min_size, max_size, hue=c / classes)
+        if png_every and i % png_every == png_every - 1:
+            image.save(folder / f"{i:04d}.png")
+        else:
+            image.save(folder / f"{i:04d}.jpg", quality=90)
+    return last - first
+
+
 def make_demo_dataset(out_dir: Path, classes: int = 10, per_class: int = 40, seed: int = 0,
-                      min_size: int = 100, max_size: int = 400, png_every: int = 10, quality: int = 90) -> int:
+                      min_size: int = 100, max_size: int = 400, png_every: int = 10, workers: int = 1) -> int:
     """Write `classes` x `per_class` images under out_dir/<class>/; returns the number written."""
     if not 1 <= classes <= len(SHAPES):
         raise ValueError(f"classes must be between 1 and {len(SHAPES)}")
-    written = 0
-    for c, shape in enumerate(SHAPES[:classes]):
-        folder = out_dir / f"{c:02d}_{shape}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            rng = np.random.default_rng((seed, c, i))
-            image = make_image(rng, shape, min_size, max_size, hue=c / classes)
-            if png_every and i % png_every == png_every - 1:
-                image.save(folder / f"{i:04d}.png")
-            else:
-                image.save(folder / f"{i:04d}.jpg", quality=quality)
-            written += 1
-    return written
+    step = max(1, min(per_class, 200))
+    jobs = [(out_dir, c, classes, first, min(first + step, per_class), seed, min_size, max_size, png_every)
+            for c in range(classes) for first in range(0, per_class, step)]
+    if workers <= 1 or len(jobs) == 1:
+        return sum(map(_write_class, jobs))
+    import multiprocessing as mp
+
+    with mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn").Pool(workers) as pool:
+        return sum(pool.imap_unordered(_write_class, jobs))
 
 
 @click.command()
@@ -129,8 +140,10 @@ def make_demo_dataset(out_dir: Path, classes: int = 10, per_class: int = 40, see
 @click.option("--min-size", default=100, show_default=True, help="Smallest side length in px.")
 @click.option("--max-size", default=400, show_default=True, help="Largest side length in px.")
 @click.option("--png-every", default=10, show_default=True, help="Every n-th image is a PNG (0: none).")
+@click.option("--workers", default=1, show_default=True, help="Processes drawing images (the output does not depend on it).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, max_size: int, png_every: int, force: bool) -> None:
+def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, max_size: int, png_every: int, workers: int,
+         force: bool) -> None:
     """Write the deterministic demo image-folder tree into OUT_DIR."""
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
@@ -139,7 +152,7 @@ def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, 
     if not 8 <= min_size <= max_size:
         raise click.BadParameter("need 8 <= --min-size <= --max-size")
     try:
-        count = make_demo_dataset(out_dir, classes, per_class, seed, min_size, max_size, png_every)
+        count = make_demo_dataset(out_dir, classes, per_class, seed, min_size, max_size, png_every, workers)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {count} images in {classes} classes to {out_dir}")

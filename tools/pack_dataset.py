@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from dali_pipes.pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
-from dali_pipes.packing import Encoded, SourceFile, encode_file, scan_tree, stratified_split
+from dali_pipes.packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, stratified_split
 from trainer.cli import OneLineUsageCommand
 from trainer.progress import Progress
 
@@ -87,25 +87,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _encode_job(job: tuple[int, str, int | None, int]) -> tuple[int, Encoded]:
-    index, path, max_side, quality = job
-    return index, encode_file(Path(path), max_side, quality)
-
-
-def _ignore_sigint() -> None:
-    # Workers leave Ctrl-C to the parent, which cleans up and terminates the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: int) -> Iterator[tuple[int, Encoded]]:
     jobs = [(i, str(f.path), options.max_side, options.quality) for i, f in enumerate(files)]
     if workers <= 1:
-        yield from map(_encode_job, jobs)
+        yield from map(encode_job, jobs)
         return
-    # fork keeps start-up cheap on Linux; spawn elsewhere. imap keeps order and bounds memory.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
-        yield from pool.imap(_encode_job, jobs, chunksize=8)
+    # Not fork: forking a process that runs other threads (DALI's, a pool's feeder) can
+    # leave a child waiting forever on a lock copied in the held state. forkserver
+    # children start from a clean single-threaded server. imap keeps order and bounds memory.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=ignore_sigint) as pool:
+        yield from pool.imap(encode_job, jobs, chunksize=8)
 
 
 def pack_folder(src: Path, out: Path, options: PackOptions, workers: int = 0, strict: bool = False,

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; works without a display
@@ -16,7 +16,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     from trainer.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
@@ -24,7 +24,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and top-1/top-5 against epoch, train and val, as one PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in records]
 
     def series(key: str) -> list[float]:
@@ -46,7 +46,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") 
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -65,7 +65,7 @@ def most_confused(targets: np.ndarray, predictions: np.ndarray, classes: Sequenc
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
     """Row-normalized confusion matrix as a PNG (meant for up to ~50 classes)."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(classes)
     rows = matrix.sum(1, keepdims=True)
     normalized = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
@@ -82,5 +82,5 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if normalized[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -1,0 +1,62 @@
+"""The scripts in tools/ run end to end at toy sizes, so they cannot rot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_and_charts(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), "--smoke"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else result.stderr
+    assert result.returncode == 0, log[-3000:]
+    for name in ("compute.json", "compute_compiled.json", "pipeline.json", "train.json", "summary.json"):
+        assert (out / name).exists(), name
+    train = json.loads((out / "train.json").read_text())
+    row = train["rows"][0]
+    assert row["arch"] == "resnet18" and row["synthetic_images_per_second"] > 0 and "torch" in row["backends"]
+    assert 0 <= row["backends"]["torch"]["data_wait_fraction"] <= 1
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    names = [r["name"] for r in pipeline["results"]]
+    assert names[:2] == ["(a) notebook PIL float32", "(b) decode only"] and "torch uint8" in names
+    summary = json.loads((out / "summary.json").read_text())
+    assert "resnet18" in summary["compute"] and "resnet18" in summary["end_to_end"]
+    charts = _python("tools/plot_bench.py", "--pipeline", str(out / "pipeline.json"), "--train", str(out / "train.json"),
+                     "--out", str(tmp_path / "img"))
+    assert charts.returncode == 0, charts.stderr
+    for png in ("pipeline_throughput.png", "train_throughput.png"):
+        assert (tmp_path / "img" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_pack_runs(tmp_path: Path) -> None:
+    result = _python("tools/bench_pack.py", "--images", "20", "--min-size", "40", "--max-size", "60", "--workers", "2",
+                     "--json", str(tmp_path / "pack.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
+    assert [r["copied"] for r in rows] == [20, 0] and [r["reencoded"] for r in rows] == [0, 20]
+    assert all(r["packer_rate"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_make_demo_dataset_does_not_depend_on_workers(tmp_path: Path) -> None:
+    from tools.make_demo_dataset import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "one", classes=3, per_class=5, min_size=20, max_size=30, png_every=2, workers=1)
+    make_demo_dataset(tmp_path / "two", classes=3, per_class=5, min_size=20, max_size=30, png_every=2, workers=2)
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
+    assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*")) and len(one) == 15
+    assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
