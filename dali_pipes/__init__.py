@@ -2,14 +2,33 @@
 (DALI, torch, synthetic) behind one batch contract, `build_loader`.
 
 Only `dali_pipes.dali_backend` imports `nvidia.dali`, and only when that backend is asked
-for, so everything here imports on machines without DALI.
+for, so everything here imports on machines without DALI. Names are resolved lazily, so
+`import dali_pipes.packing` (the packer's worker processes) does not pay for torch.
 """
-from .base import BatchLoader, EpochPlan, plan_epoch, to_model_input
-from .loader import BACKENDS, LoaderError, available_backends, build_loader, resolve_backend
-from .pack import PackError, PackReader
-from .spec import PipelineSpec
+from __future__ import annotations
 
-__all__ = [
-    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "PackError", "PackReader", "PipelineSpec",
-    "available_backends", "build_loader", "plan_epoch", "resolve_backend", "to_model_input",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BatchLoader": "base", "EpochPlan": "base", "plan_epoch": "base", "to_model_input": "base",
+    "BACKENDS": "loader", "LoaderError": "loader", "available_backends": "loader", "build_loader": "loader",
+    "resolve_backend": "loader", "PackError": "pack", "PackReader": "pack", "PipelineSpec": "spec",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .base import BatchLoader, EpochPlan, plan_epoch, to_model_input
+    from .loader import BACKENDS, LoaderError, available_backends, build_loader, resolve_backend
+    from .pack import PackError, PackReader
+    from .spec import PipelineSpec
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dali_pipes' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

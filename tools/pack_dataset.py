@@ -96,7 +96,10 @@ def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: in
     # leave a child waiting forever on a lock copied in the held state. forkserver
     # children start from a clean single-threaded server. imap keeps order and bounds memory.
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=ignore_sigint) as pool:
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["dali_pipes.packing"])  # imported once, not per worker
+    with context.Pool(workers, initializer=ignore_sigint) as pool:
         yield from pool.imap(encode_job, jobs, chunksize=8)
 
 
