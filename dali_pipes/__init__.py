@@ -15,7 +15,10 @@ _EXPORTS = {
     "BACKENDS": "loader", "LoaderError": "loader", "available_backends": "loader", "build_loader": "loader",
     "resolve_backend": "loader", "PackError": "pack", "PackReader": "pack", "PipelineSpec": "spec",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "PackError", "PackReader", "PipelineSpec",
+    "available_backends", "build_loader", "plan_epoch", "resolve_backend", "to_model_input",
+]
 
 if TYPE_CHECKING:
     from .base import BatchLoader, EpochPlan, plan_epoch, to_model_input

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from dali_pipes import LoaderError, PackError, PackReader, available_backends, build_loader
 

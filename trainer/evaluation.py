@@ -1,12 +1,10 @@
 """`trainer eval` and `trainer predict`: a checkpoint, and nothing else, rebuilds model and preprocessing."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -89,7 +87,10 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     ks = [k for k in range(1, result["topk"] + 1)]
     accs = "  ".join(f"top{k} {result[f'top{k}']:.4f}" for k in ks)
     lines = [f"{result['checkpoint']} (epoch {result['epoch'] + 1}, {result['arch']}) on {result['split']} of {result['pack']}:",
-             f"  {result['num_samples']} images  loss {result['loss']:.4f}  {accs}", "  per class top-1:"]
+             f"  {result['num_samples']} images  loss {result['loss']:.4f}  {accs}"]
+    if result.get("skipped_samples"):
+        lines.append(f"  skipped {result['skipped_samples']} unreadable images (the log names them)")
+    lines.append("  per class top-1:")
     per_class = sorted(result["per_class"].items(), key=lambda kv: (kv[1]["top1"] is None, kv[1]["top1"] or 0))
     for name, value in per_class[:max_classes]:
         acc = "n/a" if value["top1"] is None else f"{value['top1']:.3f}"

@@ -6,7 +6,6 @@ learns which backend made it. Host-device syncs (`.item()`) happen only every
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -278,7 +277,9 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
     Sums, never per-batch means, are accumulated, and `all_reduce` (for DDP) adds them
     across ranks before dividing, so the figures are exact whatever the sharding.
     Returns loss, top1..top{k}, num_samples, per_class_correct / per_class_count lists,
-    and with `keep_predictions`, this rank's `targets` and `predictions` (argmax) tensors.
+    `skipped_samples` (unreadable images the loader left out, all ranks together) when
+    the loader keeps a `skipped` list, and with `keep_predictions`, this rank's
+    `targets` and `predictions` (argmax) tensors.
     """
     model.eval()
     k = max(1, min(topk, num_classes))
@@ -303,18 +304,22 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
         if keep_predictions:
             targets.append(labels.cpu())
             predictions.append(logits.argmax(1).cpu())
-    totals = torch.cat([loss_sum.view(1), correct, class_correct, class_count, count.view(1)])
+    # The skip count rides along in the same all_reduce (every rank has the same backend).
+    skipped = torch.tensor([float(len(getattr(loader, "skipped", ())))], device=device, dtype=torch.float64)
+    totals = torch.cat([loss_sum.view(1), correct, class_correct, class_count, count.view(1), skipped])
     if all_reduce is not None:
         totals = all_reduce(totals)
     totals = totals.cpu()
-    n = float(totals[-1])
+    n = float(totals[-2])
     if n == 0:
         raise TrainerError("evaluation saw no samples")
     result: dict[str, Any] = {"num_samples": int(n), "loss": float(totals[0]) / n}
+    if hasattr(loader, "skipped"):
+        result["skipped_samples"] = int(totals[-1])
     for j, kk in enumerate(ks):
         result[f"top{kk}"] = float(totals[1 + j]) / n
     result["per_class_correct"] = totals[1 + len(ks) : 1 + len(ks) + num_classes].tolist()
-    result["per_class_count"] = [int(c) for c in totals[1 + len(ks) + num_classes : -1].tolist()]
+    result["per_class_count"] = [int(c) for c in totals[1 + len(ks) + num_classes : -2].tolist()]
     if keep_predictions:
         result["targets"] = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64)
         result["predictions"] = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,6 +84,11 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int) -> None:
         raise TrainerError(f"{reader.path}: the train split is empty; repack with lower --val-ratio/--test-ratio")
     if counts["val"] == 0:
         raise TrainerError(f"{reader.path}: the val split is empty; repack with --val-ratio above 0 (or give a val/ folder)")
+    train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
+    missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
+    if missing:
+        raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
+                           "has no training image; add images to its train folder or repack without given splits")
     per_rank = counts["train"] // world_size
     if batch_size > per_rank:
         raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
@@ -160,6 +165,7 @@ def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
     return (f"epoch {epoch + 1}/{epochs}  train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}  |  "
             f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}  |  lr {r['lr']:.2e}  "
             f"{r['images_per_second']:,.0f} img/s  data wait {100 * r['data_wait_fraction']:.0f}%  {r['epoch_seconds']:.1f}s"
+            + (f"  skipped {r['skipped_samples']}" if r.get("skipped_samples") else "")
             + ("  * best" if best else ""))
 
 
@@ -241,7 +247,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             _save_position(run, state, epoch, outcome)
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
                                  f"continue with: trainer run --resume {run.out}", signals.exit_code)
-        record = _validate(run, state, train_model, val_loader, epoch, outcome)
+        record = _validate(run, state, train_model, val_loader, epoch, outcome, len(getattr(train_loader, "skipped", ())))
         improved = state.early.update(record[cfg.monitor], epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
@@ -314,8 +320,8 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
         set_lr(state.optimizer, lr)
         return lr
 
-    interactive = run.ctx.is_main and sys.stderr.isatty()
-    progress = Progress(train_loader.num_samples * run.ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=interactive)
+    # Live on a terminal; in a log, one plain line when the epoch ends (Progress decides).
+    progress = Progress(train_loader.num_samples * run.ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.ctx.is_main)
     resume_state = EpochState.from_state_dict(position["partial"], run.device) if position else None
     outcome = train_one_epoch(train_model, train_loader, state.optimizer, step, device=run.device, set_lr=set_lr_at,
                               set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress,
@@ -325,7 +331,8 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
 
 
 def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any, epoch: int,
-              outcome: EpochResult) -> dict[str, Any]:
+              outcome: EpochResult, skipped: int) -> dict[str, Any]:
+    """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val figures."""
     ctx = run.ctx
     train = outcome.metrics
     val_start = time.perf_counter()
@@ -334,7 +341,7 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val
     val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
                    topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
-                                              float(train["train_samples"])], dtype=torch.float64).to(ctx_device(ctx)))
+                                              float(train["train_samples"]), float(skipped)], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
     return {
         "epoch": epoch,
@@ -348,6 +355,7 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val
         "images_per_second": train["images_per_second"] * ctx.world_size,
         "data_wait_fraction": train["data_wait_fraction"],
         "skipped_steps": train["skipped_steps"],
+        "skipped_samples": int(train_sums[3]),
     }
 
 
@@ -367,4 +375,5 @@ def _finish(cfg: RunConfig, ctx: DistContext, state: TrainingState, reader: Pack
         "test_loss": result["loss"],
         **topk_keys(result, "test", cfg.topk, reader.num_classes),
         "test_samples": result["num_samples"],
+        "test_skipped_samples": result.get("skipped_samples", 0),
     }

@@ -1,0 +1,69 @@
+"""What only a CUDA GPU can check (skipped without one; `tools/gpu_check.sh` runs them).
+
+The pipelines on the GPU against their CPU selves, a few training steps with AMP and
+channels_last through the real command line, and a checkpoint written on the GPU read
+back on the CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dali_pipes import build_loader
+from trainer.cli import main as trainer_main
+
+pytestmark = pytest.mark.cuda
+
+
+def _batches(pack: Path, backend: str, device: str, train: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader = build_loader(pack, "train" if train else "val", backend=backend, batch_size=8, train=train, image_size=48,
+                          device=device, dtype=torch.uint8, num_workers=1, seed=3)
+    loader.set_epoch(1)
+    return [(x.cpu(), y.cpu()) for x, y in loader]
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("train", [False, True])
+def test_dali_gpu_pipeline_matches_its_cpu_variant(demo_pack: Path, train: bool) -> None:
+    gpu = _batches(demo_pack, "dali", "cuda", train)
+    cpu = _batches(demo_pack, "dali", "cpu", train)
+    assert len(gpu) == len(cpu)
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert torch.equal(yg, yc)
+        diff = (xg.float() - xc.float()).abs()
+        # nvJPEG and libjpeg-turbo differ by a level or two (IDCT, chroma upsampling).
+        assert diff.mean() < 2.0 and diff.quantile(0.99) <= 12, (diff.mean(), diff.max())
+
+
+def test_batches_live_on_the_gpu_in_channels_last(demo_pack: Path) -> None:
+    for backend in ("torch", "synthetic"):
+        loader = build_loader(demo_pack, "train", backend=backend, batch_size=8, train=True, image_size=48, device="cuda",
+                              dtype=torch.bfloat16, num_workers=1)
+        images, labels = next(iter(loader))
+        assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16
+        assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("amp, extra", [("bf16", []), ("fp16", []), ("bf16", ["--compile"])])
+def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: Path, amp: str, extra: list[str]) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(trainer_main, [
+        "run", "--pack", str(demo_pack), "--arch", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8",
+        "--epochs", "2", "--backend", "torch", "--workers", "1", "--amp", amp, "--channels-last", "--device", "cuda",
+        "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    assert f"amp torch.{'bfloat16' if amp == 'bf16' else 'float16'}" in result.output
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert all(not v.is_cuda for v in ckpt["model"].values())
+    on_cpu = CliRunner().invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(demo_pack),
+                                               "--device", "cpu", "--backend", "torch", "--workers", "0", "--json"])
+    on_gpu = CliRunner().invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(demo_pack),
+                                               "--device", "cuda", "--backend", "torch", "--workers", "0", "--json"])
+    assert on_cpu.exit_code == 0 and on_gpu.exit_code == 0, on_cpu.output + on_gpu.output
+    cpu, gpu = json.loads(on_cpu.output.splitlines()[-1]), json.loads(on_gpu.output.splitlines()[-1])
+    assert cpu["num_samples"] == gpu["num_samples"]
+    assert cpu["loss"] == pytest.approx(gpu["loss"], rel=2e-2, abs=2e-2)  # GPU decode and TF32 convolutions differ slightly
