@@ -2,18 +2,76 @@
 
 A backend only turns encoded bytes into uint8 NHWC pixel batches; the order of samples,
 their sharding across ranks, their augmentation parameters (`spec.sample_augmentation`)
-and the final normalization on the device all live here, written once.
+and the final normalization on the device all live here, written once. So does the
+bookkeeping of unreadable samples (`SkipLog`): a backend only says which sample failed.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .spec import PipelineSpec
+
+log = logging.getLogger("dali_pipes")
+
+
+class ImageDecodeError(RuntimeError):
+    """An image in the pack cannot be decoded; the message names its pack index and source path."""
+
+
+def decode_error_message(pack: object, index: int, path: str, reason: str) -> str:
+    """The one-line report of an undecodable pack image: pack, index, source path, reason."""
+    return f"{pack}: image {index} ({path}) cannot be decoded: {reason}"
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample a loader left out: its pack index, source path, and why it could not be read."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class SkipLog:
+    """The unreadable samples a loader has found: every one so far (`bad`) and this epoch's (`skipped`).
+
+    A sample found bad is remembered, so later epochs leave it out without trying it
+    again (`drop_known`), yet it is counted in each epoch's `skipped`. The WARNING that
+    names it is logged once per loader, not once per epoch.
+    """
+
+    def __init__(self, pack: object, paths: Sequence[str]) -> None:
+        self._pack = pack
+        self._paths = paths
+        self.bad: dict[int, str] = {}  # pack index -> reason
+        self.skipped: list[SkippedSample] = []
+
+    def new_epoch(self) -> None:
+        """Start counting a new epoch (a fresh list: one held from the last epoch stays as it was)."""
+        self.skipped = []
+
+    def add(self, index: int, reason: str) -> None:
+        """Record sample `index` as unreadable for `reason`: remembered, counted in this epoch, logged once."""
+        index = int(index)
+        if index not in self.bad:
+            self.bad[index] = reason
+            log.warning("%s; sample skipped", decode_error_message(self._pack, index, self._paths[index], reason))
+        self.skipped.append(SkippedSample(index, self._paths[index], self.bad[index]))
+
+    def drop_known(self, indices: np.ndarray) -> np.ndarray:
+        """`indices` without the samples already known bad, which are counted in this epoch."""
+        if not self.bad:
+            return indices
+        known = np.isin(indices, np.fromiter(self.bad, dtype=np.int64, count=len(self.bad)))
+        for index in indices[known]:
+            self.add(int(index), self.bad[int(index)])
+        return indices[~known]
 
 
 @dataclass(frozen=True)
@@ -85,11 +143,23 @@ def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype)
 
 
 class BatchLoader(Protocol):
-    """The batch contract every backend honours (see `dali_pipes.build_loader`)."""
+    """The batch contract every backend honours (see `dali_pipes.build_loader`).
+
+    Unreadable samples (bytes damaged after packing) do not stop an epoch. The sample is
+    left out of its batch, which is simply shorter; when every sample of a batch is bad,
+    that batch is not yielded at all and the epoch goes on with the next one, so `len()`
+    (and `num_samples`) are then upper bounds, exact for data without bad samples. Each
+    sample left out is in `skipped` (a list of `SkippedSample`, the samples left out so
+    far in the current epoch, emptied by `set_epoch` and when an iteration starts), and
+    is logged once per loader at WARNING on the "dali_pipes" logger with its index, path
+    and reason. A sample found bad is not tried again in later epochs, but is counted
+    in each epoch's `skipped`.
+    """
 
     backend: str
     spec: PipelineSpec
     num_classes: int
+    skipped: list[SkippedSample]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 

@@ -36,6 +36,14 @@ out the batches it had already prefetched (`prefetch_queue_depth`), then raises
 StopIteration from `run()`, and the loader calls `reset()` so the next epoch starts
 clean. A loop abandoned mid-epoch (`break`) stops the feed and drains what DALI still
 holds (at most the prefetch depth), so the next `__iter__` starts at its own plan.
+
+An undecodable image: DALI fails the whole `run()` and declares the pipeline invalid,
+without saying which sample. The loader checks the samples of the batches in flight
+on the host (PIL), records the culprits in its `base.SkipLog`, rebuilds the pipeline
+and feeds it the in-flight batches without them, then the rest of the epoch: the
+other samples come out in the same order with the same geometry (it depends on the
+sample, not on the batch). Samples known bad are left out of later epochs before
+they reach DALI. When no culprit is found, the error is raised as before.
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .base import EpochPlan, plan_epoch, to_model_input
+from .base import EpochPlan, ImageDecodeError, SkipLog, SkippedSample, plan_epoch, to_model_input
 from .loader import LoaderError
 from .pack import PackReader
 from .spec import PipelineSpec, affine_matrix, sample_augmentation
@@ -57,9 +65,7 @@ GEOMETRIES = ("fused", "separate")
 DECODES = ("mixed", "cpu")
 PREFETCH_QUEUE_DEPTH = 2
 
-
-class ImageDecodeError(RuntimeError):
-    """An image in the pack cannot be decoded; the message names its pack index and source path."""
+__all__ = ["DaliLoader", "ImageDecodeError", "SkippedSample", "build_pipeline", "make_loader"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +107,14 @@ class _Feed:
         self.in_flight: collections.deque[tuple[np.ndarray, tuple[list[np.ndarray], ...]]] = collections.deque()
 
     def start(self, epoch: int, batches: Iterator[np.ndarray]) -> None:
-        """Queue the pack-index batches of one epoch."""
+        """Queue the pack-index batches of one epoch (or what is left of it, after a failure)."""
         self._epoch = epoch
         self._pending = collections.deque(batches)
         self.in_flight.clear()
+
+    def unfinished(self) -> list[np.ndarray]:
+        """Batches not yet returned by DALI, in order: those in flight, then those not fed yet."""
+        return [indices for indices, _ in self.in_flight] + list(self._pending)
 
     def stop(self) -> None:
         """Feed nothing more: DALI will end the epoch after what it already holds."""
@@ -251,6 +261,7 @@ class DaliLoader:
         self._start_batch = 0
         self._plan: EpochPlan = plan_epoch(split_indices, epoch=0, **self._plan_args)
         self._feed = _Feed(reader, self._graph, seed)
+        self._skips = SkipLog(reader.path, reader.paths)
         self._pipe: Any = None  # built on first use: no DALI work until iteration
         self._mid_epoch = False  # DALI may still hold batches of an unfinished epoch
 
@@ -260,8 +271,15 @@ class DaliLoader:
         if not 0 <= start_batch <= len(plan):
             raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
         self._epoch, self._start_batch, self._plan = epoch, start_batch, plan
+        self._skips.new_epoch()
+
+    @property
+    def skipped(self) -> list[SkippedSample]:
+        """Samples left out so far in the current epoch (see `base.BatchLoader`)."""
+        return self._skips.skipped
 
     def __len__(self) -> int:
+        """Batches per epoch (an upper bound once a whole batch was unreadable)."""
         return len(self._plan)
 
     @property
@@ -270,10 +288,11 @@ class DaliLoader:
         return self._plan.num_samples
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._skips.new_epoch()
         if self._start_batch >= len(self._plan):
             return
         pipe = self._fresh_pipeline()
-        self._feed.start(self._epoch, self._plan.batches(self._start_batch))
+        self._feed.start(self._epoch, self._known_good(self._plan.batches(self._start_batch)))
         self._mid_epoch = True
         try:
             while True:
@@ -284,9 +303,11 @@ class DaliLoader:
                 except Exception as exc:
                     self._pipe = None  # after an operator error DALI declares the pipeline invalid
                     self._mid_epoch = False
-                    if isinstance(exc, RuntimeError):
-                        raise self._explain(exc) from exc
-                    raise
+                    if not isinstance(exc, RuntimeError):
+                        raise
+                    pipe = self._recover(exc)
+                    self._mid_epoch = True
+                    continue
                 self._feed.done()
                 yield self._to_torch(outputs)
             pipe.reset()
@@ -330,18 +351,35 @@ class DaliLoader:
         """Torch's current stream on a CUDA device: DALI's outputs and our copies are ordered on it."""
         return torch.cuda.current_stream(self._device) if self._graph.gpu else None
 
-    def _explain(self, exc: RuntimeError) -> Exception:
-        """Name the pack image behind a DALI failure: the first in-flight sample the host cannot decode."""
+    def _known_good(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """`batches` without the samples already known bad (counted as skipped); empty batches dropped."""
+        for batch in batches:
+            batch = self._skips.drop_known(batch)
+            if len(batch):
+                yield batch
+
+    def _recover(self, exc: RuntimeError) -> Any:
+        """After DALI failed: skip the in-flight samples the host cannot decode, rebuild, re-feed the rest.
+
+        Each recovery leaves out at least one sample, so repeated failures end. When no
+        in-flight sample is at fault, the failure is not ours to skip: it is raised.
+        """
+        unfinished = self._feed.unfinished()
         candidates = [int(i) for indices, _ in self._feed.in_flight for i in indices]
         self._feed.in_flight.clear()
         reason = _dali_reason(exc)
-        for index in candidates:
-            problem = _host_decode_problem(self._reader.image_bytes(index))
-            if problem is not None:
-                return ImageDecodeError(f"{self._reader.path}: image {index} ({self._reader.paths[index]}) cannot be "
-                                         f"decoded: {problem} (DALI: {reason})")
-        shown = ", ".join(str(i) for i in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
-        return RuntimeError(f"{self._reader.path}: DALI failed on a batch with pack images {shown}: {reason}")
+        culprits = {index: problem for index in candidates
+                    if (problem := _host_decode_problem(self._reader.image_bytes(index))) is not None}
+        if not culprits:
+            shown = ", ".join(str(i) for i in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
+            raise RuntimeError(f"{self._reader.path}: DALI failed on a batch with pack images {shown}: {reason}") from exc
+        for index, problem in culprits.items():
+            self._skips.add(index, f"{problem} (DALI: {reason})")
+        bad = np.fromiter(culprits, dtype=np.int64)
+        rest = [kept for batch in unfinished if len(kept := batch[~np.isin(batch, bad)])]
+        self._pipe = build_pipeline(self._feed, self._graph, **self._pipe_args)
+        self._feed.start(self._epoch, iter(rest))
+        return self._pipe
 
 
 def _dali_reason(exc: Exception) -> str:

@@ -13,6 +13,11 @@ Two paths share the sampler, the epoch plan and the augmentation draws:
 
 Flip and angle come from `spec.sample_augmentation(spec, seed, epoch, indices)`, never
 from a worker's RNG, so batches do not depend on worker count or scheduling.
+
+An image that cannot be decoded costs its sample, not the batch: the worker (CPU path)
+or the main process (GPU path) leaves its row out and hands back its (index, reason);
+the loader records it in `base.SkipLog`, and the sampler leaves known-bad samples out of
+later epochs before any worker sees them.
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ import functools
 import logging
 import math
 import multiprocessing as mp
+import re
 import signal
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import cv2
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .base import EpochPlan, plan_epoch, to_model_input
+from .base import EpochPlan, ImageDecodeError, SkipLog, SkippedSample, decode_error_message, plan_epoch, to_model_input
 from .pack import PackReader
 from .spec import PipelineSpec, affine_matrix, sample_augmentation
 
@@ -45,24 +50,26 @@ _TORCH_MODE = {"linear": "bilinear", "cubic": "bicubic", "nearest": "nearest"}
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
-class ImageDecodeError(RuntimeError):
-    """An image in the pack cannot be decoded; the message names its pack index and source path."""
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """A batch a worker could not make, handed back as a value.
-
-    Raising in the worker would reach the user wrapped in DataLoader's "Caught ... in worker"
-    text and leave the persistent workers' shutdown to the garbage collector (a 5 s join);
-    returned, the main process raises `ImageDecodeError` itself (and can later count and skip).
-    """
-
-    message: str
+# (pack index, reason) of a sample that could not be decoded. Workers hand these back as
+# values: raising there would fail the whole batch, reach the user wrapped in DataLoader's
+# "Caught ... in worker" text, and leave persistent workers' shutdown to the GC (a 5 s join).
+Failure = tuple[int, str]
 
 
 def _decode_error(reader: PackReader, index: int, reason: str) -> ImageDecodeError:
-    return ImageDecodeError(f"{reader.path}: image {index} ({reader.paths[index]}) cannot be decoded: {reason}")
+    error = ImageDecodeError(decode_error_message(reader.path, index, reader.paths[index], reason))
+    error.reason = reason  # the bare reason, for the skip record (the message repeats pack, index, path)
+    return error
+
+
+def _reason(exc: ImageDecodeError) -> str:
+    return getattr(exc, "reason", str(exc))
+
+
+def _torchvision_reason(exc: Exception) -> str:
+    """The first line of a torchvision decode error, without its "decode_jpeg, /source/file.cpp:171, " prefix."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"^\w+, \S+:\d+, ", "", text) or text
 
 
 # ---------------------------------------------------------------------------- geometry (pure)
@@ -124,7 +131,7 @@ def _decode_torchvision(reader: PackReader, index: int, channels: int) -> np.nda
 
         chw = decode_jpeg(torch.from_numpy(np.array(reader.image_bytes(index))), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, ImportError) as exc:
-        raise _decode_error(reader, index, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise _decode_error(reader, index, _torchvision_reason(exc)) from None
     rgb = np.ascontiguousarray(chw.permute(1, 2, 0).numpy())
     return rgb if channels == 3 else cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
 
@@ -165,20 +172,34 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def render_batch_cpu(reader: PackReader, indices: np.ndarray, spec: PipelineSpec, train: bool,
-                     flips: np.ndarray, angles: np.ndarray) -> torch.Tensor:
-    """Decode and transform pack images `indices` into one N x S x S x 3 uint8 tensor."""
+                     flips: np.ndarray, angles: np.ndarray, failures: list[Failure] | None = None) -> torch.Tensor:
+    """Decode and transform pack images `indices` into one N x S x S x 3 uint8 tensor.
+
+    An image that cannot be decoded raises `ImageDecodeError`; with a `failures` list,
+    it is appended there as (index, reason) instead and its row left out, the good
+    rows keeping their order (the result then has fewer than len(indices) rows).
+    """
     size = spec.image_size
     batch = _batch_buffer((len(indices), size, size, 3))
     pixels = batch.numpy()
     # OpenCV's 4-channel warp is vectorized and ~2.5x faster than its 3-channel one.
     rgba = np.empty((size, size, 4), dtype=np.uint8)
+    row = 0
     for j, index in enumerate(indices):
+        try:
+            image = decode_image(reader, int(index), 4 if train else 3)
+        except ImageDecodeError as exc:
+            if failures is None:
+                raise
+            failures.append((int(index), _reason(exc)))
+            continue
         if train:
-            warp_cpu(decode_image(reader, int(index), 4), spec, bool(flips[j]), float(angles[j]), rgba)
-            cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=pixels[j])
+            warp_cpu(image, spec, bool(flips[j]), float(angles[j]), rgba)
+            cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=pixels[row])
         else:
-            resize_cpu(decode_image(reader, int(index), 3), spec, batch[j])
-    return batch
+            resize_cpu(image, spec, batch[row])
+        row += 1
+    return batch if row == len(indices) else batch[:row]
 
 
 # ---------------------------------------------------------------------------- GPU path
@@ -235,21 +256,31 @@ def _warp_torch(pixels: torch.Tensor, theta: torch.Tensor, spec: PipelineSpec) -
 
 
 def decode_on_device(reader: PackReader, indices: np.ndarray, encoded: list[torch.Tensor],
-                     device: torch.device) -> list[torch.Tensor]:
-    """Batched nvJPEG decode of `encoded` to 3 x H x W uint8 on `device`; a bad image is named."""
+                     device: torch.device, failures: list[Failure] | None = None) -> list[torch.Tensor]:
+    """Batched nvJPEG decode of `encoded` to 3 x H x W uint8 on `device`; a bad image is named.
+
+    Without `failures` a bad image raises `ImageDecodeError`; with it, each bad image is
+    appended there as (index, reason) and left out of the result (good ones in order).
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         pass
-    # The batched call does not say which image failed: find it one by one.
+    # The batched call does not say which image failed: find them one by one.
+    good = []
     for index, data in zip(indices, encoded):
         try:
             decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError as exc:
-            raise _decode_error(reader, int(index), str(exc).splitlines()[0]) from None
-    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            error = _decode_error(reader, int(index), _torchvision_reason(exc))
+            if failures is None:
+                raise error from None
+            failures.append((int(index), _reason(error)))
+            continue
+        good.append(data)
+    return decode_jpeg(good, mode=ImageReadMode.RGB, device=device) if good else []
 
 
 def gpu_decode_works(reader: PackReader, index: int, device: torch.device) -> bool:
@@ -270,11 +301,16 @@ def gpu_decode_works(reader: PackReader, index: int, device: torch.device) -> bo
 # ---------------------------------------------------------------------------- the loader
 
 class _PlanSampler(Sampler):
-    """Yields `(epoch, batch pack indices)` for the current epoch from `start_batch` on."""
+    """Yields `(epoch, batch pack indices)` for the current epoch from `start_batch` on.
 
-    def __init__(self, split_indices: np.ndarray, plan_args: dict[str, Any]) -> None:
+    It runs in the main process, so it is where samples already known bad (`skips`) are
+    left out: no worker tries them again. A batch left with no sample is not yielded.
+    """
+
+    def __init__(self, split_indices: np.ndarray, plan_args: dict[str, Any], skips: SkipLog) -> None:
         self._split_indices = split_indices
         self._plan_args = plan_args
+        self._skips = skips
         self.epoch = 0
         self.start_batch = 0
         self.plan: EpochPlan = plan_epoch(split_indices, epoch=0, **plan_args)
@@ -286,7 +322,9 @@ class _PlanSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         epoch = self.epoch
         for batch in self.plan.batches(self.start_batch):
-            yield epoch, batch
+            batch = self._skips.drop_known(batch)
+            if len(batch):
+                yield epoch, batch
 
     def __len__(self) -> int:
         return max(0, len(self.plan) - self.start_batch)
@@ -295,20 +333,17 @@ class _PlanSampler(Sampler):
 class _PackBatches(Dataset):
     """Items are whole batches: `(epoch, pack indices)` -> what one worker prepares.
 
-    CPU path: `(uint8 N x S x S x 3 pixels, labels)`. GPU path: the batch's encoded bytes
-    back to back with their offsets, plus indices, flips, angles and labels.
+    CPU path: `(uint8 N x S x S x 3 pixels, labels, failures)`, the rows of undecodable
+    images left out and listed in `failures` as (index, reason). GPU path: the batch's
+    encoded bytes back to back with their offsets, plus indices, flips, angles and labels
+    (decode failures show only on the device, in the main process).
     """
 
     def __init__(self, reader: PackReader, spec: PipelineSpec, *, train: bool, seed: int, bytes_only: bool) -> None:
         self.reader, self.spec, self.train, self.seed, self.bytes_only = reader, spec, train, seed, bytes_only
 
-    def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[torch.Tensor, ...] | _Failure:
-        try:
-            return self._make(*key)
-        except ImageDecodeError as exc:
-            return _Failure(str(exc))
-
-    def _make(self, epoch: int, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[Any, ...]:
+        epoch, indices = key
         labels = torch.from_numpy(self.reader.labels[indices])
         if self.train:
             flips, angles = sample_augmentation(self.spec, self.seed, epoch, indices)
@@ -317,7 +352,12 @@ class _PackBatches(Dataset):
         if self.bytes_only:
             data, offsets = self._gather_bytes(indices)
             return data, offsets, torch.from_numpy(indices), torch.from_numpy(flips), torch.from_numpy(angles), labels
-        return render_batch_cpu(self.reader, indices, self.spec, self.train, flips, angles), labels
+        failures: list[Failure] = []
+        pixels = render_batch_cpu(self.reader, indices, self.spec, self.train, flips, angles, failures)
+        if failures:
+            failed = np.isin(indices, [index for index, _ in failures])
+            labels = torch.from_numpy(self.reader.labels[indices[~failed]])
+        return pixels, labels, failures
 
     def _gather_bytes(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         sizes = self.reader.offsets[indices + 1] - self.reader.offsets[indices]
@@ -383,8 +423,9 @@ class TorchLoader:
         self.gpu_decode = gpu_decode
         self._reader = reader
         self._num_workers = num_workers
+        self._skips = SkipLog(reader.path, reader.paths)
         self._sampler = _PlanSampler(split_indices, dict(train=train, seed=seed, batch_size=batch_size, rank=rank,
-                                                         world_size=world_size, drop_last=drop_last))
+                                                         world_size=world_size, drop_last=drop_last), self._skips)
         self._dataset = _PackBatches(reader, spec, train=train, seed=seed, bytes_only=gpu_decode)
         self._loader: DataLoader | None = None
 
@@ -393,8 +434,15 @@ class TorchLoader:
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} outside 0..{len(self)}")
         self._sampler.set_epoch(epoch, start_batch)
+        self._skips.new_epoch()
+
+    @property
+    def skipped(self) -> list[SkippedSample]:
+        """Samples left out so far in the current epoch (see `base.BatchLoader`)."""
+        return self._skips.skipped
 
     def __len__(self) -> int:
+        """Batches per epoch (an upper bound once a whole batch was unreadable)."""
         return len(self._sampler.plan)
 
     @property
@@ -419,25 +467,42 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         finish = self._finish_gpu if self.gpu_decode else self._finish_cpu
+        # Before the DataLoader pulls from the sampler, which counts known-bad samples.
+        self._skips.new_epoch()
         # The first iter() forks the (persistent) workers.
         with _opencv_threads(1) if self._num_workers > 0 else nullcontext():
             items = iter(self._data_loader())
         for item in items:
-            if isinstance(item, _Failure):
-                raise ImageDecodeError(item.message)
-            yield finish(item)
+            batch = finish(item)
+            if batch is not None:  # None: every sample of the batch was unreadable
+                yield batch
 
-    def _finish_cpu(self, item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, labels = item
+    def _record(self, failures: list[Failure]) -> None:
+        for index, reason in failures:
+            self._skips.add(index, reason)
+
+    def _finish_cpu(self, item: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pixels, labels, failures = item
+        self._record(failures)
+        if len(labels) == 0:
+            return None
         pixels = pixels.to(self.device, non_blocking=True)
         return to_model_input(pixels, self.spec, self.dtype), labels.to(self.device, non_blocking=True)
 
-    def _finish_gpu(self, item: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish_gpu(self, item: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         data, offsets, indices, flips, angles, labels = item
         bounds = offsets.tolist()
         encoded = [data[bounds[j] : bounds[j + 1]] for j in range(len(bounds) - 1)]
-        images = decode_on_device(self._reader, indices.numpy(), encoded, self.device)
-        pixels = transform_images(images, self.spec, self.train, flips.numpy(), angles.numpy())
+        failures: list[Failure] = []
+        images = decode_on_device(self._reader, indices.numpy(), encoded, self.device, failures)
+        flips, angles = flips.numpy(), angles.numpy()
+        if failures:
+            self._record(failures)
+            good = ~np.isin(indices.numpy(), [index for index, _ in failures])
+            if not good.any():
+                return None
+            flips, angles, labels = flips[good], angles[good], labels[torch.from_numpy(good)]
+        pixels = transform_images(images, self.spec, self.train, flips, angles)
         return to_model_input(pixels, self.spec, self.dtype), labels.to(self.device, non_blocking=True)
 
 

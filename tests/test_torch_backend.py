@@ -255,14 +255,17 @@ def _corrupt_copy(pack: Path, tmp_path: Path, index: int) -> Path:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_jpeg_names_index_and_path(demo_pack: Path, tmp_path: Path, workers: int) -> None:
+    # The loader skips it (tests/test_corrupt_images.py checks that fully); the decoder names it.
     reader = PackReader(demo_pack)
     bad = int(reader.split_indices("val")[2])
     corrupt = _corrupt_copy(demo_pack, tmp_path, bad)
-    with pytest.raises(ImageDecodeError) as info:
-        list(loader(corrupt, "val", workers=workers))
-    assert f"image {bad} " in str(info.value) and reader.paths[bad] in str(info.value)
-    with pytest.raises(ImageDecodeError, match="cannot be decoded"):
+    batches = loader(corrupt, "val", workers=workers)
+    labels = torch.cat([y for _, y in batches])
+    assert len(labels) == len(reader.split_indices("val")) - 1
+    assert [(s.index, s.path) for s in batches.skipped] == [(bad, reader.paths[bad])]
+    with pytest.raises(ImageDecodeError, match="cannot be decoded") as info:
         decode_image(PackReader(corrupt), bad, 3)
+    assert f"image {bad} " in str(info.value) and reader.paths[bad] in str(info.value)
 
 
 # ---------------------------------------------------------------------------- GPU path
