@@ -162,3 +162,14 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         atomic_write_bytes(target, fail)
     assert target.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "out.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600

@@ -5,7 +5,7 @@ import errno
 import io
 import os
 import zipfile
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     the previous file stays as it was and the temporary is removed.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # Not mkstemp: its 0600 would survive the rename; 0666 here is narrowed by the umask as usual.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
