@@ -25,7 +25,7 @@ import numpy as np
 
 from dali_pipes.pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
 from dali_pipes.packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, stratified_split
-from trainer.cli import OneLineUsageCommand
+from trainer.cli_usage import OneLineUsageCommand
 from trainer.progress import Progress
 
 
@@ -164,8 +164,7 @@ def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, s
             report.copied += result.copied
             report.reencoded += not result.copied
             accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width, len(result.data)))
-        sink.flush()
-        os.fsync(sink.fileno())
+        # No fsync: the spool is a temporary; only the finished pack must reach the disk.
     progress.close()
     return accepted
 

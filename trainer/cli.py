@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from dali_pipes import LoaderError, PackError
+from trainer.cli_usage import TrainerGroup
 from trainer.config import run_options
 from trainer.errors import RunInterrupted, TrainerError
 
@@ -52,43 +53,6 @@ def one_line_errors(func: F) -> F:
             raise click.ClickException(message) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-class OneLineErrors(click.ClickException):
-    """A usage error shown as one line (click's default adds the usage text and a hint)."""
-
-    exit_code = 2
-
-
-class OneLineUsageCommand(click.Command):
-    """A click command whose bad options and arguments get one line, exit status 2."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
-
-
-class TrainerGroup(click.Group):
-    """The `trainer` group: like `OneLineUsageCommand`, for the group and its subcommands."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
-
-
-def _one_line(exc: click.UsageError) -> OneLineErrors:
-    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-    return OneLineErrors(" ".join(exc.format_message().split()) + where)
 
 
 @click.group(cls=TrainerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
