@@ -242,6 +242,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     if state.samples == 0:
         raise TrainerError("the training loader yielded no usable batch; lower --batch-size")
     final = _running(state)
+    running.update(final)  # the closing progress line shows the epoch's figures
     metrics = {
         "train_loss": final["loss"],
         "train_top1": final["top1"],

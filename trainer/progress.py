@@ -15,7 +15,8 @@ class Progress:
     """
 
     def __init__(self, total: int, desc: str, unit: str = "img", stream: TextIO | None = None,
-                 interval: float = 0.5, enabled: bool = True) -> None:
+                 interval: float = 0.5, enabled: bool = True, scale: int = 1) -> None:
+        self.scale = scale  # each update counts for `scale` items (DDP: every rank did the same)
         self.total = total
         self.desc = desc
         self.unit = unit
@@ -33,8 +34,8 @@ class Progress:
         self._postfix = postfix
 
     def update(self, n: int = 1) -> None:
-        """Record `n` more items done."""
-        self.count += n
+        """Record `n` more items done (times `scale`)."""
+        self.count += n * self.scale
         if self.live:
             now = time.perf_counter()
             if now - self._last_draw >= self.interval:

@@ -321,7 +321,8 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
         return lr
 
     # Live on a terminal; in a log, one plain line when the epoch ends (Progress decides).
-    progress = Progress(train_loader.num_samples * run.ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.ctx.is_main)
+    progress = Progress(train_loader.num_samples * run.ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.ctx.is_main,
+                        scale=run.ctx.world_size)
     resume_state = EpochState.from_state_dict(position["partial"], run.device) if position else None
     outcome = train_one_epoch(train_model, train_loader, state.optimizer, step, device=run.device, set_lr=set_lr_at,
                               set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress,
