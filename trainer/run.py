@@ -198,6 +198,8 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, ctx.world_size)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     spec = PipelineSpec(image_size=cfg.image_size)
     amp_dtype = resolve_amp(cfg.amp, device)
     loader_args = dict(backend=cfg.backend, batch_size=cfg.batch_size, device=device, num_workers=cfg.workers, seed=cfg.seed,
