@@ -59,6 +59,19 @@ def one_line_errors(func: F) -> F:
 @click.version_option(package_name="dali-trainer")
 def main() -> None:
     """Train and evaluate image classifiers on HDF5 packs, fed by DALI or torchvision pipelines."""
+    _show_pipeline_log()
+
+
+def _show_pipeline_log() -> None:
+    """dali_pipes' notes (the backend `auto` chose, skipped images) on stderr, one plain line each."""
+    import logging
+
+    logger = logging.getLogger("dali_pipes")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 @main.command()
