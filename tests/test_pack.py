@@ -320,3 +320,21 @@ def test_kill_9_while_packing_leaves_old_state_or_a_valid_pack(tmp_path: Path) -
     subprocess.run(cmd, cwd=REPO, check=True)
     assert len(PackReader(out)) == 240
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "src"]
+
+
+def test_a_file_changed_after_verification_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_demo_dataset(tmp_path / "src", classes=2, per_class=3, min_size=20, max_size=30, png_every=0)
+    import tools.pack_dataset as tool
+
+    original = tool.encode_job
+
+    def verify_then_change(job):
+        index, result = original(job)
+        if job[1].endswith("00_disc/0001.jpg"):
+            Path(job[1]).write_bytes(Path(job[1]).read_bytes()[:-1] + b"\x00")  # swapped under our feet
+        return index, result
+
+    monkeypatch.setattr(tool, "encode_job", verify_then_change)
+    reader = _pack(tmp_path / "src", tmp_path / "p.h5", val_ratio=0.0, test_ratio=0.0)
+    assert {r["path"]: r["reason"] for r in reader.rejects()} == {"00_disc/0001.jpg": "changed while packing"}
+    assert len(reader) == 5

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from dali_pipes.pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
-from dali_pipes.packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, stratified_split
+from dali_pipes.packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes, stratified_split
 from trainer.cli_usage import OneLineUsageCommand
 from trainer.progress import Progress
 
@@ -100,7 +100,7 @@ def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: in
     if method == "forkserver":
         context.set_forkserver_preload(["dali_pipes.packing"])  # imported once, not per worker
     with context.Pool(workers, initializer=ignore_sigint) as pool:
-        yield from pool.imap(encode_job, jobs, chunksize=8)
+        yield from pool.imap(encode_job, jobs, chunksize=32)
 
 
 def pack_folder(src: Path, out: Path, options: PackOptions, workers: int = 0, strict: bool = False,
@@ -154,16 +154,21 @@ def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, s
         for index, result in _encoded_in_order(files, options, workers):
             source = files[index]
             progress.update()
-            if result.data is None:
+            data = None
+            try:
+                data = None if result.rejected else source_bytes(source.path, result)
+            except ValueError as exc:
+                result = replace(result, reason=str(exc))
+            if data is None or result.rejected:
                 report.rejects.append((source.rel_path, result.reason or "rejected"))
                 if strict:
                     raise PackFailure(f"{source.rel_path}: {result.reason} (--strict)")
                 continue
-            sink.write(result.data)
-            report.total_bytes += len(result.data)
+            sink.write(data)
+            report.total_bytes += len(data)
             report.copied += result.copied
             report.reencoded += not result.copied
-            accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width, len(result.data)))
+            accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width, len(data)))
         # No fsync: the spool is a temporary; only the finished pack must reach the disk.
     progress.close()
     return accepted
