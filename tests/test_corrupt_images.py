@@ -17,8 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from dali_pipes import PackReader, build_loader, plan_epoch
-from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackOptions, pack_folder
+from conftest import make_pack
 from trainer.cli import main as trainer_main
 
 BATCH = 2
@@ -28,10 +27,7 @@ SEED = 0
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes x 12 JPEGs, 40-70 px: 18 train, 9 val, 9 test."""
-    root = tmp_path_factory.mktemp("corrupt")
-    make_demo_dataset(root / "src", classes=3, per_class=12, seed=2, min_size=40, max_size=70, png_every=0)
-    pack_folder(root / "src", root / "p.h5", PackOptions(val_ratio=0.25, test_ratio=0.25), workers=1, show_progress=False)
-    return root / "p.h5"
+    return make_pack(tmp_path_factory.mktemp("corrupt"), classes=3, per_class=12, seed=2, val_ratio=0.25, test_ratio=0.25)
 
 
 def damage(pack: Path, out: Path, indices: list[int]) -> Path:

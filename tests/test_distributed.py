@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from dali_pipes import plan_epoch
-from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackOptions, pack_folder
+from conftest import make_pack
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--backend", "torch",
@@ -22,11 +21,8 @@ RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    make_demo_dataset(root / "src", classes=3, per_class=15, seed=2, min_size=40, max_size=70, png_every=0)
     # 9 val and 9 test images: odd, so two ranks get unequal eval shards.
-    pack_folder(root / "src", root / "p.h5", PackOptions(val_ratio=0.2, test_ratio=0.2), workers=1, show_progress=False)
-    return root / "p.h5"
+    return make_pack(tmp_path_factory.mktemp("ddp"), classes=3, per_class=15, seed=2)
 
 
 def _trainer(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

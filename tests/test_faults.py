@@ -20,8 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackOptions, pack_folder
+from conftest import make_pack
 from trainer.cli import main as trainer_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +31,7 @@ RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("faults")
-    make_demo_dataset(root / "src", classes=3, per_class=20, seed=3, min_size=40, max_size=70, png_every=0)
-    pack_folder(root / "src", root / "p.h5", PackOptions(val_ratio=0.2, test_ratio=0.2), workers=1, show_progress=False)
-    return root / "p.h5"
+    return make_pack(tmp_path_factory.mktemp("faults"), classes=3, per_class=20, seed=3)
 
 
 def _hook(tmp_path: Path, code: str) -> dict[str, str]:

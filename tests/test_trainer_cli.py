@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from dali_pipes import PackReader
 from tools.make_demo_dataset import make_demo_dataset
 from tools.pack_dataset import PackOptions, pack_folder
+from conftest import make_pack
 from trainer.cli import main as trainer_main
 
 FAST = ["--weights", "none", "--image-size", "32", "--workers", "0", "--log-every", "2"]
@@ -27,10 +28,7 @@ def _run(*args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def learn_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 classes x 40 images: enough for a tiny model to learn in a few epochs."""
-    root = tmp_path_factory.mktemp("learn")
-    make_demo_dataset(root / "src", classes=4, per_class=40, seed=1, min_size=40, max_size=80, png_every=0)
-    pack_folder(root / "src", root / "p.h5", PackOptions(val_ratio=0.2, test_ratio=0.2), workers=2, show_progress=False)
-    return root / "p.h5"
+    return make_pack(tmp_path_factory.mktemp("learn"), classes=4, per_class=40, seed=1, max_size=80, workers=2)
 
 
 @pytest.fixture(scope="module")
