@@ -127,6 +127,42 @@ def plan_epoch(split_indices: np.ndarray, *, train: bool, seed: int, epoch: int,
     return EpochPlan(mine, batch_size, drop_last)
 
 
+class EpochCursor:
+    """The epoch a loader is on, its plan, and the batch it starts from: one per loader.
+
+    Every backend keeps one, so `set_epoch`, `len()` and `num_samples` mean the same
+    thing everywhere: `len()` is a whole epoch's batches, also when resumed mid-epoch.
+    """
+
+    def __init__(self, split_indices: np.ndarray, *, train: bool, seed: int, batch_size: int, rank: int,
+                 world_size: int, drop_last: bool) -> None:
+        self._split_indices = split_indices
+        self._plan_args = dict(train=train, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
+                               drop_last=drop_last)
+        self.epoch = 0
+        self.start_batch = 0
+        self.plan: EpochPlan = plan_epoch(split_indices, epoch=0, **self._plan_args)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Move to epoch `epoch`, starting at batch `start_batch` (earlier batches are skipped)."""
+        plan = plan_epoch(self._split_indices, epoch=epoch, **self._plan_args)
+        if not 0 <= start_batch <= len(plan):
+            raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
+        self.epoch, self.start_batch, self.plan = epoch, start_batch, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields in a whole epoch."""
+        return self.plan.num_samples
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """The pack-index batches still to come in this epoch."""
+        return self.plan.batches(self.start_batch)
+
+
 def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype) -> torch.Tensor:
     """uint8 N x H x W x C pixels -> N x C x H x W channels_last, normalized, in `dtype`.
 

@@ -56,7 +56,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .base import EpochPlan, ImageDecodeError, SkipLog, SkippedSample, plan_epoch, to_model_input
+from .base import EpochCursor, ImageDecodeError, SkipLog, SkippedSample, to_model_input
 from .loader import LoaderError
 from .pack import PackReader
 from .spec import PipelineSpec, affine_matrix, sample_augmentation
@@ -254,12 +254,8 @@ class DaliLoader:
         self._graph = _Graph(spec, train, device.type == "cuda", decode, geometry)
         self._pipe_args = dict(batch_size=batch_size, num_threads=num_threads, device=device, seed=seed,
                                prefetch_queue_depth=prefetch_queue_depth)
-        self._plan_args = dict(train=train, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
-                               drop_last=drop_last)
-        self._split_indices = split_indices
-        self._epoch = 0
-        self._start_batch = 0
-        self._plan: EpochPlan = plan_epoch(split_indices, epoch=0, **self._plan_args)
+        self._cursor = EpochCursor(split_indices, train=train, seed=seed, batch_size=batch_size, rank=rank,
+                                   world_size=world_size, drop_last=drop_last)
         self._feed = _Feed(reader, self._graph, seed)
         self._skips = SkipLog(reader.path, reader.paths)
         self._pipe: Any = None  # built on first use: no DALI work until iteration
@@ -267,10 +263,7 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start epoch `epoch` at batch `start_batch` (earlier batches of its plan are skipped)."""
-        plan = plan_epoch(self._split_indices, epoch=epoch, **self._plan_args)
-        if not 0 <= start_batch <= len(plan):
-            raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
-        self._epoch, self._start_batch, self._plan = epoch, start_batch, plan
+        self._cursor.set_epoch(epoch, start_batch)
         self._skips.new_epoch()
 
     @property
@@ -280,19 +273,19 @@ class DaliLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (an upper bound once a whole batch was unreadable)."""
-        return len(self._plan)
+        return len(self._cursor)
 
     @property
     def num_samples(self) -> int:
         """Samples per epoch on this rank."""
-        return self._plan.num_samples
+        return self._cursor.num_samples
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._skips.new_epoch()
-        if self._start_batch >= len(self._plan):
+        if self._cursor.start_batch >= len(self._cursor):
             return
         pipe = self._fresh_pipeline()
-        self._feed.start(self._epoch, self._known_good(self._plan.batches(self._start_batch)))
+        self._feed.start(self._cursor.epoch, self._known_good(self._cursor.batches()))
         self._mid_epoch = True
         try:
             while True:
@@ -378,7 +371,7 @@ class DaliLoader:
         bad = np.fromiter(culprits, dtype=np.int64)
         rest = [kept for batch in unfinished if len(kept := batch[~np.isin(batch, bad)])]
         self._pipe = build_pipeline(self._feed, self._graph, **self._pipe_args)
-        self._feed.start(self._epoch, iter(rest))
+        self._feed.start(self._cursor.epoch, iter(rest))
         return self._pipe
 
 

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .base import EpochPlan, plan_epoch, to_model_input
+from .base import EpochCursor, to_model_input
 from .pack import PackReader
 from .spec import PipelineSpec
 
@@ -24,10 +24,8 @@ class SyntheticLoader:
                  device: torch.device, dtype: torch.dtype, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
         self.spec = spec
         self.num_classes = reader.num_classes
-        self._plan_args = dict(train=train, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
-        self._split_indices = split_indices
-        self._plan: EpochPlan = plan_epoch(split_indices, epoch=0, **self._plan_args)
-        self._start_batch = 0
+        self._cursor = EpochCursor(split_indices, train=train, seed=seed, batch_size=batch_size, rank=rank,
+                                   world_size=world_size, drop_last=drop_last)
         generator = torch.Generator().manual_seed(seed + 1000003 * rank)
         size = spec.image_size
         pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=generator)
@@ -36,19 +34,18 @@ class SyntheticLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start epoch `epoch` at batch `start_batch`."""
-        self._plan = plan_epoch(self._split_indices, epoch=epoch, **self._plan_args)
-        self._start_batch = start_batch
+        self._cursor.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
-        return len(self._plan)
+        return len(self._cursor)
 
     @property
     def num_samples(self) -> int:
         """Samples per epoch on this rank."""
-        return self._plan.num_samples
+        return self._cursor.num_samples
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self._plan.batches(self._start_batch):
+        for batch in self._cursor.batches():
             n = len(batch)
             yield self._images[:n], self._labels[:n]
 

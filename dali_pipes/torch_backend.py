@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .base import EpochPlan, ImageDecodeError, SkipLog, SkippedSample, decode_error_message, plan_epoch, to_model_input
+from .base import EpochCursor, ImageDecodeError, SkipLog, SkippedSample, decode_error_message, to_model_input
 from .pack import PackReader
 from .spec import PipelineSpec, affine_matrix, sample_augmentation
 
@@ -307,27 +307,19 @@ class _PlanSampler(Sampler):
     left out: no worker tries them again. A batch left with no sample is not yielded.
     """
 
-    def __init__(self, split_indices: np.ndarray, plan_args: dict[str, Any], skips: SkipLog) -> None:
-        self._split_indices = split_indices
-        self._plan_args = plan_args
+    def __init__(self, cursor: EpochCursor, skips: SkipLog) -> None:
+        self.cursor = cursor
         self._skips = skips
-        self.epoch = 0
-        self.start_batch = 0
-        self.plan: EpochPlan = plan_epoch(split_indices, epoch=0, **plan_args)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.plan = plan_epoch(self._split_indices, epoch=epoch, **self._plan_args)
-        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        epoch = self.epoch
-        for batch in self.plan.batches(self.start_batch):
+        epoch = self.cursor.epoch
+        for batch in self.cursor.batches():
             batch = self._skips.drop_known(batch)
             if len(batch):
                 yield epoch, batch
 
     def __len__(self) -> int:
-        return max(0, len(self.plan) - self.start_batch)
+        return max(0, len(self.cursor) - self.cursor.start_batch)
 
 
 class _PackBatches(Dataset):
@@ -424,16 +416,15 @@ class TorchLoader:
         self._reader = reader
         self._num_workers = num_workers
         self._skips = SkipLog(reader.path, reader.paths)
-        self._sampler = _PlanSampler(split_indices, dict(train=train, seed=seed, batch_size=batch_size, rank=rank,
-                                                         world_size=world_size, drop_last=drop_last), self._skips)
+        self._cursor = EpochCursor(split_indices, train=train, seed=seed, batch_size=batch_size, rank=rank,
+                                   world_size=world_size, drop_last=drop_last)
+        self._sampler = _PlanSampler(self._cursor, self._skips)
         self._dataset = _PackBatches(reader, spec, train=train, seed=seed, bytes_only=gpu_decode)
         self._loader: DataLoader | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start epoch `epoch` at batch `start_batch` (resuming mid-epoch)."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch {start_batch} outside 0..{len(self)}")
-        self._sampler.set_epoch(epoch, start_batch)
+        self._cursor.set_epoch(epoch, start_batch)
         self._skips.new_epoch()
 
     @property
@@ -443,12 +434,12 @@ class TorchLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (an upper bound once a whole batch was unreadable)."""
-        return len(self._sampler.plan)
+        return len(self._cursor)
 
     @property
     def num_samples(self) -> int:
         """Samples per epoch on this rank."""
-        return self._sampler.plan.num_samples
+        return self._cursor.num_samples
 
     def _data_loader(self) -> DataLoader:
         # Made on first use and kept, so persistent workers survive from epoch to epoch.
