@@ -14,16 +14,20 @@ _EXPORTS = {
     "BatchLoader": "base", "EpochPlan": "base", "plan_epoch": "base", "to_model_input": "base",
     "BACKENDS": "loader", "LoaderError": "loader", "available_backends": "loader", "build_loader": "loader",
     "resolve_backend": "loader", "PackError": "pack", "PackReader": "pack", "PipelineSpec": "spec",
+    "Progress": "progress", "OneLineUsageCommand": "cli_usage", "TrainerGroup": "cli_usage",
 }
 __all__ = [
-    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "PackError", "PackReader", "PipelineSpec",
+    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "OneLineUsageCommand", "PackError", "PackReader", "PipelineSpec",
+    "Progress", "TrainerGroup",
     "available_backends", "build_loader", "plan_epoch", "resolve_backend", "to_model_input",
 ]
 
 if TYPE_CHECKING:
     from .base import BatchLoader, EpochPlan, plan_epoch, to_model_input
+    from .cli_usage import OneLineUsageCommand, TrainerGroup
     from .loader import BACKENDS, LoaderError, available_backends, build_loader, resolve_backend
     from .pack import PackError, PackReader
+    from .progress import Progress
     from .spec import PipelineSpec
 
 

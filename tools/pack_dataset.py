@@ -25,8 +25,8 @@ import numpy as np
 
 from dali_pipes.pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
 from dali_pipes.packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes, stratified_split
-from trainer.cli_usage import OneLineUsageCommand
-from trainer.progress import Progress
+from dali_pipes.cli_usage import OneLineUsageCommand
+from dali_pipes.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trainer.errors import TrainerError
-from trainer.progress import Progress
+from dali_pipes import Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

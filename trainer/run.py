@@ -27,7 +27,7 @@ from trainer.metrics import read_metrics, write_json, write_metrics
 from trainer.models import build_model, freeze_blocks, set_train_mode
 from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
-from trainer.progress import Progress
+from dali_pipes import Progress
 from trainer.signals import StopSignals
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
