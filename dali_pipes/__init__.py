@@ -15,20 +15,24 @@ _EXPORTS = {
     "BACKENDS": "loader", "LoaderError": "loader", "available_backends": "loader", "build_loader": "loader",
     "resolve_backend": "loader", "PackError": "pack", "PackReader": "pack", "PipelineSpec": "spec",
     "Progress": "progress", "OneLineUsageCommand": "cli_usage", "TrainerGroup": "cli_usage",
+    "atomic_path": "atomic", "atomic_write_bytes": "atomic",
+    "PackFailure": "writer", "PackOptions": "writer", "PackReport": "writer", "pack_folder": "writer",
 }
 __all__ = [
-    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "OneLineUsageCommand", "PackError", "PackReader", "PipelineSpec",
-    "Progress", "TrainerGroup",
-    "available_backends", "build_loader", "plan_epoch", "resolve_backend", "to_model_input",
+    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "OneLineUsageCommand", "PackError", "PackFailure", "PackOptions", "PackReader",
+    "PackReport", "PipelineSpec",    "Progress", "TrainerGroup",
+    "atomic_path", "atomic_write_bytes", "available_backends", "build_loader", "pack_folder", "plan_epoch", "resolve_backend", "to_model_input",
 ]
 
 if TYPE_CHECKING:
+    from .atomic import atomic_path, atomic_write_bytes
     from .base import BatchLoader, EpochPlan, plan_epoch, to_model_input
     from .cli_usage import OneLineUsageCommand, TrainerGroup
     from .loader import BACKENDS, LoaderError, available_backends, build_loader, resolve_backend
     from .pack import PackError, PackReader
     from .progress import Progress
     from .spec import PipelineSpec
+    from .writer import PackFailure, PackOptions, PackReport, pack_folder
 
 
 def __getattr__(name: str) -> Any:

@@ -16,24 +16,22 @@ class OneLineErrors(click.ClickException):
     exit_code = 2
 
 
-class OneLineUsageCommand(click.Command):
+class OneLineUsageMixin:
+    """Turns the usage errors of parsing a command's options and arguments into one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)  # type: ignore[misc]
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+class OneLineUsageCommand(OneLineUsageMixin, click.Command):
     """A click command whose bad options and arguments get one line, exit status 2."""
 
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
 
-
-class TrainerGroup(click.Group):
+class TrainerGroup(OneLineUsageMixin, click.Group):
     """The `trainer` group: like `OneLineUsageCommand`, for the group and its subcommands."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -72,7 +72,7 @@ def write_pack(
 
     `images` are in spool order, which is the pack order. The bytes are copied in
     bounded chunks, so memory does not grow with the dataset. The caller owns atomicity
-    (it passes a temporary path and renames it).
+    (it writes through `atomic.atomic_path`, which fsyncs and renames).
     """
     sizes = np.fromiter((im.nbytes for im in images), dtype=np.int64, count=len(images))
     offsets = np.zeros(len(images) + 1, dtype=np.int64)
@@ -107,8 +107,6 @@ def write_pack(
         rej = f.create_group("rejects")
         rej.create_dataset("paths", data=[p for p, _ in rejects], dtype=text, shape=(len(rejects),))
         rej.create_dataset("reasons", data=[r for _, r in rejects], dtype=text, shape=(len(rejects),))
-        f.flush()
-        os.fsync(f.id.get_vfd_handle())
 
 
 class PackReader:

@@ -1,7 +1,8 @@
 """Turning an image-folder tree into pack records: scanning, per-file encoding, splitting.
 
-Used by `tools/pack_dataset.py`; kept in the package so tests and the benchmark import
-it without running the tool. Knows PIL and numpy, never torch or DALI.
+The per-file steps of `writer.pack_folder` (the library behind tools/pack_dataset.py),
+and `load_rgb`, which reads a file as the packer stores it. Knows PIL and numpy, never
+torch or DALI.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackOptions, pack_folder
+from dali_pipes.writer import PackOptions, pack_folder
 
 
 def _dali_imports() -> bool:

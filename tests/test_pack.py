@@ -20,7 +20,8 @@ from PIL import Image
 from dali_pipes.pack import FORMAT_VERSION, PackError, PackReader
 from dali_pipes.packing import stratified_split
 from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackFailure, PackOptions, main as pack_main, pack_folder
+from dali_pipes.writer import PackFailure, PackOptions, pack_folder
+from tools.pack_dataset import main as pack_main
 from trainer.cli import main as trainer_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,7 +288,7 @@ def test_info_on_a_non_pack_is_one_line(tmp_path: Path) -> None:
 def test_failure_while_writing_leaves_nothing(demo_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "p.h5"
     out.write_bytes(b"previous pack")
-    import tools.pack_dataset as tool
+    import dali_pipes.writer as tool
 
     def broken_write(*args, **kwargs):
         Path(args[0]).write_bytes(b"half")
@@ -324,7 +325,7 @@ def test_kill_9_while_packing_leaves_old_state_or_a_valid_pack(tmp_path: Path) -
 
 def test_a_file_changed_after_verification_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_demo_dataset(tmp_path / "src", classes=2, per_class=3, min_size=20, max_size=30, png_every=0)
-    import tools.pack_dataset as tool
+    import dali_pipes.writer as tool
 
     original = tool.encode_job
 

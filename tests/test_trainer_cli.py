@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from dali_pipes import PackReader
 from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackOptions, pack_folder
+from dali_pipes.writer import PackOptions, pack_folder
 from conftest import make_pack
 from trainer.cli import main as trainer_main
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from dali_pipes.packing import encode_file
 from tools.make_demo_dataset import make_demo_dataset
-from tools.pack_dataset import PackOptions, pack_folder
+from dali_pipes.writer import PackOptions, pack_folder
 
 
 def _files(root: Path) -> list[Path]:

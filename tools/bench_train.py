@@ -95,7 +95,7 @@ class _Limited:
 def make_pack(folder: Path, images: int) -> Path:
     """A pack of `images` 250-450 px JPEGs in 10 classes."""
     from tools.make_demo_dataset import make_demo_dataset
-    from tools.pack_dataset import PackOptions, pack_folder
+    from dali_pipes.writer import PackOptions, pack_folder
 
     make_demo_dataset(folder / "src", classes=10, per_class=max(1, images // 10), min_size=250, max_size=450, png_every=0)
     pack_folder(folder / "src", folder / "bench.h5", PackOptions(val_ratio=0.05, test_ratio=0.05), show_progress=False)

@@ -5,13 +5,13 @@ import errno
 import io
 import os
 import zipfile
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dali_pipes import atomic_write_bytes  # re-exported: metrics and plots write through it too
 from trainer.errors import TrainerError
 
 CHECKPOINT_FORMAT = "dali-trainer-checkpoint"
@@ -42,27 +42,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over it.
-
-    A reader never sees a half-written file; if anything fails (a full disk, a kill)
-    the previous file stays as it was and the temporary is removed.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # Not mkstemp: its 0600 would survive the rename; 0666 here is narrowed by the umask as usual.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

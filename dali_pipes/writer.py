@@ -1,0 +1,191 @@
+"""How a pack is written: `pack_folder` turns an image-folder tree into one pack file.
+
+Steps: scan the tree (`packing.scan_tree`), shuffle the file order with the seed,
+verify and encode every file in worker processes (`packing.encode_job`), stream the
+accepted bytes to a spool (a contiguous HDF5 dataset cannot grow, so the total size
+must be known before the bytes are written), split, then write the pack from the spool
+through `atomic.atomic_path`: the pack appears complete or not at all. Temporaries of
+a run that was killed are removed by the next run for the same output.
+
+`tools/pack_dataset.py` is a command-line shell over this module. Knows numpy, h5py
+(through `pack`) and PIL (through `packing`), never torch, DALI or `trainer`.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .atomic import atomic_path, stale_temporary
+from .pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
+from .packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes, stratified_split
+from .progress import Progress
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Everything that decides a pack's contents; stored in the pack's attributes."""
+
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    seed: int = 0
+    max_side: int | None = None
+    quality: int = 95
+
+
+@dataclass
+class PackReport:
+    """What packing did, for the summary line and for tests."""
+
+    num_images: int = 0
+    num_classes: int = 0
+    split_counts: dict[str, int] = field(default_factory=dict)
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+    copied: int = 0
+    reencoded: int = 0
+    total_bytes: int = 0
+    seconds: float = 0.0
+
+
+class PackFailure(Exception):
+    """A reason to stop packing, shown to the user as one line."""
+
+
+def spool_path(out: Path) -> Path:
+    """Where this process streams the accepted images' bytes before writing `out`."""
+    return out.with_name(f".{out.name}.{os.getpid()}.spool")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete temporaries of earlier packing runs of `out` whose process is gone (kill -9)."""
+    removed = []
+    for path in out.parent.glob(f".{out.name}.*"):
+        if stale_temporary(path, out):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _check_paths(src: Path, out: Path, force: bool) -> None:
+    if not src.exists():
+        raise PackFailure(f"{src}: no such directory")
+    if not src.is_dir():
+        raise PackFailure(f"{src}: not a directory")
+    if out.exists() and not force:
+        raise PackFailure(f"{out} exists; pass --force to replace it")
+    if out.exists() and out.is_dir():
+        raise PackFailure(f"{out} is a directory; give a file name such as {out / 'pack.h5'}")
+    if not out.parent.is_dir():
+        raise PackFailure(f"{out.parent}: output folder does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise PackFailure(f"{out.parent}: output folder is not writable")
+
+
+def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: int) -> Iterator[tuple[int, Encoded]]:
+    jobs = [(i, str(f.path), options.max_side, options.quality) for i, f in enumerate(files)]
+    if workers <= 1:
+        yield from map(encode_job, jobs)
+        return
+    # Not fork: forking a process that runs other threads (DALI's, a pool's feeder) can
+    # leave a child waiting forever on a lock copied in the held state. forkserver
+    # children start from a clean single-threaded server. imap keeps order and bounds memory.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["dali_pipes.packing"])  # imported once, not per worker
+    with context.Pool(workers, initializer=ignore_sigint) as pool:
+        yield from pool.imap(encode_job, jobs, chunksize=32)
+
+
+def pack_folder(src: Path, out: Path, options: PackOptions, workers: int = 0, strict: bool = False,
+                force: bool = False, show_progress: bool = True) -> PackReport:
+    """Pack `src` into `out` atomically; raises `PackFailure` with a one-line reason."""
+    _check_paths(src, out, force)
+    scan = scan_tree(src)
+    if not scan.files:
+        raise PackFailure(f"{src}: no images found (expected SRC_DIR/<class>/<image> or SRC_DIR/train/<class>/<image>)")
+    remove_stale_temporaries(out)
+    start = time.perf_counter()
+    order = np.random.default_rng(options.seed).permutation(len(scan.files))
+    files = [scan.files[i] for i in order]
+    spool = spool_path(out)
+    report = PackReport(empty_classes=scan.empty_classes)
+    try:
+        accepted = _spool_images(files, options, workers or os.cpu_count() or 1, spool, report, strict, show_progress)
+        if not accepted:
+            raise PackFailure(f"{src}: none of {len(files)} files could be packed (first: {report.rejects[0][0]}: {report.rejects[0][1]})")
+        labels, splits, classes = _labels_and_splits(accepted, scan.presplit, options)
+        pack_options = {**options.__dict__, "source": str(src.resolve()), "presplit": scan.presplit, "format_version": FORMAT_VERSION}
+        with atomic_path(out) as tmp:
+            write_pack(tmp, spool, accepted, labels, splits, classes, report.rejects, pack_options)
+    finally:
+        spool.unlink(missing_ok=True)
+    report.num_images = len(accepted)
+    report.num_classes = len(classes)
+    report.split_counts = {name: int((splits == split_code(name)).sum()) for name in SPLITS}
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, spool: Path,
+                  report: PackReport, strict: bool, show_progress: bool) -> list[PackedImage]:
+    accepted: list[PackedImage] = []
+    progress = Progress(len(files), "packing", enabled=show_progress)
+    with open(spool, "wb") as sink:
+        for index, result in _encoded_in_order(files, options, workers):
+            source = files[index]
+            progress.update()
+            data = None
+            try:
+                data = None if result.rejected else source_bytes(source.path, result)
+            except ValueError as exc:
+                result = replace(result, reason=str(exc))
+            if data is None or result.rejected:
+                report.rejects.append((source.rel_path, result.reason or "rejected"))
+                if strict:
+                    raise PackFailure(f"{source.rel_path}: {result.reason} (--strict)")
+                continue
+            sink.write(data)
+            report.total_bytes += len(data)
+            report.copied += result.copied
+            report.reencoded += not result.copied
+            accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width, len(data)))
+        # No fsync: the spool is a temporary; only the finished pack must reach the disk.
+    progress.close()
+    return accepted
+
+
+def _labels_and_splits(accepted: list[PackedImage], presplit: bool, options: PackOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    classes = sorted({im.class_name for im in accepted})
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[im.class_name] for im in accepted], dtype=np.int64)
+    if presplit:
+        splits = np.array([split_code(im.split or "train") for im in accepted], dtype=np.uint8)
+    else:
+        splits = stratified_split(labels, options.val_ratio, options.test_ratio, options.seed)
+    return labels, splits, classes
+
+
+def format_report(report: PackReport, out: Path) -> list[str]:
+    """Human summary lines for a finished pack."""
+    splits = ", ".join(f"{name} {report.split_counts.get(name, 0)}" for name in SPLITS)
+    rate = report.num_images / max(report.seconds, 1e-9)
+    lines = [
+        f"packed {report.num_images} images of {report.num_classes} classes into {out} "
+        f"({report.total_bytes / 1e6:.1f} MB; {splits}) in {report.seconds:.1f}s, {rate:,.0f} images/s",
+        f"  {report.copied} stored byte for byte, {report.reencoded} re-encoded",
+    ]
+    if report.rejects:
+        lines.append(f"  {len(report.rejects)} files rejected:")
+        lines += [f"    {path}: {reason}" for path, reason in report.rejects[:20]]
+        if len(report.rejects) > 20:
+            lines.append(f"    ... and {len(report.rejects) - 20} more (trainer info {out})")
+    if report.empty_classes:
+        lines.append(f"  empty class folders (no class made): {', '.join(report.empty_classes)}")
+    return lines
