@@ -1,9 +1,17 @@
-"""Data pipelines for dali-trainer: the pack format, one preprocessing spec, and backends
-(DALI, torch, synthetic) behind one batch contract, `build_loader`.
+"""Data pipelines for dali-trainer: the pack format and its writer, one preprocessing spec,
+and backends (DALI, torch, synthetic) behind one batch contract, `build_loader`.
 
 Only `dali_pipes.dali_backend` imports `nvidia.dali`, and only when that backend is asked
 for, so everything here imports on machines without DALI. Names are resolved lazily, so
 `import dali_pipes.packing` (the packer's worker processes) does not pay for torch.
+`trainer` imports only the names listed here; nothing here imports `trainer`.
+
+Where each concept lives: what a loader is (request, epoch plan, skipped samples, the
+base class) in `base`; the backends in `dali_backend`, `torch_backend` and
+`synthetic_backend`, picked by `loader.build_loader`; the pack format in `pack`; how a
+pack is written in `writer` (per-file steps in `packing`); model inputs from loose
+files in `inputs`; atomic file writes in `atomic`; the progress line in `progress`;
+one-line usage errors in `cli_usage`.
 """
 from __future__ import annotations
 
@@ -11,25 +19,35 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "BatchLoader": "base", "EpochPlan": "base", "plan_epoch": "base", "to_model_input": "base",
-    "BACKENDS": "loader", "LoaderError": "loader", "available_backends": "loader", "build_loader": "loader",
-    "resolve_backend": "loader", "PackError": "pack", "PackReader": "pack", "PipelineSpec": "spec",
-    "Progress": "progress", "OneLineUsageCommand": "cli_usage", "TrainerGroup": "cli_usage",
-    "atomic_path": "atomic", "atomic_write_bytes": "atomic",
-    "PackFailure": "writer", "PackOptions": "writer", "PackReport": "writer", "pack_folder": "writer",
+    **dict.fromkeys(["atomic_path", "atomic_write_bytes"], "atomic"),
+    **dict.fromkeys(["BatchLoader", "EpochPlan", "ImageDecodeError", "LoaderError", "LoaderRequest", "SkippedSample",
+                     "plan_epoch", "samples_per_rank", "to_model_input"], "base"),
+    **dict.fromkeys(["OneLineUsageCommand", "TrainerGroup"], "cli_usage"),
+    **dict.fromkeys(["preprocess"], "inputs"),
+    **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "resolve_backend"], "loader"),
+    **dict.fromkeys(["PackError", "PackReader"], "pack"),
+    **dict.fromkeys(["IMAGE_EXTENSIONS", "load_rgb"], "packing"),
+    **dict.fromkeys(["Progress"], "progress"),
+    **dict.fromkeys(["PipelineSpec"], "spec"),
+    **dict.fromkeys(["PackFailure", "PackOptions", "PackReport", "pack_folder"], "writer"),
 }
 __all__ = [
-    "BACKENDS", "BatchLoader", "EpochPlan", "LoaderError", "OneLineUsageCommand", "PackError", "PackFailure", "PackOptions", "PackReader",
-    "PackReport", "PipelineSpec",    "Progress", "TrainerGroup",
-    "atomic_path", "atomic_write_bytes", "available_backends", "build_loader", "pack_folder", "plan_epoch", "resolve_backend", "to_model_input",
+    "BACKENDS", "BatchLoader", "EpochPlan", "IMAGE_EXTENSIONS", "ImageDecodeError", "LoaderError", "LoaderRequest",
+    "OneLineUsageCommand", "PackError", "PackFailure", "PackOptions", "PackReader", "PackReport", "PipelineSpec",
+    "Progress", "SkippedSample", "TrainerGroup", "atomic_path", "atomic_write_bytes", "available_backends",
+    "build_loader", "load_rgb", "pack_folder", "plan_epoch", "preprocess", "resolve_backend", "samples_per_rank",
+    "to_model_input",
 ]
 
 if TYPE_CHECKING:
     from .atomic import atomic_path, atomic_write_bytes
-    from .base import BatchLoader, EpochPlan, plan_epoch, to_model_input
+    from .base import (BatchLoader, EpochPlan, ImageDecodeError, LoaderError, LoaderRequest, SkippedSample, plan_epoch,
+                       samples_per_rank, to_model_input)
     from .cli_usage import OneLineUsageCommand, TrainerGroup
-    from .loader import BACKENDS, LoaderError, available_backends, build_loader, resolve_backend
+    from .inputs import preprocess
+    from .loader import BACKENDS, available_backends, build_loader, resolve_backend
     from .pack import PackError, PackReader
+    from .packing import IMAGE_EXTENSIONS, load_rgb
     from .progress import Progress
     from .spec import PipelineSpec
     from .writer import PackFailure, PackOptions, PackReport, pack_folder

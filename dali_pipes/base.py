@@ -1,32 +1,102 @@
-"""What every backend shares: the epoch's sample order and shards, and the batch contract.
+"""What a loader is: the request, the epoch cursor, shards, the skipped-sample record, one base.
 
-A backend only turns encoded bytes into uint8 NHWC pixel batches; the order of samples,
-their sharding across ranks, their augmentation parameters (`spec.sample_augmentation`)
-and the final normalization on the device all live here, written once. So does the
-bookkeeping of unreadable samples (`SkipLog`): a backend only says which sample failed.
+A backend only turns encoded bytes into uint8 NHWC pixel batches; everything else every
+backend shares is written once here:
+
+* `LoaderRequest`: the frozen, checked request `build_loader` hands to a backend's
+  `make_loader(reader, request)`.
+* `samples_per_rank`, `plan_epoch`, `EpochPlan`, `EpochCursor`: the order of samples,
+  their sharding across ranks and their cutting into batches.
+* `ImageDecodeError` and `SkippedSample`: one unreadable-sample concept, as an error
+  (raised where one image is decoded) and as a record (what a loader left out), and
+  `SkipLog`, the bookkeeping of those records.
+* `BatchLoader`: the base every backend's loader extends; it owns the cursor and the
+  skip log, so `set_epoch`, `len()`, `num_samples` and `skipped` mean the same thing
+  everywhere, and a backend writes only `_batches()`.
+* `to_model_input`: the final normalization on the device.
+
+Augmentation parameters come from `spec.sample_augmentation`.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import numpy as np
 import torch
 
 from .spec import PipelineSpec
 
+if TYPE_CHECKING:
+    from .pack import PackReader
+
 log = logging.getLogger("dali_pipes")
 
-
-class ImageDecodeError(RuntimeError):
-    """An image in the pack cannot be decoded; the message names its pack index and source path."""
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 
-def decode_error_message(pack: object, index: int, path: str, reason: str) -> str:
-    """The one-line report of an undecodable pack image: pack, index, source path, reason."""
-    return f"{pack}: image {index} ({path}) cannot be decoded: {reason}"
+class LoaderError(Exception):
+    """A loader cannot be built as asked; the message is one line for the user."""
+
+
+def samples_per_rank(total: int, *, train: bool, world_size: int) -> int:
+    """Samples one rank sees per epoch out of `total` (the most any rank sees, for eval).
+
+    Train: equal disjoint shards, the remainder left out (as DistributedSampler does).
+    Eval: every sample exactly once, sample i on rank i % world_size, so rank 0 has
+    the ceiling.
+    """
+    return total // world_size if train else -(-total // world_size)
+
+
+@dataclass(frozen=True)
+class LoaderRequest:
+    """What a backend is asked to load: one split of one pack, for one rank. Checked when made.
+
+    `drop_last=None` means "drop the last partial batch when training".
+    """
+
+    split_indices: np.ndarray
+    spec: PipelineSpec
+    train: bool
+    batch_size: int
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    num_workers: int = 0
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool | None = None
+    split: str = "requested"  # the split's name, for messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split_indices", np.asarray(self.split_indices, dtype=np.int64))
+        object.__setattr__(self, "device", torch.device(self.device))
+        object.__setattr__(self, "drop_last", self.train if self.drop_last is None else bool(self.drop_last))
+        self._check()
+
+    def _check(self) -> None:
+        if self.dtype not in MODEL_DTYPES:
+            raise LoaderError(f"dtype must be float32, float16, bfloat16 or uint8, got {self.dtype}")
+        if self.batch_size < 1:
+            raise LoaderError(f"batch size must be positive, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise LoaderError(f"rank {self.rank} outside world of size {self.world_size}")
+        if self.num_workers < 0:
+            raise LoaderError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if len(self.split_indices) == 0:
+            raise LoaderError(f"split {self.split!r} is empty")
+        if self.drop_last and self.batch_size > self.per_rank:
+            raise LoaderError(f"batch size {self.batch_size} is larger than the {self.per_rank} {self.split} images "
+                              "per rank; lower --batch-size")
+
+    @property
+    def per_rank(self) -> int:
+        """Samples this rank sees per epoch (see `samples_per_rank`)."""
+        return samples_per_rank(len(self.split_indices), train=self.train, world_size=self.world_size)
 
 
 @dataclass(frozen=True)
@@ -38,6 +108,22 @@ class SkippedSample:
     reason: str
 
 
+class ImageDecodeError(RuntimeError):
+    """An image in the pack cannot be decoded; the message names the pack, its index and source path."""
+
+    def __init__(self, pack: object, index: int, path: str, reason: str) -> None:
+        super().__init__(f"{pack}: image {index} ({path}) cannot be decoded: {reason}")
+        self.pack, self.index, self.path, self.reason = pack, int(index), path, reason
+
+    def __reduce__(self) -> tuple[type, tuple[object, int, str, str]]:
+        return type(self), (self.pack, self.index, self.path, self.reason)  # picklable across worker processes
+
+    @property
+    def sample(self) -> SkippedSample:
+        """The record a loader keeps when it leaves this image out."""
+        return SkippedSample(self.index, self.path, self.reason)
+
+
 class SkipLog:
     """The unreadable samples a loader has found: every one so far (`bad`) and this epoch's (`skipped`).
 
@@ -46,23 +132,22 @@ class SkipLog:
     names it is logged once per loader, not once per epoch.
     """
 
-    def __init__(self, pack: object, paths: Sequence[str]) -> None:
+    def __init__(self, pack: object) -> None:
         self._pack = pack
-        self._paths = paths
-        self.bad: dict[int, str] = {}  # pack index -> reason
+        self.bad: dict[int, SkippedSample] = {}
         self.skipped: list[SkippedSample] = []
 
     def new_epoch(self) -> None:
         """Start counting a new epoch (a fresh list: one held from the last epoch stays as it was)."""
         self.skipped = []
 
-    def add(self, index: int, reason: str) -> None:
-        """Record sample `index` as unreadable for `reason`: remembered, counted in this epoch, logged once."""
-        index = int(index)
-        if index not in self.bad:
-            self.bad[index] = reason
-            log.warning("%s; sample skipped", decode_error_message(self._pack, index, self._paths[index], reason))
-        self.skipped.append(SkippedSample(index, self._paths[index], self.bad[index]))
+    def add(self, sample: SkippedSample) -> None:
+        """Record `sample` as unreadable: remembered, counted in this epoch, logged once."""
+        if sample.index not in self.bad:
+            self.bad[sample.index] = sample
+            error = ImageDecodeError(self._pack, sample.index, sample.path, sample.reason)
+            log.warning("%s; sample skipped", error)
+        self.skipped.append(self.bad[sample.index])
 
     def drop_known(self, indices: np.ndarray) -> np.ndarray:
         """`indices` without the samples already known bad, which are counted in this epoch."""
@@ -70,8 +155,15 @@ class SkipLog:
             return indices
         known = np.isin(indices, np.fromiter(self.bad, dtype=np.int64, count=len(self.bad)))
         for index in indices[known]:
-            self.add(int(index), self.bad[int(index)])
+            self.skipped.append(self.bad[int(index)])
         return indices[~known]
+
+    def known_good(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """`batches` without the samples already known bad; a batch left empty is dropped."""
+        for batch in batches:
+            batch = self.drop_known(batch)
+            if len(batch):
+                yield batch
 
 
 @dataclass(frozen=True)
@@ -120,7 +212,7 @@ def plan_epoch(split_indices: np.ndarray, *, train: bool, seed: int, epoch: int,
     split_indices = np.asarray(split_indices, dtype=np.int64)
     if train:
         order = split_indices[np.random.default_rng((seed, epoch)).permutation(len(split_indices))]
-        per_rank = len(order) // world_size
+        per_rank = samples_per_rank(len(order), train=True, world_size=world_size)
         mine = order[rank * per_rank : (rank + 1) * per_rank]
     else:
         mine = split_indices[rank::world_size]
@@ -128,35 +220,28 @@ def plan_epoch(split_indices: np.ndarray, *, train: bool, seed: int, epoch: int,
 
 
 class EpochCursor:
-    """The epoch a loader is on, its plan, and the batch it starts from: one per loader.
+    """The epoch a loader is on, its plan, and the batch it starts from.
 
-    Every backend keeps one, so `set_epoch`, `len()` and `num_samples` mean the same
-    thing everywhere: `len()` is a whole epoch's batches, also when resumed mid-epoch.
+    `len()` is a whole epoch's batches, also when resumed mid-epoch.
     """
 
-    def __init__(self, split_indices: np.ndarray, *, train: bool, seed: int, batch_size: int, rank: int,
-                 world_size: int, drop_last: bool) -> None:
-        self._split_indices = split_indices
-        self._plan_args = dict(train=train, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
-                               drop_last=drop_last)
+    def __init__(self, request: LoaderRequest) -> None:
+        self._request = request
         self.epoch = 0
         self.start_batch = 0
-        self.plan: EpochPlan = plan_epoch(split_indices, epoch=0, **self._plan_args)
+        self.plan: EpochPlan = self._plan(0)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        r = self._request
+        return plan_epoch(r.split_indices, train=r.train, seed=r.seed, epoch=epoch, batch_size=r.batch_size, rank=r.rank,
+                          world_size=r.world_size, drop_last=r.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Move to epoch `epoch`, starting at batch `start_batch` (earlier batches are skipped)."""
-        plan = plan_epoch(self._split_indices, epoch=epoch, **self._plan_args)
+        plan = self._plan(epoch)
         if not 0 <= start_batch <= len(plan):
             raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
         self.epoch, self.start_batch, self.plan = epoch, start_batch, plan
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank yields in a whole epoch."""
-        return self.plan.num_samples
 
     def batches(self) -> Iterator[np.ndarray]:
         """The pack-index batches still to come in this epoch."""
@@ -178,8 +263,12 @@ def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype)
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-class BatchLoader(Protocol):
-    """The batch contract every backend honours (see `dali_pipes.build_loader`).
+class BatchLoader(abc.ABC):
+    """The batch contract every backend honours (see `dali_pipes.build_loader`), and what they share.
+
+    A backend subclass sets `backend` and writes `_batches()`, the epoch's
+    `(images, labels)` from `self._remaining()`; the base owns the epoch cursor and the
+    skip log.
 
     Unreadable samples (bytes damaged after packing) do not stop an epoch. The sample is
     left out of its batch, which is simply shorter; when every sample of a batch is bad,
@@ -192,16 +281,48 @@ class BatchLoader(Protocol):
     in each epoch's `skipped`.
     """
 
-    backend: str
-    spec: PipelineSpec
-    num_classes: int
-    skipped: list[SkippedSample]
+    backend: ClassVar[str]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __init__(self, reader: PackReader, request: LoaderRequest) -> None:
+        self.request = request
+        self.spec: PipelineSpec = request.spec
+        self.num_classes: int = reader.num_classes
+        self._cursor = EpochCursor(request)
+        self._skips = SkipLog(reader.path)
 
-    def __len__(self) -> int: ...
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start epoch `epoch` at batch `start_batch` (resuming mid-epoch; earlier batches are skipped)."""
+        self._cursor.set_epoch(epoch, start_batch)
+        self._skips.new_epoch()
 
     @property
-    def num_samples(self) -> int: ...
+    def epoch(self) -> int:
+        """The epoch `set_epoch` chose."""
+        return self._cursor.epoch
+
+    @property
+    def skipped(self) -> list[SkippedSample]:
+        """Samples left out so far in the current epoch."""
+        return self._skips.skipped
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (an upper bound once a whole batch was unreadable)."""
+        return len(self._cursor.plan)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields in a whole epoch."""
+        return self._cursor.plan.num_samples
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._skips.new_epoch()
+        yield from self._batches()
+
+    def _remaining(self) -> Iterator[np.ndarray]:
+        """Pack-index batches still to come this epoch, without the samples known bad (counted as skipped)."""
+        return self._skips.known_good(self._cursor.batches())
+
+    @abc.abstractmethod
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the epoch's `(images, labels)` batches."""
+

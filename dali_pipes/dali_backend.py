@@ -39,10 +39,10 @@ holds (at most the prefetch depth), so the next `__iter__` starts at its own pla
 
 An undecodable image: DALI fails the whole `run()` and declares the pipeline invalid,
 without saying which sample. The loader checks the samples of the batches in flight
-on the host (PIL), records the culprits in its `base.SkipLog`, rebuilds the pipeline
-and feeds it the in-flight batches without them, then the rest of the epoch: the
-other samples come out in the same order with the same geometry (it depends on the
-sample, not on the batch). Samples known bad are left out of later epochs before
+on the host (PIL), records the culprits as skipped, rebuilds the pipeline and feeds
+it the in-flight batches without them, then the rest of the epoch: the other samples
+come out in the same order with the same geometry (it depends on the sample, not on
+the batch). All of this lives in one generator, `DaliLoader._outputs`. Samples known bad are left out of later epochs before
 they reach DALI. When no culprit is found, the error is raised as before.
 """
 from __future__ import annotations
@@ -56,8 +56,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .base import EpochCursor, ImageDecodeError, SkipLog, SkippedSample, to_model_input
-from .loader import LoaderError
+from .base import BatchLoader, ImageDecodeError, LoaderError, LoaderRequest, SkippedSample, to_model_input
 from .pack import PackReader
 from .spec import PipelineSpec, affine_matrix, sample_augmentation
 
@@ -226,90 +225,80 @@ def build_pipeline(feed: _Feed, graph: _Graph, *, batch_size: int, num_threads: 
     return pipe
 
 
-class DaliLoader:
+class DaliLoader(BatchLoader):
     """The `BatchLoader` of the dali backend (see the module docstring)."""
 
     backend = "dali"
 
-    def __init__(self, reader: PackReader, split_indices: np.ndarray, spec: PipelineSpec, *, train: bool, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, num_threads: int, seed: int, rank: int, world_size: int,
-                 drop_last: bool, decode: str = "mixed", geometry: str = "fused",
+    def __init__(self, reader: PackReader, request: LoaderRequest, *, decode: str = "mixed", geometry: str = "fused",
                  prefetch_queue_depth: int = PREFETCH_QUEUE_DEPTH) -> None:
         if geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
         if decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-        if train and spec.interpolation == "cubic":
+        spec = request.spec
+        if request.train and spec.interpolation == "cubic":
             # DALI's warp kernels (warp_affine, rotate) do nearest and linear only.
             raise LoaderError("the dali backend trains with linear or nearest interpolation, not cubic; "
                               "use --backend torch or change the spec's interpolation")
+        super().__init__(reader, request)
         # One warp cannot antialias; a spec asking for it gets the resize-based path.
         if spec.train_antialias:
             geometry = "separate"
-        self.spec = spec
-        self.num_classes = reader.num_classes
         self._reader = reader
-        self._device = device
-        self._dtype = dtype
-        self._graph = _Graph(spec, train, device.type == "cuda", decode, geometry)
-        self._pipe_args = dict(batch_size=batch_size, num_threads=num_threads, device=device, seed=seed,
-                               prefetch_queue_depth=prefetch_queue_depth)
-        self._cursor = EpochCursor(split_indices, train=train, seed=seed, batch_size=batch_size, rank=rank,
-                                   world_size=world_size, drop_last=drop_last)
-        self._feed = _Feed(reader, self._graph, seed)
-        self._skips = SkipLog(reader.path, reader.paths)
+        self._device = request.device
+        self._dtype = request.dtype
+        self._graph = _Graph(spec, request.train, request.device.type == "cuda", decode, geometry)
+        # `num_workers` becomes DALI's thread count.
+        self._pipe_args = dict(batch_size=request.batch_size, num_threads=max(1, request.num_workers),
+                               device=request.device, seed=request.seed, prefetch_queue_depth=prefetch_queue_depth)
+        self._feed = _Feed(reader, self._graph, request.seed)
         self._pipe: Any = None  # built on first use: no DALI work until iteration
         self._mid_epoch = False  # DALI may still hold batches of an unfinished epoch
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Start epoch `epoch` at batch `start_batch` (earlier batches of its plan are skipped)."""
-        self._cursor.set_epoch(epoch, start_batch)
-        self._skips.new_epoch()
-
-    @property
-    def skipped(self) -> list[SkippedSample]:
-        """Samples left out so far in the current epoch (see `base.BatchLoader`)."""
-        return self._skips.skipped
-
-    def __len__(self) -> int:
-        """Batches per epoch (an upper bound once a whole batch was unreadable)."""
-        return len(self._cursor)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch on this rank."""
-        return self._cursor.num_samples
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._skips.new_epoch()
-        if self._cursor.start_batch >= len(self._cursor):
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._cursor.start_batch >= len(self):
             return
-        pipe = self._fresh_pipeline()
-        self._feed.start(self._cursor.epoch, self._known_good(self._cursor.batches()))
-        self._mid_epoch = True
         try:
-            while True:
-                try:
-                    outputs = pipe.run(self._stream())
-                except StopIteration:
-                    break
-                except Exception as exc:
-                    self._pipe = None  # after an operator error DALI declares the pipeline invalid
-                    self._mid_epoch = False
-                    if not isinstance(exc, RuntimeError):
-                        raise
-                    pipe = self._recover(exc)
-                    self._mid_epoch = True
-                    continue
-                self._feed.done()
+            for outputs in self._outputs():
                 yield self._to_torch(outputs)
-            pipe.reset()
-            self._mid_epoch = False
         finally:
-            if self._mid_epoch and self._pipe is not None:
+            if self._mid_epoch:  # abandoned mid-epoch (`break`) or failed: nothing may stay in DALI
                 self._drain()
 
-    def _fresh_pipeline(self) -> Any:
+    def _outputs(self) -> Iterator[Any]:
+        """DALI's outputs for the rest of the epoch, in order, across undecodable samples.
+
+        Each failed `run()` leaves out the in-flight samples the host cannot decode
+        (`_without_culprits`), then a rebuilt pipeline is fed the rest.
+        """
+        pending: Iterator[np.ndarray] = self._remaining()
+        while True:
+            pipe = self._pipeline()
+            self._feed.start(self.epoch, pending)
+            self._mid_epoch = True
+            try:
+                yield from self._run_epoch(pipe)
+                return
+            except Exception as exc:
+                self._pipe, self._mid_epoch = None, False  # after an operator error DALI declares the pipeline invalid
+                if not isinstance(exc, RuntimeError):
+                    raise
+                pending = iter(self._without_culprits(exc))
+
+    def _run_epoch(self, pipe: Any) -> Iterator[Any]:
+        """Run `pipe` until the feed is exhausted and DALI has handed out what it holds; then reset it."""
+        while True:
+            try:
+                outputs = pipe.run(self._stream())
+            except StopIteration:
+                break
+            self._feed.done()
+            yield outputs
+        pipe.reset()
+        self._mid_epoch = False
+
+    def _pipeline(self) -> Any:
         """The pipeline, built on first use, with nothing of an abandoned epoch left in it."""
         if self._pipe is None:
             self._pipe = build_pipeline(self._feed, self._graph, **self._pipe_args)
@@ -319,6 +308,9 @@ class DaliLoader:
 
     def _drain(self) -> None:
         """End an unfinished epoch: feed nothing more, discard what DALI prefetched, reset."""
+        self._mid_epoch = False
+        if self._pipe is None:
+            return
         self._feed.stop()
         try:
             while True:
@@ -327,7 +319,6 @@ class DaliLoader:
             self._pipe.reset()
         except Exception:
             self._pipe = None  # a failure in a discarded batch: rebuild next time
-        self._mid_epoch = False
 
     def _to_torch(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -344,15 +335,8 @@ class DaliLoader:
         """Torch's current stream on a CUDA device: DALI's outputs and our copies are ordered on it."""
         return torch.cuda.current_stream(self._device) if self._graph.gpu else None
 
-    def _known_good(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        """`batches` without the samples already known bad (counted as skipped); empty batches dropped."""
-        for batch in batches:
-            batch = self._skips.drop_known(batch)
-            if len(batch):
-                yield batch
-
-    def _recover(self, exc: RuntimeError) -> Any:
-        """After DALI failed: skip the in-flight samples the host cannot decode, rebuild, re-feed the rest.
+    def _without_culprits(self, exc: RuntimeError) -> list[np.ndarray]:
+        """After DALI failed: record the in-flight samples the host cannot decode; the unfinished batches without them.
 
         Each recovery leaves out at least one sample, so repeated failures end. When no
         in-flight sample is at fault, the failure is not ours to skip: it is raised.
@@ -367,12 +351,9 @@ class DaliLoader:
             shown = ", ".join(str(i) for i in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
             raise RuntimeError(f"{self._reader.path}: DALI failed on a batch with pack images {shown}: {reason}") from exc
         for index, problem in culprits.items():
-            self._skips.add(index, f"{problem} (DALI: {reason})")
+            self._skips.add(SkippedSample(index, self._reader.paths[index], f"{problem} (DALI: {reason})"))
         bad = np.fromiter(culprits, dtype=np.int64)
-        rest = [kept for batch in unfinished if len(kept := batch[~np.isin(batch, bad)])]
-        self._pipe = build_pipeline(self._feed, self._graph, **self._pipe_args)
-        self._feed.start(self._cursor.epoch, iter(rest))
-        return self._pipe
+        return [kept for batch in unfinished if len(kept := batch[~np.isin(batch, bad)])]
 
 
 def _dali_reason(exc: Exception) -> str:
@@ -400,15 +381,11 @@ def _host_decode_problem(data: np.ndarray) -> str | None:
     return None
 
 
-def make_loader(reader: PackReader, split_indices: np.ndarray, spec: PipelineSpec, *, train: bool, batch_size: int,
-                device: torch.device, dtype: torch.dtype, num_workers: int, seed: int, rank: int, world_size: int,
-                drop_last: bool, decode: str = "mixed", geometry: str = "fused") -> DaliLoader:
-    """Backend entry point (see `dali_pipes.loader.BACKENDS`); `num_workers` becomes DALI's num_threads.
+def make_loader(reader: PackReader, request: LoaderRequest, *, decode: str = "mixed", geometry: str = "fused") -> DaliLoader:
+    """Backend entry point (see `dali_pipes.loader.BACKENDS`); `request.num_workers` becomes DALI's num_threads.
 
     `decode` ("mixed": nvJPEG on the GPU, "cpu": libjpeg-turbo on the host, then the GPU)
     and `geometry` ("fused" warp or "separate" resize/flip/rotate) matter on CUDA and for
     benchmarks; the loader registry never passes them.
     """
-    return DaliLoader(reader, split_indices, spec, train=train, batch_size=batch_size, device=device, dtype=dtype,
-                      num_threads=max(1, num_workers), seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
-                      decode=decode, geometry=geometry)
+    return DaliLoader(reader, request, decode=decode, geometry=geometry)

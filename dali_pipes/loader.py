@@ -1,4 +1,4 @@
-"""`build_loader`: pick a backend by name, check the request, return a `BatchLoader`."""
+"""`build_loader`: pick a backend by name, make the request, return the backend's `BatchLoader`."""
 from __future__ import annotations
 
 import importlib
@@ -8,24 +8,20 @@ from pathlib import Path
 
 import torch
 
-from .base import BatchLoader
+from .base import BatchLoader, LoaderError, LoaderRequest
 from .pack import PackReader
 from .spec import PipelineSpec
 
 log = logging.getLogger("dali_pipes")
 
-# name -> module defining `make_loader(reader, split_indices, spec, *, train, batch_size, device,
-# dtype, num_workers, seed, rank, world_size, drop_last) -> BatchLoader`. Modules import lazily.
+# name -> module defining `make_loader(reader: PackReader, request: LoaderRequest) -> BatchLoader`.
+# Modules import lazily.
 BACKENDS = {
     "dali": "dali_pipes.dali_backend",
     "torch": "dali_pipes.torch_backend",
     "synthetic": "dali_pipes.synthetic_backend",
 }
 DALI_INSTALL_HINT = "pip install 'nvidia-dali-cuda120' (or: pip install -e '.[dali]')"
-
-
-class LoaderError(Exception):
-    """A loader cannot be built as asked; the message is one line for the user."""
 
 
 def dali_available() -> bool:
@@ -70,21 +66,14 @@ def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backe
     """
     reader = pack if isinstance(pack, PackReader) else PackReader(Path(pack))
     device = torch.device(device) if device is not None else torch.device("cpu")
-    spec = spec or PipelineSpec(image_size=image_size)
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
-        raise LoaderError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype}")
     split_indices = reader.split_indices(split)
     if len(split_indices) == 0:
         raise LoaderError(f"{reader.path}: split {split!r} is empty")
-    drop_last = train if drop_last is None else drop_last
-    per_rank = len(split_indices) // world_size if train else -(-len(split_indices) // world_size)
-    if drop_last and batch_size > per_rank:
-        raise LoaderError(f"batch size {batch_size} is larger than the {per_rank} {split} images per rank; lower --batch-size")
-    name = resolve_backend(backend, device)
-    module = importlib.import_module(BACKENDS[name])
-    workers = default_workers() if num_workers is None else num_workers
-    return module.make_loader(reader, split_indices, spec, train=train, batch_size=batch_size, device=device, dtype=dtype,
-                              num_workers=workers, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+    request = LoaderRequest(split_indices, spec or PipelineSpec(image_size=image_size), train=train, batch_size=batch_size,
+                            device=device, dtype=dtype, num_workers=default_workers() if num_workers is None else num_workers,
+                            seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, split=split)
+    module = importlib.import_module(BACKENDS[resolve_backend(backend, device)])
+    return module.make_loader(reader, request)
 
 
 def default_workers() -> int:

@@ -5,7 +5,8 @@ Two paths share the sampler, the epoch plan and the augmentation draws:
 - CPU path (any device): workers decode each JPEG with OpenCV (libjpeg-turbo) and do the
   geometry on uint8 into one N x S x S x 3 batch in shared memory. Train: one
   `cv2.warpAffine` per image with the matrix of `spec.affine_matrix` (resize, flip and
-  rotation together); eval: torchvision's antialiased resize (PIL's BILINEAR filter).
+  rotation together); eval: `inputs.resize_cpu`, torchvision's antialiased resize (PIL's
+  BILINEAR filter), the same function `dali_pipes.preprocess` applies to single files.
   The host ships uint8; `base.to_model_input` normalizes wherever the batch lands.
 - GPU path (`device.type == "cuda"` and torchvision's nvJPEG decode works): workers only
   gather encoded bytes; the main process decodes the batch on the GPU and does the same
@@ -15,8 +16,8 @@ Flip and angle come from `spec.sample_augmentation(spec, seed, epoch, indices)`,
 from a worker's RNG, so batches do not depend on worker count or scheduling.
 
 An image that cannot be decoded costs its sample, not the batch: the worker (CPU path)
-or the main process (GPU path) leaves its row out and hands back its (index, reason);
-the loader records it in `base.SkipLog`, and the sampler leaves known-bad samples out of
+or the main process (GPU path) leaves its row out and hands back its `base.SkippedSample`;
+the loader records it in its skip log, and the sampler leaves known-bad samples out of
 later epochs before any worker sees them.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .base import EpochCursor, ImageDecodeError, SkipLog, SkippedSample, decode_error_message, to_model_input
+from .base import BatchLoader, EpochCursor, ImageDecodeError, LoaderRequest, SkipLog, SkippedSample, to_model_input
+from .inputs import resize_cpu
 from .pack import PackReader
 from .spec import PipelineSpec, affine_matrix, sample_augmentation
 
@@ -50,20 +52,8 @@ _TORCH_MODE = {"linear": "bilinear", "cubic": "bicubic", "nearest": "nearest"}
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
-# (pack index, reason) of a sample that could not be decoded. Workers hand these back as
-# values: raising there would fail the whole batch, reach the user wrapped in DataLoader's
-# "Caught ... in worker" text, and leave persistent workers' shutdown to the GC (a 5 s join).
-Failure = tuple[int, str]
-
-
 def _decode_error(reader: PackReader, index: int, reason: str) -> ImageDecodeError:
-    error = ImageDecodeError(decode_error_message(reader.path, index, reader.paths[index], reason))
-    error.reason = reason  # the bare reason, for the skip record (the message repeats pack, index, path)
-    return error
-
-
-def _reason(exc: ImageDecodeError) -> str:
-    return getattr(exc, "reason", str(exc))
+    return ImageDecodeError(reader.path, index, reader.paths[index], reason)
 
 
 def _torchvision_reason(exc: Exception) -> str:
@@ -149,19 +139,6 @@ def warp_cpu(image: np.ndarray, spec: PipelineSpec, flip: bool, angle: float, ou
                    borderMode=cv2.BORDER_CONSTANT, borderValue=border)
 
 
-def resize_cpu(image: np.ndarray, spec: PipelineSpec, out: torch.Tensor) -> None:
-    """Eval geometry of one decoded RGB image into `out` (S x S x 3 uint8 tensor)."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resize
-
-    modes = {"linear": InterpolationMode.BILINEAR, "cubic": InterpolationMode.BICUBIC, "nearest": InterpolationMode.NEAREST}
-    size = spec.image_size
-    # torchvision's uint8 kernel is PIL's filter (triangle widened by the scale), ~3x faster than PIL here.
-    resized = resize(torch.from_numpy(image).permute(2, 0, 1), [size, size], interpolation=modes[spec.interpolation],
-                     antialias=spec.eval_antialias)
-    out.copy_(resized.permute(1, 2, 0))
-
-
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     if get_worker_info() is not None and hasattr(torch.UntypedStorage, "_new_shared"):
         # As default_collate does: allocate in shared memory, so handing the batch to the
@@ -172,26 +149,27 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def render_batch_cpu(reader: PackReader, indices: np.ndarray, spec: PipelineSpec, train: bool,
-                     flips: np.ndarray, angles: np.ndarray, failures: list[Failure] | None = None) -> torch.Tensor:
-    """Decode and transform pack images `indices` into one N x S x S x 3 uint8 tensor.
+                     flips: np.ndarray, angles: np.ndarray) -> tuple[torch.Tensor, list[SkippedSample]]:
+    """Decode and transform pack images `indices` into one N x S x S x 3 uint8 tensor, and the samples left out.
 
-    An image that cannot be decoded raises `ImageDecodeError`; with a `failures` list,
-    it is appended there as (index, reason) instead and its row left out, the good
-    rows keeping their order (the result then has fewer than len(indices) rows).
+    An image that cannot be decoded loses its row (the good rows keep their order, so
+    the tensor then has fewer than len(indices) rows) and is listed as a `SkippedSample`.
+    Workers hand these back as values: raising there would fail the whole batch, reach
+    the user wrapped in DataLoader's "Caught ... in worker" text, and leave persistent
+    workers' shutdown to the GC (a 5 s join).
     """
     size = spec.image_size
     batch = _batch_buffer((len(indices), size, size, 3))
     pixels = batch.numpy()
     # OpenCV's 4-channel warp is vectorized and ~2.5x faster than its 3-channel one.
     rgba = np.empty((size, size, 4), dtype=np.uint8)
+    skipped: list[SkippedSample] = []
     row = 0
     for j, index in enumerate(indices):
         try:
             image = decode_image(reader, int(index), 4 if train else 3)
         except ImageDecodeError as exc:
-            if failures is None:
-                raise
-            failures.append((int(index), _reason(exc)))
+            skipped.append(exc.sample)
             continue
         if train:
             warp_cpu(image, spec, bool(flips[j]), float(angles[j]), rgba)
@@ -199,7 +177,7 @@ def render_batch_cpu(reader: PackReader, indices: np.ndarray, spec: PipelineSpec
         else:
             resize_cpu(image, spec, batch[row])
         row += 1
-    return batch if row == len(indices) else batch[:row]
+    return (batch if row == len(indices) else batch[:row]), skipped
 
 
 # ---------------------------------------------------------------------------- GPU path
@@ -256,31 +234,28 @@ def _warp_torch(pixels: torch.Tensor, theta: torch.Tensor, spec: PipelineSpec) -
 
 
 def decode_on_device(reader: PackReader, indices: np.ndarray, encoded: list[torch.Tensor],
-                     device: torch.device, failures: list[Failure] | None = None) -> list[torch.Tensor]:
-    """Batched nvJPEG decode of `encoded` to 3 x H x W uint8 on `device`; a bad image is named.
+                     device: torch.device) -> tuple[list[torch.Tensor], list[SkippedSample]]:
+    """Batched nvJPEG decode of `encoded` to 3 x H x W uint8 on `device`, and the samples left out.
 
-    Without `failures` a bad image raises `ImageDecodeError`; with it, each bad image is
-    appended there as (index, reason) and left out of the result (good ones in order).
+    Each image that cannot be decoded is left out of the result (good ones in order)
+    and listed as a `SkippedSample` naming it and torchvision's reason.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), []
     except RuntimeError:
         pass
     # The batched call does not say which image failed: find them one by one.
-    good = []
+    good, skipped = [], []
     for index, data in zip(indices, encoded):
         try:
             decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError as exc:
-            error = _decode_error(reader, int(index), _torchvision_reason(exc))
-            if failures is None:
-                raise error from None
-            failures.append((int(index), _reason(error)))
+            skipped.append(_decode_error(reader, int(index), _torchvision_reason(exc)).sample)
             continue
         good.append(data)
-    return decode_jpeg(good, mode=ImageReadMode.RGB, device=device) if good else []
+    return (decode_jpeg(good, mode=ImageReadMode.RGB, device=device) if good else []), skipped
 
 
 def gpu_decode_works(reader: PackReader, index: int, device: torch.device) -> bool:
@@ -313,20 +288,18 @@ class _PlanSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         epoch = self.cursor.epoch
-        for batch in self.cursor.batches():
-            batch = self._skips.drop_known(batch)
-            if len(batch):
-                yield epoch, batch
+        for batch in self._skips.known_good(self.cursor.batches()):
+            yield epoch, batch
 
     def __len__(self) -> int:
-        return max(0, len(self.cursor) - self.cursor.start_batch)
+        return max(0, len(self.cursor.plan) - self.cursor.start_batch)
 
 
 class _PackBatches(Dataset):
     """Items are whole batches: `(epoch, pack indices)` -> what one worker prepares.
 
-    CPU path: `(uint8 N x S x S x 3 pixels, labels, failures)`, the rows of undecodable
-    images left out and listed in `failures` as (index, reason). GPU path: the batch's
+    CPU path: `(uint8 N x S x S x 3 pixels, labels, skipped)`, the rows of undecodable
+    images left out and listed in `skipped`. GPU path: the batch's
     encoded bytes back to back with their offsets, plus indices, flips, angles and labels
     (decode failures show only on the device, in the main process).
     """
@@ -344,12 +317,10 @@ class _PackBatches(Dataset):
         if self.bytes_only:
             data, offsets = self._gather_bytes(indices)
             return data, offsets, torch.from_numpy(indices), torch.from_numpy(flips), torch.from_numpy(angles), labels
-        failures: list[Failure] = []
-        pixels = render_batch_cpu(self.reader, indices, self.spec, self.train, flips, angles, failures)
-        if failures:
-            failed = np.isin(indices, [index for index, _ in failures])
-            labels = torch.from_numpy(self.reader.labels[indices[~failed]])
-        return pixels, labels, failures
+        pixels, skipped = render_batch_cpu(self.reader, indices, self.spec, self.train, flips, angles)
+        if skipped:
+            labels = labels[torch.from_numpy(_kept(indices, skipped))]
+        return pixels, labels, skipped
 
     def _gather_bytes(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         sizes = self.reader.offsets[indices + 1] - self.reader.offsets[indices]
@@ -401,45 +372,27 @@ def _init_worker(worker_id: int, fresh_process: bool) -> None:
         cv2.setNumThreads(1)  # safe only where OpenCV's pool was never used (see _opencv_threads)
 
 
-class TorchLoader:
+def _kept(indices: np.ndarray, skipped: list[SkippedSample]) -> np.ndarray:
+    """Mask of `indices` not in `skipped`."""
+    return ~np.isin(indices, [sample.index for sample in skipped])
+
+
+class TorchLoader(BatchLoader):
     """DataLoader-backed `BatchLoader` (see the module docstring for its two paths)."""
 
     backend = "torch"
 
-    def __init__(self, reader: PackReader, split_indices: np.ndarray, spec: PipelineSpec, *, train: bool,
-                 batch_size: int, device: torch.device, dtype: torch.dtype, num_workers: int, seed: int, rank: int,
-                 world_size: int, drop_last: bool, gpu_decode: bool) -> None:
-        self.spec = spec
-        self.num_classes = reader.num_classes
-        self.device, self.dtype, self.train = device, dtype, train
+    def __init__(self, reader: PackReader, request: LoaderRequest, gpu_decode: bool) -> None:
+        super().__init__(reader, request)
+        self.device, self.dtype, self.train = request.device, request.dtype, request.train
         self.gpu_decode = gpu_decode
         self._reader = reader
-        self._num_workers = num_workers
-        self._skips = SkipLog(reader.path, reader.paths)
-        self._cursor = EpochCursor(split_indices, train=train, seed=seed, batch_size=batch_size, rank=rank,
-                                   world_size=world_size, drop_last=drop_last)
+        self._num_workers = request.num_workers
+        # The sampler holds the cursor and the skip log, not the loader: no reference cycle
+        # keeps the persistent workers alive after the loader is dropped.
         self._sampler = _PlanSampler(self._cursor, self._skips)
-        self._dataset = _PackBatches(reader, spec, train=train, seed=seed, bytes_only=gpu_decode)
+        self._dataset = _PackBatches(reader, request.spec, train=request.train, seed=request.seed, bytes_only=gpu_decode)
         self._loader: DataLoader | None = None
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Start epoch `epoch` at batch `start_batch` (resuming mid-epoch)."""
-        self._cursor.set_epoch(epoch, start_batch)
-        self._skips.new_epoch()
-
-    @property
-    def skipped(self) -> list[SkippedSample]:
-        """Samples left out so far in the current epoch (see `base.BatchLoader`)."""
-        return self._skips.skipped
-
-    def __len__(self) -> int:
-        """Batches per epoch (an upper bound once a whole batch was unreadable)."""
-        return len(self._cursor)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch on this rank."""
-        return self._cursor.num_samples
 
     def _data_loader(self) -> DataLoader:
         # Made on first use and kept, so persistent workers survive from epoch to epoch.
@@ -456,10 +409,8 @@ class TorchLoader:
                 generator=torch.Generator().manual_seed(0))
         return self._loader
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         finish = self._finish_gpu if self.gpu_decode else self._finish_cpu
-        # Before the DataLoader pulls from the sampler, which counts known-bad samples.
-        self._skips.new_epoch()
         # The first iter() forks the (persistent) workers.
         with _opencv_threads(1) if self._num_workers > 0 else nullcontext():
             items = iter(self._data_loader())
@@ -468,13 +419,13 @@ class TorchLoader:
             if batch is not None:  # None: every sample of the batch was unreadable
                 yield batch
 
-    def _record(self, failures: list[Failure]) -> None:
-        for index, reason in failures:
-            self._skips.add(index, reason)
+    def _record(self, skipped: list[SkippedSample]) -> None:
+        for sample in skipped:
+            self._skips.add(sample)
 
     def _finish_cpu(self, item: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        pixels, labels, failures = item
-        self._record(failures)
+        pixels, labels, skipped = item
+        self._record(skipped)
         if len(labels) == 0:
             return None
         pixels = pixels.to(self.device, non_blocking=True)
@@ -484,12 +435,11 @@ class TorchLoader:
         data, offsets, indices, flips, angles, labels = item
         bounds = offsets.tolist()
         encoded = [data[bounds[j] : bounds[j + 1]] for j in range(len(bounds) - 1)]
-        failures: list[Failure] = []
-        images = decode_on_device(self._reader, indices.numpy(), encoded, self.device, failures)
+        images, skipped = decode_on_device(self._reader, indices.numpy(), encoded, self.device)
         flips, angles = flips.numpy(), angles.numpy()
-        if failures:
-            self._record(failures)
-            good = ~np.isin(indices.numpy(), [index for index, _ in failures])
+        if skipped:
+            self._record(skipped)
+            good = _kept(indices.numpy(), skipped)
             if not good.any():
                 return None
             flips, angles, labels = flips[good], angles[good], labels[torch.from_numpy(good)]
@@ -497,12 +447,7 @@ class TorchLoader:
         return to_model_input(pixels, self.spec, self.dtype), labels.to(self.device, non_blocking=True)
 
 
-def make_loader(reader: PackReader, split_indices: np.ndarray, spec: PipelineSpec, *, train: bool, batch_size: int,
-                device: torch.device, dtype: torch.dtype, num_workers: int, seed: int, rank: int, world_size: int,
-                drop_last: bool) -> TorchLoader:
+def make_loader(reader: PackReader, request: LoaderRequest) -> TorchLoader:
     """Backend entry point (see `dali_pipes.loader.BACKENDS`)."""
-    split_indices = np.asarray(split_indices, dtype=np.int64)
-    gpu_decode = len(split_indices) > 0 and gpu_decode_works(reader, int(split_indices[0]), device)
-    return TorchLoader(reader, split_indices, spec, train=train, batch_size=batch_size, device=device, dtype=dtype,
-                       num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
-                       gpu_decode=gpu_decode)
+    gpu_decode = gpu_decode_works(reader, int(request.split_indices[0]), request.device)
+    return TorchLoader(reader, request, gpu_decode)

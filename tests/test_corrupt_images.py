@@ -125,14 +125,16 @@ def test_torch_train_skips_bad_images(pack: Path, tmp_path: Path, caplog: pytest
 def test_torch_gpu_path_skips_bad_images(pack: Path, tmp_path: Path, split: str, train: bool,
                                          caplog: pytest.LogCaptureFixture) -> None:
     """The GPU path's code (decode in the main process, torch geometry), run on the CPU."""
+    from dali_pipes.base import LoaderRequest
     from dali_pipes.spec import PipelineSpec
     from dali_pipes.torch_backend import TorchLoader
 
     def gpu_path(path: Path) -> TorchLoader:
         r = PackReader(path)
-        return TorchLoader(r, r.split_indices(split), PipelineSpec(image_size=32), train=train, batch_size=BATCH,
-                           device=torch.device("cpu"), dtype=torch.uint8, num_workers=0, seed=SEED, rank=0, world_size=1,
-                           drop_last=train, gpu_decode=True)
+        request = LoaderRequest(r.split_indices(split), PipelineSpec(image_size=32), train=train, batch_size=BATCH,
+                                device=torch.device("cpu"), dtype=torch.uint8, num_workers=0, seed=SEED, rank=0, world_size=1,
+                                drop_last=train)
+        return TorchLoader(r, request, gpu_decode=True)
 
     reader = PackReader(pack)
     bad = train_victims(reader) if train else val_victims(reader)

@@ -210,15 +210,16 @@ def test_train_flip_rate_and_rotation_range(demo_pack: Path) -> None:
 
 
 def test_fused_and_separate_geometry_agree(demo_pack: Path) -> None:
+    from dali_pipes.base import LoaderRequest
     from dali_pipes.dali_backend import make_loader
 
     reader = PackReader(demo_pack)
     split = reader.split_indices("train")
     spec, seed = PipelineSpec(image_size=48), 5
-    args = dict(train=True, batch_size=8, device=torch.device("cpu"), dtype=torch.uint8, num_workers=2, seed=seed, rank=0,
-                world_size=1, drop_last=True)
-    fused = as_hwc(torch.cat([x for x, _ in make_loader(reader, split, spec, geometry="fused", **args)]))
-    separate = as_hwc(torch.cat([x for x, _ in make_loader(reader, split, spec, geometry="separate", **args)]))
+    request = LoaderRequest(split, spec, train=True, batch_size=8, device=torch.device("cpu"), dtype=torch.uint8, num_workers=2,
+                            seed=seed, rank=0, world_size=1, drop_last=True)
+    fused = as_hwc(torch.cat([x for x, _ in make_loader(reader, request, geometry="fused")]))
+    separate = as_hwc(torch.cat([x for x, _ in make_loader(reader, request, geometry="separate")]))
     indices = plan_epoch(split, train=True, seed=seed, epoch=0, batch_size=8).indices[: len(fused)]
     flips, angles = sample_augmentation(spec, seed, 0, indices)
     for a, b, index, flip, angle in zip(fused, separate, indices, flips, angles):

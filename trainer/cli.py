@@ -80,7 +80,7 @@ def _show_pipeline_log() -> None:
 @one_line_errors
 def info(pack: Path, as_json: bool) -> None:
     """Counts per split and class, image sizes and rejected files of PACK."""
-    from dali_pipes.pack import PackReader
+    from dali_pipes import PackReader
     from trainer.info import format_summary, pack_summary
 
     summary = pack_summary(PackReader(pack))

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from dali_pipes import PackReader, PipelineSpec, build_loader
+from dali_pipes import IMAGE_EXTENSIONS, PackReader, PipelineSpec, build_loader, load_rgb, preprocess
 from trainer.checkpoint import load_checkpoint
 from trainer.errors import TrainerError
 from trainer.loop import evaluate
@@ -111,32 +111,24 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
 
     Unreadable files are reported through `warn` and skipped.
     """
-    from dali_pipes.base import to_model_input
-    from dali_pipes.packing import IMAGE_EXTENSIONS, load_rgb
-    from dali_pipes.torch_backend import resize_cpu
-
     loaded = load_model(checkpoint, device)
     k = min(topk, len(loaded.classes))
     paths = list(_expand(inputs))
     if not paths:
         raise TrainerError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")")
     results: list[dict[str, Any]] = []
-    size = loaded.spec.image_size
     for start in range(0, len(paths), batch_size):
         batch_paths, pixels = [], []
         for path in paths[start : start + batch_size]:
             try:
-                image = load_rgb(path)
+                pixels.append(load_rgb(path))
             except ValueError as exc:
                 warn(f"skipped: {exc}")
                 continue
-            out = torch.empty(size, size, 3, dtype=torch.uint8)
-            resize_cpu(image, loaded.spec, out)
             batch_paths.append(path)
-            pixels.append(out)
         if not pixels:
             continue
-        images = to_model_input(torch.stack(pixels).to(device), loaded.spec, torch.float32)
+        images = preprocess(pixels, loaded.spec, device)
         with torch.no_grad():
             probs = torch.softmax(loaded.model(images).float(), dim=1)
         top_p, top_i = probs.topk(k, dim=1)
@@ -146,8 +138,6 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
 
 
 def _expand(inputs: Iterable[Path]) -> Iterable[Path]:
-    from dali_pipes.packing import IMAGE_EXTENSIONS
-
     for path in inputs:
         if path.is_dir():
             yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))

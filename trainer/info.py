@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from dali_pipes.pack import PackReader
+from dali_pipes import PackReader
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trainer.errors import TrainerError
-from dali_pipes import Progress
+from dali_pipes import BatchLoader, Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -306,7 +306,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
             targets.append(labels.cpu())
             predictions.append(logits.argmax(1).cpu())
     # The skip count rides along in the same all_reduce (every rank has the same backend).
-    skipped = torch.tensor([float(len(getattr(loader, "skipped", ())))], device=device, dtype=torch.float64)
+    keeps_skips = isinstance(loader, BatchLoader)  # a plain iterable of batches has no skip log
+    skipped = torch.tensor([float(len(loader.skipped) if keeps_skips else 0)], device=device, dtype=torch.float64)
     totals = torch.cat([loss_sum.view(1), correct, class_correct, class_count, count.view(1), skipped])
     if all_reduce is not None:
         totals = all_reduce(totals)
@@ -315,7 +316,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
     if n == 0:
         raise TrainerError("evaluation saw no samples")
     result: dict[str, Any] = {"num_samples": int(n), "loss": float(totals[0]) / n}
-    if hasattr(loader, "skipped"):
+    if keeps_skips:
         result["skipped_samples"] = int(totals[-1])
     for j, kk in enumerate(ks):
         result[f"top{kk}"] = float(totals[1 + j]) / n

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_pipes import PackReader, PipelineSpec, build_loader
+from dali_pipes import PackReader, PipelineSpec, build_loader, samples_per_rank
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.config import RunConfig
 from trainer.distributed import DistContext
@@ -89,7 +89,7 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int) -> None:
     if missing:
         raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
                            "has no training image; add images to its train folder or repack without given splits")
-    per_rank = counts["train"] // world_size
+    per_rank = samples_per_rank(counts["train"], train=True, world_size=world_size)
     if batch_size > per_rank:
         raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
 
@@ -249,7 +249,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             _save_position(run, state, epoch, outcome)
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
                                  f"continue with: trainer run --resume {run.out}", signals.exit_code)
-        record = _validate(run, state, train_model, val_loader, epoch, outcome, len(getattr(train_loader, "skipped", ())))
+        record = _validate(run, state, train_model, val_loader, epoch, outcome, len(train_loader.skipped))
         improved = state.early.update(record[cfg.monitor], epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
