@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.make_demo_dataset import make_demo_dataset
 from dali_pipes.writer import PackOptions, pack_folder
+from tools.make_demo_dataset import make_demo_dataset
 
 
 def _dali_imports() -> bool:

@@ -11,8 +11,8 @@ import torch
 
 from dali_pipes import LoaderError, PackReader, PipelineSpec, build_loader, plan_epoch, to_model_input
 from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD
-from tools.make_demo_dataset import make_demo_dataset
 from dali_pipes.writer import PackOptions, pack_folder
+from tools.make_demo_dataset import make_demo_dataset
 
 SIZE = 32
 

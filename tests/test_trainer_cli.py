@@ -11,9 +11,8 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from dali_pipes import PackReader
+from dali_pipes import PackOptions, PackReader, pack_folder
 from tools.make_demo_dataset import make_demo_dataset
-from dali_pipes.writer import PackOptions, pack_folder
 from conftest import make_pack
 from trainer.cli import main as trainer_main
 

@@ -23,8 +23,8 @@ import click
 from PIL import Image
 
 from dali_pipes.packing import encode_file
-from tools.make_demo_dataset import make_demo_dataset
 from dali_pipes.writer import PackOptions, pack_folder
+from tools.make_demo_dataset import make_demo_dataset
 
 
 def _files(root: Path) -> list[Path]:

@@ -33,8 +33,8 @@ import torch
 
 from dali_pipes import PackReader, build_loader
 from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD
-from tools.make_demo_dataset import make_demo_dataset
 from dali_pipes.writer import PackOptions, pack_folder
+from tools.make_demo_dataset import make_demo_dataset
 
 
 @dataclass
