@@ -19,8 +19,8 @@ from PIL import Image
 
 from dali_pipes.pack import FORMAT_VERSION, PackError, PackReader
 from dali_pipes.packing import stratified_split
-from tools.make_demo_dataset import make_demo_dataset
 from dali_pipes.writer import PackFailure, PackOptions, pack_folder
+from tools.make_demo_dataset import make_demo_dataset
 from tools.pack_dataset import main as pack_main
 from trainer.cli import main as trainer_main
 
@@ -339,3 +339,20 @@ def test_a_file_changed_after_verification_is_rejected(tmp_path: Path, monkeypat
     reader = _pack(tmp_path / "src", tmp_path / "p.h5", val_ratio=0.0, test_ratio=0.0)
     assert {r["path"]: r["reason"] for r in reader.rejects()} == {"00_disc/0001.jpg": "changed while packing"}
     assert len(reader) == 5
+
+
+def test_stale_temporaries_are_those_of_dead_processes_only(tmp_path: Path) -> None:
+    from dali_pipes.atomic import temporary_name
+    from dali_pipes.writer import remove_stale_temporaries
+
+    out = tmp_path / "p.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    names = [f".p.h5.{pid}.spool", f".p.h5.{pid}.0a1b2c3d.tmp",  # a killed packer's spool and pack temporary
+             f".p.h5.{os.getpid()}.spool", temporary_name(out).name,  # this process's: in use
+             f".q.h5.{pid}.spool", f".p.h5.{pid}.notes", "p.h5"]  # another output's, not ours, the pack itself
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(out)
+    assert sorted(p.name for p in removed) == sorted(names[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
