@@ -162,7 +162,7 @@ def test_curves_have_an_lr_panel_and_mark_the_best_epoch(tmp_path: Path, monkeyp
 
 
 class _StopAfter(StopSignals):
-    """A SIGTERM that arrives after `steps` training steps (asked once per step in one process)."""
+    """A SIGTERM that arrives during training step `steps` + 1 (asked once per step in one process)."""
 
     steps = 0
 
@@ -192,7 +192,7 @@ def _stopped_run(pack: Path, out: Path, steps: int, monkeypatch: pytest.MonkeyPa
 @pytest.mark.slow
 def test_resume_mid_epoch_with_another_batch_size(pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "r"
-    output = _stopped_run(pack, out, 7, monkeypatch)  # epoch 2 stops after 3 of its 4 steps: 24 samples
+    output = _stopped_run(pack, out, 6, monkeypatch)  # epoch 2 stops after 3 of its 4 steps: 24 samples
     assert "at epoch 2, step 3" in output
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["position"]["samples"] == 24 and ckpt["position"]["batch_size"] == 8
@@ -207,7 +207,7 @@ def test_resume_mid_epoch_with_another_batch_size(pack: Path, tmp_path: Path, mo
 @pytest.mark.slow
 def test_an_old_checkpoint_still_resumes(pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "r"
-    _stopped_run(pack, out, 6, monkeypatch)  # epoch 2 after 2 steps
+    _stopped_run(pack, out, 5, monkeypatch)  # epoch 2 after 2 steps
     # Rewrite last.pt and metrics.jsonl as the previous version wrote them: epochs from 0, position in steps.
     ckpt = torch.load(out / "last.pt", weights_only=True)
     for key in ("metrics_epoch_base",):
@@ -228,7 +228,7 @@ def test_an_old_checkpoint_still_resumes(pack: Path, tmp_path: Path, monkeypatch
 @pytest.fixture(scope="module")
 def finished(pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "r"
-    code, output = _run("run", "--pack", str(pack), *RUN, "--epochs", "2", "--lr", str(LR), "--out", str(out))
+    code, output = _run("run", "--pack", str(pack), *RUN, "--backend", "auto", "--epochs", "2", "--lr", str(LR), "--out", str(out))
     assert code == 0, output
     assert output.count("backend auto -> torch") == 1  # said once, by the trainer
     return out

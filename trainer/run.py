@@ -253,8 +253,6 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     backend, note = choose_backend(cfg.backend, device)
     run = RunContext(cfg, ctx, device, reader, PipelineSpec(image_size=cfg.image_size), Path(cfg.out), resolve_amp(cfg.amp, device),
                      backend, echo if ctx.is_main else (lambda _: None))
-    if note:
-        run.say(note)
     state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled, amp_dtype=run.amp_dtype)
     if resume:
         notes = _resume(run, state, reschedule)
@@ -263,6 +261,8 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
             return finished
         for line in notes:
             run.say(line)
+    if note:
+        run.say(note)
     if ctx.is_main:
         write_json(run.out / "config.json", cfg.to_dict())
     start = time.perf_counter()
