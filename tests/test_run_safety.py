@@ -231,6 +231,8 @@ def finished(pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     code, output = _run("run", "--pack", str(pack), *RUN, "--backend", "auto", "--epochs", "2", "--lr", str(LR), "--out", str(out))
     assert code == 0, output
     assert output.count("backend auto -> torch") == 1  # said once, by the trainer
+    # 36 training images in batches of 8: 32 trained, 4 (11%) left out each epoch, and said so.
+    assert "each epoch leaves out 4 of the 36 training images (11%" in output
     return out
 
 
@@ -291,3 +293,63 @@ def test_larger_epochs_keep_the_schedule_unless_rescheduled(finished: Path, tmp_
     else:
         assert records[2]["lr"] == pytest.approx(0.0, abs=1e-12)  # the 2-epoch schedule has ended
         assert "the cosine schedule keeps its planned 2 epochs" in output and "--reschedule" in output
+
+
+# --- fail fast ------------------------------------------------------------------------------------------------------
+
+
+def test_nproc_checks_run_before_torchrun(pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.cli as cli
+
+    launched = []
+    monkeypatch.setattr(cli, "launch_torchrun", lambda *args: launched.append(args) or 0)
+    for args, message in ((["--batch-size", "1000"], "larger than the 18 training images per process"),
+                          (["--arch", "resnet19"], "unknown architecture"),
+                          (["--freeze", "2"], "drop --freeze")):
+        code, output = _run("run", "--pack", str(pack), *RUN, "--nproc", "2", "--out", str(tmp_path / "r"), *args)
+        assert code == 1 and message in output and len(output.strip().splitlines()) == 1, output
+    assert launched == []
+    code, output = _run("run", "--pack", str(pack), *RUN, "--nproc", "2", "--out", str(tmp_path / "r"))
+    assert code == 0 and len(launched) == 1, output
+
+
+def test_a_model_that_cannot_take_the_image_size_fails_before_training(pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    code, output = _run("run", "--pack", str(pack), *RUN, "--arch", "vit_b_16", "--out", str(out))
+    assert code == 1 and len(output.strip().splitlines()) == 1, output
+    assert "--arch vit_b_16 does not run at --image-size 32" in output and "224" in output
+    assert not out.exists()
+
+
+def test_grad_clip_reaches_the_step(pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.errors import TrainerError
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(args[3].grad_clip)
+        raise TrainerError("recorded")
+
+    monkeypatch.setattr(run_module, "train_one_epoch", record)
+    code, output = _run("run", "--pack", str(pack), *RUN, "--grad-clip", "0.5", "--out", str(tmp_path / "r"))
+    assert code == 1 and "recorded" in output and seen == [0.5]
+    assert build_config({"pack": "p.h5"}).grad_clip is None
+
+
+@pytest.mark.parametrize("text, where", [("arch: resnet18\nlr: [0.1\nepochs: 3\n", "line 3"),
+                                         ("arch: resnet18\n  lr: 1\n", "line 2")])
+def test_yaml_errors_keep_their_line(tmp_path: Path, text: str, where: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    code, output = _run("run", "--config", str(tmp_path / "c.yaml"), "--pack", "p.h5")
+    assert code == 1 and where in output and len(output.strip().splitlines()) == 1, output
+
+
+@pytest.mark.slow
+def test_synthetic_runs_say_so(pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    code, output = _run("run", "--pack", str(pack), *RUN, "--backend", "synthetic", "--epochs", "1", "--out", str(out))
+    assert code == 0, output
+    first = next(line for line in output.splitlines() if "training resnet18" in line)
+    assert first.startswith("SYNTHETIC DATA")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["synthetic_data"] is True and summary["backend"] == "synthetic"

@@ -116,6 +116,9 @@ def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: 
         file_values = {**json.loads(saved.read_text()), **file_values, "out": str(resume)}
     cfg = build_config(options, file_values)
     if nproc > 1 and "RANK" not in os.environ:
+        from trainer.run import preflight
+
+        preflight(cfg, nproc)  # one line here, rather than once per rank and a torchrun traceback
         sys.exit(launch_torchrun(cfg, nproc, resume, reschedule))
     ctx = env_context()
     device = resolve_device(cfg.device, ctx)

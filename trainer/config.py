@@ -49,6 +49,7 @@ class RunConfig:
     step_size: int = field(default=10, metadata=_opt("Epochs between decays (step), or patience epochs (plateau).", minimum=1))
     gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))
     warmup_epochs: float = field(default=0.0, metadata=_opt("Linear warm-up length in epochs.", minimum=0.0))
+    grad_clip: float | None = field(default=None, metadata=_opt("Clip the gradients' global norm to this value (default: no clipping).", minimum=0.0))
     label_smoothing: float = field(default=0.0, metadata=_opt("Label smoothing of the loss.", minimum=0.0))
     epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
     batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
@@ -135,12 +136,20 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
             values = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise TrainerError(f"{path}: cannot parse config ({str(exc).splitlines()[0]})") from None
+        raise TrainerError(f"{path}: cannot parse config ({_parse_error(exc)})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise TrainerError(f"{path}: config must be a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _parse_error(exc: Exception) -> str:
+    """A parser's message in one line, with the line and column where it found the problem."""
+    mark = getattr(exc, "problem_mark", None)  # YAML: the location is on a later line of its message
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}"
+    return str(exc).splitlines()[0]  # JSON names line and column in its first line
 
 
 def build_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | None = None) -> RunConfig:

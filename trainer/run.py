@@ -126,9 +126,7 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
         # Same parameters and state-dict keys; converted before freezing so frozen blocks hold the new modules.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     frozen = freeze_blocks(model, cfg.freeze)
-    if frozen and cfg.weights == "none":  # after freeze_blocks, whose check of N comes first
-        raise TrainerError(f"--freeze {cfg.freeze} with --weights none freezes random blocks, which then never learn; "
-                           "drop --freeze, or give pretrained --weights (imagenet or a PATH)")
+    check_freeze(cfg, frozen)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, device)
     if isinstance(amp_dtype, str):
@@ -137,6 +135,35 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     early = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
     plateau = Plateau("min" if cfg.monitor.endswith("loss") else "max", cfg.step_size, cfg.gamma)
     return TrainingState(model, optimizer, scaler, early, plateau, frozen, schedule_epochs=cfg.epochs)
+
+
+def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
+    """Refuse frozen random blocks (checked after `freeze_blocks`, whose check of N comes first)."""
+    if frozen and cfg.weights == "none":
+        raise TrainerError(f"--freeze {cfg.freeze} with --weights none freezes random blocks, which then never learn; "
+                           "drop --freeze, or give pretrained --weights (imagenet or a PATH)")
+
+
+def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
+    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line."""
+    model.eval()  # no batch-norm statistics change
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} "
+                           f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
+                           "(torchvision's ViTs need their training size, 224)") from None
+
+
+def preflight(cfg: RunConfig, world_size: int) -> None:
+    """The checks that need no process group (pack, splits, batch size, classes, architecture, size), before launching torchrun."""
+    reader = PackReader(cfg.pack)
+    check_pack(reader, cfg.batch_size, world_size)
+    model = build_model(cfg.arch, reader.num_classes, weights="none", head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
+                        activation=cfg.activation)  # the real weights are loaded by each process
+    check_freeze(cfg, freeze_blocks(model, cfg.freeze))
+    check_forward(model, cfg, torch.device("cpu"))
 
 
 def checkpoint_payload(run: "RunContext", state: TrainingState, epoch: int, position: Position | None = None) -> dict[str, Any]:
@@ -254,6 +281,7 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     run = RunContext(cfg, ctx, device, reader, PipelineSpec(image_size=cfg.image_size), Path(cfg.out), resolve_amp(cfg.amp, device),
                      backend, echo if ctx.is_main else (lambda _: None))
     state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled, amp_dtype=run.amp_dtype)
+    check_forward(state.model, cfg, device)
     if resume:
         notes = _resume(run, state, reschedule)
         finished = _finished(run, state)
@@ -324,11 +352,15 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     train_model = _wrap(state.model, cfg, ctx, run.device)
     train_loader = run.loader("train", train=True)
     val_loader = run.loader("val", train=False)
-    run.say(f"training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
+    synthetic = "SYNTHETIC DATA (random images, not the pack's: the figures measure speed only): " if run.backend == "synthetic" else ""
+    run.say(f"{synthetic}training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
             f"world size {ctx.world_size}, global batch {cfg.batch_size * ctx.world_size} -> {run.out}")
+    dropped = dropped_note(run.reader.split_counts()["train"], train_loader.num_samples * ctx.world_size, cfg.batch_size, ctx.world_size)
+    if dropped:
+        run.say(dropped)
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
-                      skip_nonfinite=cfg.skip_nonfinite)
+                      grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite)
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
     for epoch in range(state.next_epoch, cfg.epochs):
         outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
@@ -352,6 +384,17 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         if state.early.should_stop:
             return True, "early stopping: " + state.early.reason()
     return False, f"reached --epochs {cfg.epochs}"
+
+
+def dropped_note(split_size: int, used: int, batch_size: int, world_size: int) -> str | None:
+    """The line that says how many training images each epoch leaves out, when more than 1%."""
+    left = split_size - used
+    if left * 100 <= split_size:
+        return None
+    return (f"each epoch leaves out {left} of the {split_size} training images ({100 * left / split_size:.0f}%; a new random "
+            f"choice each epoch): only whole batches of {batch_size} are trained"
+            + (f" on each of {world_size} processes" if world_size > 1 else "") + "; a --batch-size dividing "
+            f"{split_size // world_size} leaves out fewer")
 
 
 def _stop_check(signals: StopSignals, ctx: DistContext, log_every: int) -> Callable[[int], bool]:
@@ -469,6 +512,8 @@ def _finish(run: RunContext, state: TrainingState) -> dict[str, Any]:
         "best_epoch": state.early.best_epoch + 1,  # counted from 1, as in metrics.jsonl
         "best_" + run.cfg.monitor: state.early.best,
         "test_split": split,
+        "backend": run.backend,
+        "synthetic_data": run.backend == "synthetic",  # random images: the figures measure speed only
         "test_loss": result["loss"],
         **topk_keys(result, "test", run.cfg.topk, run.reader.num_classes),
         "test_samples": result["num_samples"],
