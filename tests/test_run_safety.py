@@ -353,3 +353,19 @@ def test_synthetic_runs_say_so(pack: Path, tmp_path: Path) -> None:
     assert first.startswith("SYNTHETIC DATA")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["synthetic_data"] is True and summary["backend"] == "synthetic"
+
+
+@pytest.mark.slow
+def test_a_pack_without_val_split_trains_and_says_so(tmp_path: Path) -> None:
+    no_val = make_pack(tmp_path, classes=3, per_class=12, seed=5, val_ratio=0.0, test_ratio=0.25)
+    out = tmp_path / "r"
+    code, output = _run("run", "--pack", str(no_val), *RUN, "--epochs", "2", "--patience", "1", "--out", str(out))
+    assert code == 0, output
+    assert "has no val split: no early stopping, and best.pt is the last epoch" in output
+    records = _metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["val_loss"] is None and r["val_top1"] is None for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] == 2 and summary["test_split"] == "test" and summary["test_samples"] == 9
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1  # the last epoch's index
+    code, output = _run("run", "--pack", str(no_val), *RUN, "--scheduler", "plateau", "--out", str(tmp_path / "p"))
+    assert code == 1 and "--scheduler plateau needs a val split" in output

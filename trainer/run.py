@@ -92,20 +92,24 @@ def discard_untrained(out: Path) -> None:
         pass  # something else is in it: leave it
 
 
-def check_pack(reader: PackReader, batch_size: int, world_size: int) -> None:
+def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
     """Refuse packs a classifier cannot train on, with the fix."""
     if reader.num_classes < 2:
         raise TrainerError(f"{reader.path}: {reader.num_classes} class; a classifier needs at least 2 class folders")
     counts = reader.split_counts()
     if counts["train"] == 0:
         raise TrainerError(f"{reader.path}: the train split is empty; repack with lower --val-ratio/--test-ratio")
-    if counts["val"] == 0:
-        raise TrainerError(f"{reader.path}: the val split is empty; repack with --val-ratio above 0 (or give a val/ folder)")
+    if counts["val"] == 0 and counts["test"] == 0:
+        raise TrainerError(f"{reader.path}: the val and test splits are both empty, so nothing can measure the model; "
+                           "repack with --val-ratio above 0 (or give a val/ folder)")
     train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
     missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
     if missing:
         raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
                            "has no training image; add images to its train folder or repack without given splits")
+    if counts["val"] == 0 and scheduler == "plateau":
+        raise TrainerError(f"{reader.path}: --scheduler plateau needs a val split, and this pack has none; choose another "
+                           "--scheduler or repack with --val-ratio above 0")
     per_rank = counts["train"] // world_size
     if batch_size > per_rank:
         raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
@@ -159,7 +163,7 @@ def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> Non
 def preflight(cfg: RunConfig, world_size: int) -> None:
     """The checks that need no process group (pack, splits, batch size, classes, architecture, size), before launching torchrun."""
     reader = PackReader(cfg.pack)
-    check_pack(reader, cfg.batch_size, world_size)
+    check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
     model = build_model(cfg.arch, reader.num_classes, weights="none", head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
                         activation=cfg.activation)  # the real weights are loaded by each process
     check_freeze(cfg, freeze_blocks(model, cfg.freeze))
@@ -224,8 +228,10 @@ def link_best(out: Path) -> None:
 
 def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
     """The one summary line printed after each epoch."""
+    val = ("val -" if r["val_loss"] is None else
+           f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}")
     return (f"epoch {epoch + 1}/{epochs}  train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}  |  "
-            f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}  |  lr {r['lr']:.2e}  "
+            f"{val}  |  lr {r['lr']:.2e}  "
             f"{r['images_per_second']:,.0f} img/s  data wait {100 * r['data_wait_fraction']:.0f}%  {r['epoch_seconds']:.1f}s"
             + (f"  skipped {r['skipped_samples']}" if r.get("skipped_samples") else "")
             + ("  * best" if best else ""))
@@ -233,6 +239,8 @@ def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
 
 def topk_keys(result: dict[str, Any], prefix: str, topk: int, num_classes: int) -> dict[str, float]:
     """prefix_top1..prefix_topK for K = max(topk, 5); k >= num_classes is 1.0 by definition."""
+    if result["loss"] is None:  # nothing was measured (no val split)
+        return {f"{prefix}_top{k}": None for k in range(1, max(topk, REPORTED_TOPK) + 1)}
     return {f"{prefix}_top{k}": result[f"top{k}"] if k <= num_classes else 1.0 for k in range(1, max(topk, REPORTED_TOPK) + 1)}
 
 
@@ -274,7 +282,7 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     work and returns its summary.
     """
     reader = PackReader(cfg.pack)
-    check_pack(reader, cfg.batch_size, ctx.world_size)
+    check_pack(reader, cfg.batch_size, ctx.world_size, cfg.scheduler)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     backend, note = choose_backend(cfg.backend, device)
@@ -351,7 +359,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         return True, "early stopping: " + state.early.reason()
     train_model = _wrap(state.model, cfg, ctx, run.device)
     train_loader = run.loader("train", train=True)
-    val_loader = run.loader("val", train=False)
+    val_loader = run.loader("val", train=False) if run.reader.split_counts()["val"] else None
     synthetic = "SYNTHETIC DATA (random images, not the pack's: the figures measure speed only): " if run.backend == "synthetic" else ""
     run.say(f"{synthetic}training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
@@ -359,6 +367,8 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     dropped = dropped_note(run.reader.split_counts()["train"], train_loader.num_samples * ctx.world_size, cfg.batch_size, ctx.world_size)
     if dropped:
         run.say(dropped)
+    if val_loader is None:
+        run.say(f"{run.reader.path} has no val split: no early stopping, and best.pt is the last epoch")
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
                       grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite)
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
@@ -369,7 +379,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
                                  f"continue with: trainer run --resume {run.out}", signals.exit_code)
         record = _validate(run, state, train_model, val_loader, epoch, outcome, len(getattr(train_loader, "skipped", ())))
-        improved = state.early.update(record[cfg.monitor], epoch)
+        improved = state.early.update(record[cfg.monitor], epoch) if val_loader is not None else _last_is_best(state, epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
@@ -384,6 +394,12 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         if state.early.should_stop:
             return True, "early stopping: " + state.early.reason()
     return False, f"reached --epochs {cfg.epochs}"
+
+
+def _last_is_best(state: TrainingState, epoch: int) -> bool:
+    """Without a val split nothing ranks the epochs: the latest is kept as the best."""
+    state.early.best_epoch = epoch
+    return True
 
 
 def dropped_note(split_size: int, used: int, batch_size: int, world_size: int) -> str | None:
@@ -466,16 +482,20 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     return outcome
 
 
-def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any, epoch: int,
+def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any | None, epoch: int,
               outcome: EpochResult, skipped: int) -> dict[str, Any]:
-    """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val figures."""
+    """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val
+    figures (None without a val split)."""
     ctx = run.ctx
     train = outcome.metrics
     val_start = time.perf_counter()
-    val_loader.set_epoch(epoch)
     ctx.broadcast_buffers(unwrap(train_model))
-    val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
-                   topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
+    if val_loader is not None:
+        val_loader.set_epoch(epoch)
+        val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
+                       topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
+    else:
+        val = {"loss": None}
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
                                               float(train["train_samples"]), float(skipped)], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
