@@ -78,6 +78,7 @@ def test_eval_matches_the_run_summary(trained: Path, learn_pack: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert result["num_samples"] == len(PackReader(learn_pack).split_indices("test"))
     assert result["top1"] == pytest.approx(summary["test_top1"]) and result["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert result["epoch"] == summary["best_epoch"]  # both count from 1
     assert {"top1", "top2", "top3", "per_class"} <= set(result) and "top4" not in result
     assert sum(v["num_samples"] for v in result["per_class"].values()) == result["num_samples"]
     assert (trained / "eval" / "confusion_test.png").exists()

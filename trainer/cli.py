@@ -106,7 +106,8 @@ def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: 
     """
     from trainer.config import build_config, load_config_file
     from trainer.distributed import destroy_process_group, env_context, init_process_group, resolve_device
-    from trainer.run import default_out_dir, discard_untrained, fit, prepare_out_dir
+    from trainer.run import fit
+    from trainer.run_folder import default_out_dir, discard_untrained, prepare_out_dir
 
     file_values = load_config_file(config_file) if config_file else {}
     if resume is not None:
@@ -116,7 +117,7 @@ def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: 
         file_values = {**json.loads(saved.read_text()), **file_values, "out": str(resume)}
     cfg = build_config(options, file_values)
     if nproc > 1 and "RANK" not in os.environ:
-        from trainer.run import preflight
+        from trainer.checks import preflight
 
         preflight(cfg, nproc)  # one line here, rather than once per rank and a torchrun traceback
         sys.exit(launch_torchrun(cfg, nproc, resume, reschedule))
@@ -146,7 +147,7 @@ def launch_torchrun(cfg: Any, nproc: int, resume: Path | None, reschedule: bool 
     import subprocess
     import tempfile
 
-    from trainer.run import default_out_dir
+    from trainer.run_folder import default_out_dir
 
     if not cfg.out:
         cfg = cfg.replace(out=str(default_out_dir(cfg.arch)))

@@ -26,7 +26,7 @@ class LoadedModel:
     classes: list[str]
     spec: PipelineSpec
     arch: str
-    epoch: int
+    epoch: int  # 0-based index of the checkpoint's last completed epoch
 
 
 def load_model(path: Path, device: torch.device) -> LoadedModel:
@@ -68,7 +68,8 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
     correct, count = result.pop("per_class_correct"), result.pop("per_class_count")
     result["per_class"] = {name: {"top1": correct[i] / count[i] if count[i] else None, "num_samples": count[i]}
                            for i, name in enumerate(reader.classes)}
-    result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch, epoch=loaded.epoch)
+    result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch,
+                  epoch=loaded.epoch + 1)  # epochs count from 1, as in metrics.jsonl
     result["most_confused"] = most_confused(targets, predictions, reader.classes)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     """Human-readable lines for `evaluate_checkpoint`'s result."""
     ks = [k for k in range(1, result["topk"] + 1)]
     accs = "  ".join(f"top{k} {result[f'top{k}']:.4f}" for k in ks)
-    lines = [f"{result['checkpoint']} (epoch {result['epoch'] + 1}, {result['arch']}) on {result['split']} of {result['pack']}:",
+    lines = [f"{result['checkpoint']} (epoch {result['epoch']}, {result['arch']}) on {result['split']} of {result['pack']}:",
              f"  {result['num_samples']} images  loss {result['loss']:.4f}  {accs}"]
     if result.get("skipped_samples"):
         lines.append(f"  skipped {result['skipped_samples']} unreadable images (the log names them)")

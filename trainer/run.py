@@ -1,26 +1,25 @@
 """`trainer run`: build the parts from a `RunConfig`, train epoch by epoch, checkpoint, test.
 
 This module wires things together; the step, the epoch and the evaluation live in
-`trainer.loop`, and the data in `dali_pipes`, which this module reaches only through
-`build_loader`.
+`trainer.loop`, what a checkpoint holds in `trainer.checkpoint`, the checks before
+training in `trainer.checks`, the run folder in `trainer.run_folder`, and the data in
+`dali_pipes`, which this module reaches only through `build_loader`.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from dali_pipes import PackReader, PipelineSpec, available_backends, build_loader, resolve_backend
 from trainer.checkpoint import (Checkpoint, Position, load_checkpoint, make_payload, read_payload, save_checkpoint,
                                 set_rng_state, unwrap)
+from trainer.checks import check_forward, check_freeze, check_pack, dropped_note
 from trainer.config import RunConfig
 from trainer.distributed import DistContext
 from trainer.errors import RunInterrupted, TrainerError
@@ -29,6 +28,7 @@ from trainer.metrics import read_metrics, write_json, write_metrics
 from trainer.models import build_model, freeze_blocks, set_train_mode
 from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
+from trainer.run_folder import link_best
 from trainer.progress import Progress
 from trainer.signals import StopSignals
 
@@ -49,70 +49,6 @@ class TrainingState:
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl: "epoch" counts from 1
     next_epoch: int = 0  # 0-based index of the next epoch to train
     position: Position | None = None  # mid-epoch resume point
-
-
-def default_out_dir(arch: str) -> Path:
-    """runs/<arch>-<timestamp>."""
-    return Path("runs") / f"{arch}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_out_dir(out: Path, resume: bool) -> Path:
-    """Check (and make) the run folder; a folder holding a run is only reused with --resume."""
-    if out.exists() and not out.is_dir():
-        raise TrainerError(f"--out {out} is a file; give a folder")
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise TrainerError(f"--resume {out}: nothing to resume (no last.pt there)")
-    elif (out / "last.pt").exists():
-        raise TrainerError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainerError(f"cannot create run folder {out} ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise TrainerError(f"run folder {out} is not writable")
-    # Temporaries of a write that was killed (kill -9, power loss) belong to no one now.
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    (out / ".best.pt.link").unlink(missing_ok=True)
-    return out
-
-
-def discard_untrained(out: Path) -> None:
-    """Remove a run folder this run made, when it holds no checkpoint: only the files a run writes, then the folder if empty."""
-    if (out / "last.pt").exists():
-        return
-    for name in ("config.json", "metrics.jsonl"):
-        (out / name).unlink(missing_ok=True)
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    try:
-        out.rmdir()
-    except OSError:
-        pass  # something else is in it: leave it
-
-
-def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
-    """Refuse packs a classifier cannot train on, with the fix."""
-    if reader.num_classes < 2:
-        raise TrainerError(f"{reader.path}: {reader.num_classes} class; a classifier needs at least 2 class folders")
-    counts = reader.split_counts()
-    if counts["train"] == 0:
-        raise TrainerError(f"{reader.path}: the train split is empty; repack with lower --val-ratio/--test-ratio")
-    if counts["val"] == 0 and counts["test"] == 0:
-        raise TrainerError(f"{reader.path}: the val and test splits are both empty, so nothing can measure the model; "
-                           "repack with --val-ratio above 0 (or give a val/ folder)")
-    train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
-    missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
-    if missing:
-        raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
-                           "has no training image; add images to its train folder or repack without given splits")
-    if counts["val"] == 0 and scheduler == "plateau":
-        raise TrainerError(f"{reader.path}: --scheduler plateau needs a val split, and this pack has none; choose another "
-                           "--scheduler or repack with --val-ratio above 0")
-    per_rank = counts["train"] // world_size
-    if batch_size > per_rank:
-        raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
 
 
 def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False,
@@ -139,35 +75,6 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     early = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
     plateau = Plateau("min" if cfg.monitor.endswith("loss") else "max", cfg.step_size, cfg.gamma)
     return TrainingState(model, optimizer, scaler, early, plateau, frozen, schedule_epochs=cfg.epochs)
-
-
-def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
-    """Refuse frozen random blocks (checked after `freeze_blocks`, whose check of N comes first)."""
-    if frozen and cfg.weights == "none":
-        raise TrainerError(f"--freeze {cfg.freeze} with --weights none freezes random blocks, which then never learn; "
-                           "drop --freeze, or give pretrained --weights (imagenet or a PATH)")
-
-
-def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line."""
-    model.eval()  # no batch-norm statistics change
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} "
-                           f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
-                           "(torchvision's ViTs need their training size, 224)") from None
-
-
-def preflight(cfg: RunConfig, world_size: int) -> None:
-    """The checks that need no process group (pack, splits, batch size, classes, architecture, size), before launching torchrun."""
-    reader = PackReader(cfg.pack)
-    check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
-    model = build_model(cfg.arch, reader.num_classes, weights="none", head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
-                        activation=cfg.activation)  # the real weights are loaded by each process
-    check_freeze(cfg, freeze_blocks(model, cfg.freeze))
-    check_forward(model, cfg, torch.device("cpu"))
 
 
 def checkpoint_payload(run: "RunContext", state: TrainingState, epoch: int, position: Position | None = None) -> dict[str, Any]:
@@ -211,19 +118,6 @@ def resume_schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int
         return planned, None
     return planned, (f"the cosine schedule keeps its planned {planned} epochs (lr {cfg.lr * lr_factor('cosine', planned, epochs=planned, step_size=cfg.step_size, gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs):.2e} "
                      f"after epoch {planned}); pass --reschedule to plan it over --epochs {cfg.epochs}")
-
-
-def link_best(out: Path) -> None:
-    """best.pt := last.pt, atomically, without writing the bytes twice (a hard link where possible)."""
-    tmp = out / ".best.pt.link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(out / "last.pt", tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(out / "last.pt", tmp)
-    os.replace(tmp, out / "best.pt")
 
 
 def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
@@ -400,17 +294,6 @@ def _last_is_best(state: TrainingState, epoch: int) -> bool:
     """Without a val split nothing ranks the epochs: the latest is kept as the best."""
     state.early.best_epoch = epoch
     return True
-
-
-def dropped_note(split_size: int, used: int, batch_size: int, world_size: int) -> str | None:
-    """The line that says how many training images each epoch leaves out, when more than 1%."""
-    left = split_size - used
-    if left * 100 <= split_size:
-        return None
-    return (f"each epoch leaves out {left} of the {split_size} training images ({100 * left / split_size:.0f}%; a new random "
-            f"choice each epoch): only whole batches of {batch_size} are trained"
-            + (f" on each of {world_size} processes" if world_size > 1 else "") + "; a --batch-size dividing "
-            f"{split_size // world_size} leaves out fewer")
 
 
 def _stop_check(signals: StopSignals, ctx: DistContext, log_every: int) -> Callable[[int], bool]:
