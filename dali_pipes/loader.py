@@ -44,7 +44,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise LoaderError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
     if backend == "auto":
         chosen = "dali" if device.type == "cuda" and dali_available() else "torch"
-        log.info("backend auto -> %s (device %s, DALI %s)", chosen, device, "available" if dali_available() else "not installed")
+        # DEBUG: a caller building several loaders says the choice once (trainer run does, from rank 0).
+        log.debug("backend auto -> %s (device %s, DALI %s)", chosen, device, "available" if dali_available() else "not installed")
         return chosen
     if backend == "dali" and not dali_available():
         raise LoaderError(f"backend 'dali' needs NVIDIA DALI, which is not installed: {DALI_INSTALL_HINT}")

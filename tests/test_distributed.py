@@ -87,3 +87,30 @@ def test_a_failing_rank_ends_the_job_with_its_message(pack: Path, tmp_path: Path
                       env=env, timeout=240)
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_out_folder(pack: Path, tmp_path: Path) -> None:
+    # Two "machines" (one process each, as torchrun would start them on two nodes), each with its own --out:
+    # rank 1 never sees rank 0's best.pt, and the final test evaluation must not need it.
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer", "run", "--pack", str(pack), *RUN, "--epochs", "1",
+                               "--backend", "auto", "--out", str(tmp_path / f"node{rank}")], cwd=REPO, env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
+    assert summary["test_samples"] == 9  # both ranks' shards, evaluated with rank 0's best weights
+    assert not (tmp_path / "node1").exists()  # only rank 0 writes
+    everything = "".join(out + err for out, err in outputs)
+    assert everything.count("backend auto -> torch") == 1  # once per run, from rank 0

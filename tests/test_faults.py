@@ -100,7 +100,7 @@ def test_kill_9_while_training_then_resume(pack: Path, tmp_path: Path) -> None:
         torch.load(out / name, weights_only=True)  # never half-written
     resumed = _trainer("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [r["epoch"] for r in _metrics(out)] == list(range(5))
+    assert [r["epoch"] for r in _metrics(out)] == list(range(1, 6))
     assert not list(out.glob(".*"))  # no temporaries left behind
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 5
 

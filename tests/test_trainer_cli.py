@@ -43,7 +43,7 @@ def trained(learn_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_run_learns_and_writes_everything(trained: Path) -> None:
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(8))
+    assert [r["epoch"] for r in records] == list(range(1, 9))  # counted from 1, as the console does
     required = {"epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds",
                 "images_per_second", "data_wait_fraction"}
     assert all(required <= set(r) for r in records)
@@ -77,6 +77,7 @@ def test_eval_matches_the_run_summary(trained: Path, learn_pack: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert result["num_samples"] == len(PackReader(learn_pack).split_indices("test"))
     assert result["top1"] == pytest.approx(summary["test_top1"]) and result["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert result["epoch"] == summary["best_epoch"]  # both count from 1
     assert {"top1", "top2", "top3", "per_class"} <= set(result) and "top4" not in result
     assert sum(v["num_samples"] for v in result["per_class"].values()) == result["num_samples"]
     assert (trained / "eval" / "confusion_test.png").exists()

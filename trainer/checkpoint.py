@@ -1,10 +1,15 @@
-"""Saving and loading checkpoints, atomically, loadable with `torch.load(weights_only=True)`."""
+"""What a checkpoint holds (`make_payload`, `read_payload`), and saving and loading it atomically.
+
+Checkpoints load with plain `torch.load(weights_only=True)` too.
+"""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +80,126 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise TrainerError(f"{path}: checkpoint version {ckpt.get('version')}, this program reads {CHECKPOINT_VERSION}")
     return ckpt
+
+
+# What a checkpoint holds. Written by `make_payload`, read by `read_payload`, and nowhere
+# else: `trainer run` (save, resume) and `trainer eval/predict` (rebuild) both go through them.
+# Keys are only ever added: a checkpoint written by an older version still loads.
+METRICS_EPOCH_BASE = 1  # metrics.jsonl and summary.json count epochs from 1 (before this key: from 0)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a mid-epoch checkpoint stopped: `epoch` (0-based index), after `samples` training images of all ranks.
+
+    `step`, `batch_size` and `world_size` are the run's own figures when it stopped;
+    a resume with another batch size or process count starts from `samples`.
+    """
+
+    epoch: int
+    step: int
+    samples: int
+    batch_size: int
+    world_size: int
+    partial: dict[str, Any]
+
+    def start_step(self, batch_size: int, world_size: int) -> int:
+        """The first step for a run with `batch_size` per process on `world_size` processes (rounded down)."""
+        return self.samples // (batch_size * world_size)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read back: everything needed to rebuild the model, or to continue training."""
+
+    model: dict[str, Any]
+    arch: str
+    head: dict[str, Any]  # type, hidden, dropout, activation
+    spec: dict[str, Any]
+    classes: list[str]
+    config: dict[str, Any]
+    epoch: int  # 0-based index of the last completed epoch (-1: none yet)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]  # name, plateau state, epochs (the schedule's length)
+    scaler: dict[str, Any]
+    early_stopping: dict[str, Any]
+    rng: dict[str, Any]
+    metrics: dict[str, Any]
+    position: Position | None
+    metrics_epoch_base: int  # how the run's metrics.jsonl counts epochs
+
+    def mismatch(self, config: dict[str, Any], classes: list[str]) -> str | None:
+        """What differs between this checkpoint and a run of `config` on a pack with `classes`, in words (None: fits)."""
+        if config["arch"] != self.arch:
+            return f"--arch {config['arch']} differs from the checkpoint's {self.arch}"
+        for key, value in self.head.items():
+            option = "--head" if key == "type" else f"--{key}"
+            if config.get("head" if key == "type" else key) != value:
+                return f"{option} {config.get('head' if key == 'type' else key)} differs from the checkpoint's {value}"
+        if list(classes) != self.classes:
+            return (f"the pack's {len(classes)} classes differ from the checkpoint's {len(self.classes)} "
+                    f"({first_difference(list(classes), self.classes)})")
+        return None
+
+    @property
+    def schedule_epochs(self) -> int:
+        """The length the learning-rate schedule was planned for."""
+        return int(self.scheduler.get("epochs", self.config.get("epochs", 0)))
+
+
+def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: dict[str, Any],
+                 early_stopping: dict[str, Any], epoch: int, config: dict[str, Any], classes: list[str], spec: dict[str, Any],
+                 metrics: dict[str, Any], position: Position | None = None) -> dict[str, Any]:
+    """The checkpoint after epoch index `epoch` completed (and `position` into the next): plain containers and tensors."""
+    payload = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": dict(scheduler),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "early_stopping": dict(early_stopping),
+        "rng": rng_state(),
+        "config": dict(config),
+        "classes": list(classes),
+        "arch": config["arch"],
+        "head": {"type": config["head"], "hidden": config["hidden"], "dropout": config["dropout"], "activation": config["activation"]},
+        "spec": dict(spec),
+        "metrics": dict(metrics),
+        "metrics_epoch_base": METRICS_EPOCH_BASE,
+    }
+    if position is not None:
+        payload["position"] = dataclasses.asdict(position)
+    return payload
+
+
+def read_payload(ckpt: dict[str, Any], *, world_size: int = 1) -> Checkpoint:
+    """`load_checkpoint`'s dict as a `Checkpoint`, filling what older versions did not write.
+
+    `world_size` (the resuming run's) is assumed for mid-epoch positions of older
+    checkpoints, which did not record theirs and could only resume with the same.
+    """
+    config = dict(ckpt.get("config", {}))
+    return Checkpoint(
+        model=ckpt["model"], arch=ckpt["arch"], head=dict(ckpt["head"]), spec=dict(ckpt["spec"]), classes=list(ckpt["classes"]),
+        config=config, epoch=int(ckpt["epoch"]), optimizer=ckpt.get("optimizer", {}), scheduler=dict(ckpt.get("scheduler", {})),
+        scaler=ckpt.get("scaler", {}), early_stopping=ckpt.get("early_stopping", {}), rng=ckpt.get("rng", {}),
+        metrics=ckpt.get("metrics", {}), position=_read_position(ckpt.get("position"), config, world_size),
+        metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)))
+
+
+def _read_position(raw: dict[str, Any] | None, config: dict[str, Any], world_size: int) -> Position | None:
+    if not raw:
+        return None
+    if "samples" in raw:
+        return Position(**{f.name: raw[f.name] for f in dataclasses.fields(Position)})
+    batch_size = int(config.get("batch_size", 1))
+    return Position(int(raw["epoch"]), int(raw["step"]), int(raw["step"]) * batch_size * world_size, batch_size, world_size,
+                    raw["partial"])
+
+
+def first_difference(ours: list[str], theirs: list[str]) -> str:
+    """The first class that differs between a pack's list and a checkpoint's, in words."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return f"class {i} is {a!r} in the pack, {b!r} in the checkpoint"
+    return "one list is longer"

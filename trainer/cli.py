@@ -94,9 +94,10 @@ def info(pack: Path, as_json: bool) -> None:
 @run_options
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or JSON file of option names to values; command-line options win.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder from its last.pt (its config.json, overridden by options given here).")
+@click.option("--reschedule", is_flag=True, help="With --resume and another --epochs: plan the learning-rate schedule over the new --epochs (by default it keeps its planned length).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, help="Processes on this machine: launches torchrun with DDP (one per GPU; gloo on the CPU).")
 @one_line_errors
-def run(config_file: Path | None, resume: Path | None, nproc: int, **options: Any) -> None:
+def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: int, **options: Any) -> None:
     """Train a classifier on a pack: fine-tuning, frozen blocks, early stopping, top-k metrics.
 
     \b
@@ -105,7 +106,8 @@ def run(config_file: Path | None, resume: Path | None, nproc: int, **options: An
     """
     from trainer.config import build_config, load_config_file
     from trainer.distributed import destroy_process_group, env_context, init_process_group, resolve_device
-    from trainer.run import default_out_dir, fit, prepare_out_dir
+    from trainer.run import fit
+    from trainer.run_folder import default_out_dir, discard_untrained, prepare_out_dir
 
     file_values = load_config_file(config_file) if config_file else {}
     if resume is not None:
@@ -115,7 +117,10 @@ def run(config_file: Path | None, resume: Path | None, nproc: int, **options: An
         file_values = {**json.loads(saved.read_text()), **file_values, "out": str(resume)}
     cfg = build_config(options, file_values)
     if nproc > 1 and "RANK" not in os.environ:
-        sys.exit(launch_torchrun(cfg, nproc, resume))
+        from trainer.checks import preflight
+
+        preflight(cfg, nproc)  # one line here, rather than once per rank and a torchrun traceback
+        sys.exit(launch_torchrun(cfg, nproc, resume, reschedule))
     ctx = env_context()
     device = resolve_device(cfg.device, ctx)
     init_process_group(ctx, device)
@@ -123,20 +128,26 @@ def run(config_file: Path | None, resume: Path | None, nproc: int, **options: An
         if not cfg.out:
             # Every rank must write to the folder rank 0 named (their clocks may differ).
             cfg = cfg.replace(out=str(ctx.broadcast_object(str(default_out_dir(cfg.arch)))))
+        fresh = ctx.is_main and not Path(cfg.out).exists()
         if ctx.is_main:
             prepare_out_dir(Path(cfg.out), resume is not None)
-        ctx.barrier()
-        fit(cfg, ctx, device, resume=resume is not None, echo=click.echo)
+        try:
+            ctx.barrier()
+            fit(cfg, ctx, device, resume=resume is not None, reschedule=reschedule, echo=click.echo)
+        except BaseException:
+            if fresh:  # a run that failed before its first checkpoint leaves no folder behind
+                discard_untrained(Path(cfg.out))
+            raise
     finally:
         destroy_process_group()
 
 
-def launch_torchrun(cfg: Any, nproc: int, resume: Path | None) -> int:
+def launch_torchrun(cfg: Any, nproc: int, resume: Path | None, reschedule: bool = False) -> int:
     """Re-run this command under `torchrun --standalone --nproc_per_node=nproc` with the resolved config."""
     import subprocess
     import tempfile
 
-    from trainer.run import default_out_dir
+    from trainer.run_folder import default_out_dir
 
     if not cfg.out:
         cfg = cfg.replace(out=str(default_out_dir(cfg.arch)))
@@ -147,6 +158,8 @@ def launch_torchrun(cfg: Any, nproc: int, resume: Path | None) -> int:
                    "-m", "trainer", "run", "--config", str(config_path)]
         if resume is not None:
             command += ["--resume", str(resume)]
+        if reschedule:
+            command.append("--reschedule")
         return subprocess.call(command)
 
 

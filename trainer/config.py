@@ -16,6 +16,9 @@ import click
 
 from trainer.errors import TrainerError
 
+# Adam applies weight decay as an L2 term inside its adaptive step, where 0.05 costs accuracy,
+# so it gets PyTorch's 0; AdamW's decoupled decay keeps the usual 0.05; SGD gets torchvision's 1e-4.
+DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 1e-4}
 ARCH_HELP = "mobilenet_v2, resnet18, resnet50, or any torchvision classification model name"
 
 
@@ -38,12 +41,15 @@ class RunConfig:
     activation: str = field(default="relu", metadata=_opt("Activation of the mlp head.", choices=("relu", "leaky_relu")))
     optimizer: str = field(default="adamw", metadata=_opt("Optimizer.", choices=("adam", "adamw", "sgd")))
     lr: float = field(default=1e-3, metadata=_opt("Learning rate for the global batch.", minimum=0.0))
-    weight_decay: float = field(default=0.05, metadata=_opt("Weight decay (never on biases and normalization weights).", minimum=0.0))
+    weight_decay: float | None = field(default=None, metadata=_opt(
+        "Weight decay (never on biases and normalization weights). [default: adam 0 as PyTorch, adamw 0.05, sgd 1e-4 as "
+        "torchvision's references]", minimum=0.0))
     momentum: float = field(default=0.9, metadata=_opt("SGD momentum.", minimum=0.0))
     scheduler: str = field(default="cosine", metadata=_opt("Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
     step_size: int = field(default=10, metadata=_opt("Epochs between decays (step), or patience epochs (plateau).", minimum=1))
     gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))
     warmup_epochs: float = field(default=0.0, metadata=_opt("Linear warm-up length in epochs.", minimum=0.0))
+    grad_clip: float | None = field(default=None, metadata=_opt("Clip the gradients' global norm to this value (default: no clipping).", minimum=0.0))
     label_smoothing: float = field(default=0.0, metadata=_opt("Label smoothing of the loss.", minimum=0.0))
     epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
     batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
@@ -60,9 +66,14 @@ class RunConfig:
     min_delta: float = field(default=0.0, metadata=_opt("Smallest change that counts as an improvement.", minimum=0.0))
     skip_nonfinite: bool = field(default=False, metadata=_opt("Skip (and count) steps whose loss or gradients are not finite, instead of stopping; costs one host sync per step.", flag=True))
     log_every: int = field(default=20, metadata=_opt("Steps between host syncs for the progress line.", minimum=1))
+    log_seconds: float = field(default=30.0, metadata=_opt("Seconds between progress lines when the output is not a terminal (a log file); 0: every step.", minimum=0.0))
     topk: int = field(default=5, metadata=_opt("k of the top-k accuracy reported.", minimum=1))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda or cuda:N."))
     out: str = field(default="", metadata=_opt("Run folder (default: runs/<arch>-<timestamp>)."))
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is None:  # resolved here, so config.json and checkpoints hold the value used
+            object.__setattr__(self, "weight_decay", DEFAULT_WEIGHT_DECAY[self.optimizer])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to config.json and checkpoints."""
@@ -88,7 +99,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for f in reversed(config_fields()):
         meta = f.metadata
         default = f.default
-        shown = "" if default in ("", None) else f" [default: {default}]"
+        shown = "" if default in ("", None) or "[default:" in meta["help"] else f" [default: {default}]"
         if meta["flag"]:
             shown = f" [default: {'on' if default else 'off'}]"
         if meta["flag"]:
@@ -107,7 +118,7 @@ def _click_type(f: dataclasses.Field[Any]) -> click.ParamType:
     base = f.type if isinstance(f.type, type) else str(f.type)
     if base in (int, "int", "int | None"):
         return click.IntRange(min=meta["min"]) if meta["min"] is not None else click.INT
-    if base in (float, "float"):
+    if base in (float, "float", "float | None"):
         return click.FloatRange(min=meta["min"]) if meta["min"] is not None else click.FLOAT
     return click.STRING
 
@@ -125,12 +136,20 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
             values = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise TrainerError(f"{path}: cannot parse config ({str(exc).splitlines()[0]})") from None
+        raise TrainerError(f"{path}: cannot parse config ({_parse_error(exc)})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise TrainerError(f"{path}: config must be a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _parse_error(exc: Exception) -> str:
+    """A parser's message in one line, with the line and column where it found the problem."""
+    mark = getattr(exc, "problem_mark", None)  # YAML: the location is on a later line of its message
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}"
+    return str(exc).splitlines()[0]  # JSON names line and column in its first line
 
 
 def build_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | None = None) -> RunConfig:

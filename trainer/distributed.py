@@ -59,6 +59,13 @@ class DistContext:
                 dist.broadcast(buffer, src=0)
 
 
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank (the best weights, which only rank 0 may be able to read)."""
+        if self.enabled:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
 def env_context() -> DistContext:
     """Rank, world size and local rank from torchrun's environment (single process without it)."""
     try:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dali_pipes import IMAGE_EXTENSIONS, PackReader, PipelineSpec, build_loader, load_rgb, preprocess
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import first_difference, load_checkpoint, read_payload
 from trainer.errors import TrainerError
 from trainer.loop import evaluate
 from trainer.models import build_model
@@ -26,37 +26,41 @@ class LoadedModel:
     classes: list[str]
     spec: PipelineSpec
     arch: str
-    epoch: int
+    epoch: int  # 0-based index of the checkpoint's last completed epoch
 
 
 def load_model(path: Path, device: torch.device) -> LoadedModel:
     """Rebuild the checkpoint's architecture and head, load its weights, move to `device` in eval mode."""
-    ckpt = load_checkpoint(path)
-    head = ckpt["head"]
-    classes = list(ckpt["classes"])
-    model = build_model(ckpt["arch"], len(classes), weights="none", head=head["type"], hidden=head["hidden"],
+    ckpt = read_payload(load_checkpoint(path))
+    head = ckpt.head
+    model = build_model(ckpt.arch, len(ckpt.classes), weights="none", head=head["type"], hidden=head["hidden"],
                         dropout=head["dropout"], activation=head["activation"])
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.model)
     except RuntimeError as exc:
-        raise TrainerError(f"{path}: weights do not fit {ckpt['arch']} ({str(exc).splitlines()[0][:100]})") from None
-    channels_last = ckpt.get("config", {}).get("channels_last", True)
+        raise TrainerError(f"{path}: weights do not fit {ckpt.arch} ({str(exc).splitlines()[0][:100]})") from None
+    channels_last = ckpt.config.get("channels_last", True)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return LoadedModel(model, classes, PipelineSpec.from_dict(ckpt["spec"]), ckpt["arch"], int(ckpt["epoch"]))
+    return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch)
 
 
 def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", topk: int = 5, batch_size: int = 64,
                         backend: str = "auto", device: torch.device, workers: int | None = None,
                         out: Path | None = None, warn: Any = print) -> dict[str, Any]:
     """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`; plots with `out`."""
+    from trainer.run import choose_backend
+
     reader = PackReader(pack)
     loaded = load_model(checkpoint, device)
     if list(reader.classes) != loaded.classes:
         raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's {len(loaded.classes)} "
-                           f"(first difference: {_first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")
+                           f"(first difference: {first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")
     if topk > reader.num_classes:
         warn(f"warning: --topk {topk} is above the {reader.num_classes} classes; using {reader.num_classes}")
         topk = reader.num_classes
+    backend, note = choose_backend(backend, device)
+    if note:
+        warn(note)
     loader = build_loader(reader, split, backend=backend, batch_size=batch_size, train=False, device=device,
                           num_workers=workers, spec=loaded.spec)
     result = evaluate(loaded.model, loader, device=device, num_classes=reader.num_classes, topk=topk, keep_predictions=True)
@@ -64,7 +68,8 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
     correct, count = result.pop("per_class_correct"), result.pop("per_class_count")
     result["per_class"] = {name: {"top1": correct[i] / count[i] if count[i] else None, "num_samples": count[i]}
                            for i, name in enumerate(reader.classes)}
-    result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch, epoch=loaded.epoch)
+    result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch,
+                  epoch=loaded.epoch + 1)  # epochs count from 1, as in metrics.jsonl
     result["most_confused"] = most_confused(targets, predictions, reader.classes)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -75,18 +80,11 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
     return result
 
 
-def _first_difference(a: list[str], b: list[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"class {i} is {x!r} in the pack, {y!r} in the checkpoint"
-    return "different class counts"
-
-
 def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     """Human-readable lines for `evaluate_checkpoint`'s result."""
     ks = [k for k in range(1, result["topk"] + 1)]
     accs = "  ".join(f"top{k} {result[f'top{k}']:.4f}" for k in ks)
-    lines = [f"{result['checkpoint']} (epoch {result['epoch'] + 1}, {result['arch']}) on {result['split']} of {result['pack']}:",
+    lines = [f"{result['checkpoint']} (epoch {result['epoch']}, {result['arch']}) on {result['split']} of {result['pack']}:",
              f"  {result['num_samples']} images  loss {result['loss']:.4f}  {accs}"]
     if result.get("skipped_samples"):
         lines.append(f"  skipped {result['skipped_samples']} unreadable images (the log names them)")

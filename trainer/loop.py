@@ -85,7 +85,7 @@ class EarlyStopping:
 
     def reason(self) -> str:
         """Why training stopped, in words."""
-        return f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.patience} epochs (best {self.best:.4f} at epoch {self.best_epoch})"
+        return f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.patience} epochs (best {self.best:.4f} at epoch {self.best_epoch + 1})"
 
     def state_dict(self) -> dict[str, Any]:
         """State for checkpoints."""
@@ -206,9 +206,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     check_every = 1 if device.type == "cpu" else step.log_every
     lr = float("nan")
     start = last = time.perf_counter()
-    running = {"loss": float("nan"), "top1": float("nan")}
+    prior_seconds = state.seconds  # of a resumed epoch's earlier session
+    running: dict[str, float | None] = {"loss": None, "top1": None}  # shown as `-` until the first sync
     if progress is not None:
-        progress.set_postfix(lambda: f"loss {running['loss']:.4f} top1 {running['top1']:.3f}")
+        progress.set_postfix(lambda: progress_postfix(running, state.data_wait, prior_seconds + time.perf_counter() - start))
     i = first_step - 1
     interrupted = False
     for i, (images, labels) in enumerate(loader, start=first_step):
@@ -254,6 +255,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         "data_wait_fraction": state.data_wait / max(state.seconds, 1e-9),
     }
     return EpochResult(metrics, False, i + 1, state)
+
+
+def progress_postfix(running: dict[str, float | None], data_wait: float, seconds: float) -> str:
+    """Data wait, running loss and top-1 for the progress line, from host values only (`-`: none yet)."""
+    loss, top1 = running["loss"], running["top1"]
+    return (f"data wait {100 * data_wait / max(seconds, 1e-9):.0f}%  loss {'-' if loss is None else f'{loss:.4f}'} "
+            f"top1 {'-' if top1 is None else f'{top1:.3f}'}")
 
 
 def _raise_if_nonfinite(state: EpochState) -> None:

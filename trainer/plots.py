@@ -22,15 +22,18 @@ def save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Loss and top-1/top-5 against epoch, train and val, as one PNG."""
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "", best_epoch: int | None = None) -> None:
+    """Loss, top-1/top-5 (train and val) and learning rate against epoch (as `records` number them), as one PNG.
+
+    `best_epoch` (same numbering) is marked on every panel with a dashed line.
+    """
     plt = pyplot()
     epochs = [r["epoch"] for r in records]
 
     def series(key: str) -> list[float]:
         return [np.nan if r.get(key) is None else r[key] for r in records]
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
     ax_loss.plot(epochs, series("val_loss"), "s-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -40,7 +43,11 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") 
     if topk_keys:
         ax_acc.plot(epochs, series(topk_keys[-1]), "^--", label=f"val {topk_keys[-1][4:].replace('top', 'top-')}")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
-    for ax in (ax_loss, ax_acc):
+    ax_lr.plot(epochs, series("lr"), "o-", color="tab:green", label="lr (end of epoch)")
+    ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:red", linestyle="--", alpha=0.6, label=f"best (epoch {best_epoch})")
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -1,24 +1,25 @@
 """`trainer run`: build the parts from a `RunConfig`, train epoch by epoch, checkpoint, test.
 
 This module wires things together; the step, the epoch and the evaluation live in
-`trainer.loop`, and the data in `dali_pipes`, which this module reaches only through
-`build_loader`.
+`trainer.loop`, what a checkpoint holds in `trainer.checkpoint`, the checks before
+training in `trainer.checks`, the run folder in `trainer.run_folder`, and the data in
+`dali_pipes`, which this module reaches only through `build_loader`.
 """
 from __future__ import annotations
 
-import datetime
-import os
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from dali_pipes import PackReader, PipelineSpec, build_loader, samples_per_rank
-from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from dali_pipes import PackReader, PipelineSpec, Progress, available_backends, build_loader, resolve_backend
+from trainer.checkpoint import (Checkpoint, Position, load_checkpoint, make_payload, read_payload, save_checkpoint,
+                                set_rng_state, unwrap)
+from trainer.checks import check_forward, check_freeze, check_pack, dropped_note
 from trainer.config import RunConfig
 from trainer.distributed import DistContext
 from trainer.errors import RunInterrupted, TrainerError
@@ -27,7 +28,7 @@ from trainer.metrics import read_metrics, write_json, write_metrics
 from trainer.models import build_model, freeze_blocks, set_train_mode
 from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
-from dali_pipes import Progress
+from trainer.run_folder import link_best
 from trainer.signals import StopSignals
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
@@ -43,59 +44,18 @@ class TrainingState:
     early: EarlyStopping
     plateau: Plateau
     frozen: list[nn.Module]
-    records: list[dict[str, Any]] = field(default_factory=list)
-    next_epoch: int = 0
-    position: dict[str, Any] | None = None  # mid-epoch resume point: epoch, step, partial sums
+    schedule_epochs: int  # the length the learning-rate schedule was planned for (see `resume_schedule`)
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl: "epoch" counts from 1
+    next_epoch: int = 0  # 0-based index of the next epoch to train
+    position: Position | None = None  # mid-epoch resume point
 
 
-def default_out_dir(arch: str) -> Path:
-    """runs/<arch>-<timestamp>."""
-    return Path("runs") / f"{arch}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False,
+                amp_dtype: torch.dtype | None | str = "auto") -> TrainingState:
+    """Model (with head, weights, frozen blocks), optimizer, scaler and stopping state.
 
-
-def prepare_out_dir(out: Path, resume: bool) -> Path:
-    """Check (and make) the run folder; a folder holding a run is only reused with --resume."""
-    if out.exists() and not out.is_dir():
-        raise TrainerError(f"--out {out} is a file; give a folder")
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise TrainerError(f"--resume {out}: nothing to resume (no last.pt there)")
-    elif (out / "last.pt").exists():
-        raise TrainerError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainerError(f"cannot create run folder {out} ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise TrainerError(f"run folder {out} is not writable")
-    # Temporaries of a write that was killed (kill -9, power loss) belong to no one now.
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    (out / ".best.pt.link").unlink(missing_ok=True)
-    return out
-
-
-def check_pack(reader: PackReader, batch_size: int, world_size: int) -> None:
-    """Refuse packs a classifier cannot train on, with the fix."""
-    if reader.num_classes < 2:
-        raise TrainerError(f"{reader.path}: {reader.num_classes} class; a classifier needs at least 2 class folders")
-    counts = reader.split_counts()
-    if counts["train"] == 0:
-        raise TrainerError(f"{reader.path}: the train split is empty; repack with lower --val-ratio/--test-ratio")
-    if counts["val"] == 0:
-        raise TrainerError(f"{reader.path}: the val split is empty; repack with --val-ratio above 0 (or give a val/ folder)")
-    train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
-    missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
-    if missing:
-        raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
-                           "has no training image; add images to its train folder or repack without given splits")
-    per_rank = samples_per_rank(counts["train"], train=True, world_size=world_size)
-    if batch_size > per_rank:
-        raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
-
-
-def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False) -> TrainingState:
-    """Model (with head, weights, frozen blocks), optimizer, scaler and stopping state."""
+    `amp_dtype` is the run's resolved autocast dtype ("auto": resolve `cfg.amp` here).
+    """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=cfg.head, hidden=cfg.hidden,
                         dropout=cfg.dropout, activation=cfg.activation)
@@ -105,65 +65,66 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
         # Same parameters and state-dict keys; converted before freezing so frozen blocks hold the new modules.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     frozen = freeze_blocks(model, cfg.freeze)
+    check_freeze(cfg, frozen)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, device)
-    amp_dtype = resolve_amp(cfg.amp, device)
+    if isinstance(amp_dtype, str):
+        amp_dtype = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     early = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
     plateau = Plateau("min" if cfg.monitor.endswith("loss") else "max", cfg.step_size, cfg.gamma)
-    return TrainingState(model, optimizer, scaler, early, plateau, frozen)
+    return TrainingState(model, optimizer, scaler, early, plateau, frozen, schedule_epochs=cfg.epochs)
 
 
-def checkpoint_payload(cfg: RunConfig, state: TrainingState, epoch: int, classes: list[str], spec: PipelineSpec) -> dict[str, Any]:
-    """The checkpoint after `epoch` completed: plain containers and tensors only."""
-    return {
-        "model": unwrap(state.model).state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": {"name": cfg.scheduler, "plateau": state.plateau.state_dict()},
-        "scaler": state.scaler.state_dict(),
-        "epoch": epoch,
-        "early_stopping": state.early.state_dict(),
-        "rng": rng_state(),
-        "config": cfg.to_dict(),
-        "classes": list(classes),
-        "arch": cfg.arch,
-        "head": {"type": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout, "activation": cfg.activation},
-        "spec": spec.to_dict(),
-        "metrics": state.records[-1] if state.records else {},
-    }
+def checkpoint_payload(run: "RunContext", state: TrainingState, epoch: int, position: Position | None = None) -> dict[str, Any]:
+    """The checkpoint after epoch index `epoch` completed (see `trainer.checkpoint.make_payload`)."""
+    return make_payload(model=state.model, optimizer=state.optimizer, scaler=state.scaler,
+                        scheduler={"name": run.cfg.scheduler, "plateau": state.plateau.state_dict(), "epochs": state.schedule_epochs},
+                        early_stopping=state.early.state_dict(), epoch=epoch, config=run.cfg.to_dict(), classes=run.reader.classes,
+                        spec=run.spec.to_dict(), metrics=state.records[-1] if state.records else {}, position=position)
 
 
-def restore(state: TrainingState, ckpt: dict[str, Any], out: Path) -> None:
-    """Continue from a checkpoint: weights, optimizer, scaler, schedules, RNG, metrics so far."""
-    unwrap(state.model).load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scaler.load_state_dict(ckpt["scaler"])
-    state.early.load_state_dict(ckpt["early_stopping"])
-    state.plateau.load_state_dict(ckpt["scheduler"]["plateau"])
-    set_rng_state(ckpt["rng"])
-    state.next_epoch = ckpt["epoch"] + 1
-    state.position = ckpt.get("position")
-    # Lines written after the checkpoint (a crash between the two writes) are dropped.
-    state.records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= ckpt["epoch"]]
+def restore(state: TrainingState, ckpt: Checkpoint, records: list[dict[str, Any]]) -> None:
+    """Continue from a checkpoint: weights, optimizer, scaler, schedules, RNG, and the run's `records` so far.
+
+    `records` are metrics.jsonl's lines; those of a run that counted epochs from 0 are
+    renumbered from 1, and lines written after the checkpoint (a crash between the two
+    writes) are dropped.
+    """
+    unwrap(state.model).load_state_dict(ckpt.model)
+    state.optimizer.load_state_dict(ckpt.optimizer)
+    state.scaler.load_state_dict(ckpt.scaler)
+    state.early.load_state_dict(ckpt.early_stopping)
+    state.plateau.load_state_dict(ckpt.scheduler["plateau"])
+    set_rng_state(ckpt.rng)
+    state.next_epoch = ckpt.epoch + 1
+    state.position = ckpt.position
+    state.schedule_epochs = ckpt.schedule_epochs
+    shift = 1 - ckpt.metrics_epoch_base
+    state.records = [{**r, "epoch": r["epoch"] + shift} for r in records if r["epoch"] + shift <= ckpt.epoch + 1]
 
 
-def link_best(out: Path) -> None:
-    """best.pt := last.pt, atomically, without writing the bytes twice (a hard link where possible)."""
-    tmp = out / ".best.pt.link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(out / "last.pt", tmp)
-    except OSError:
-        import shutil
+def resume_schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int, str | None]:
+    """The schedule length of a resumed run, and a line to say when it differs from --epochs.
 
-        shutil.copyfile(out / "last.pt", tmp)
-    os.replace(tmp, out / "best.pt")
+    The rule: the schedule keeps the length it was planned for, so a larger --epochs
+    adds epochs after it (cosine stays at its end value) instead of moving the learning
+    rate back up; `--reschedule` plans it over the new --epochs instead.
+    """
+    if reschedule or planned == cfg.epochs:
+        return cfg.epochs, None
+    if cfg.scheduler != "cosine":  # step, plateau and none do not depend on the run's length
+        return planned, None
+    return planned, (f"the cosine schedule keeps its planned {planned} epochs (lr {cfg.lr * lr_factor('cosine', planned, epochs=planned, step_size=cfg.step_size, gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs):.2e} "
+                     f"after epoch {planned}); pass --reschedule to plan it over --epochs {cfg.epochs}")
 
 
 def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
     """The one summary line printed after each epoch."""
+    val = ("val -" if r["val_loss"] is None else
+           f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}")
     return (f"epoch {epoch + 1}/{epochs}  train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}  |  "
-            f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}  |  lr {r['lr']:.2e}  "
+            f"{val}  |  lr {r['lr']:.2e}  "
             f"{r['images_per_second']:,.0f} img/s  data wait {100 * r['data_wait_fraction']:.0f}%  {r['epoch_seconds']:.1f}s"
             + (f"  skipped {r['skipped_samples']}" if r.get("skipped_samples") else "")
             + ("  * best" if best else ""))
@@ -171,6 +132,8 @@ def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
 
 def topk_keys(result: dict[str, Any], prefix: str, topk: int, num_classes: int) -> dict[str, float]:
     """prefix_top1..prefix_topK for K = max(topk, 5); k >= num_classes is 1.0 by definition."""
+    if result["loss"] is None:  # nothing was measured (no val split)
+        return {f"{prefix}_top{k}": None for k in range(1, max(topk, REPORTED_TOPK) + 1)}
     return {f"{prefix}_top{k}": result[f"top{k}"] if k <= num_classes else 1.0 for k in range(1, max(topk, REPORTED_TOPK) + 1)}
 
 
@@ -185,47 +148,100 @@ class RunContext:
     spec: PipelineSpec
     out: Path
     amp_dtype: torch.dtype | None
-    loader_args: dict[str, Any]
+    backend: str  # the concrete backend, resolved once
     say: Callable[[str], None]
 
+    def loader(self, split: str, train: bool) -> Any:
+        """This rank's loader of `split`."""
+        return build_loader(self.reader, split, train=train, backend=self.backend, batch_size=self.cfg.batch_size,
+                            device=self.device, num_workers=self.cfg.workers, seed=self.cfg.seed, rank=self.ctx.rank,
+                            world_size=self.ctx.world_size, spec=self.spec, dtype=torch.float32)
 
-def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool = False,
+
+def choose_backend(backend: str, device: torch.device) -> tuple[str, str | None]:
+    """The concrete backend for `backend`, and for "auto" the line that says what it chose."""
+    name = resolve_backend(backend, device)
+    if backend != "auto":
+        return name, None
+    return name, f"backend auto -> {name} (device {device}, DALI {'available' if 'dali' in available_backends() else 'not installed'})"
+
+
+def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool = False, reschedule: bool = False,
         echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as `cfg` says; returns the summary also written to summary.json.
 
     SIGINT or SIGTERM ends the current step, writes a resumable mid-epoch last.pt and
-    raises `RunInterrupted` (exit status 130 or 143).
+    raises `RunInterrupted` (exit status 130 or 143). Resuming a finished run does no
+    work and returns its summary.
     """
     reader = PackReader(cfg.pack)
-    check_pack(reader, cfg.batch_size, ctx.world_size)
+    check_pack(reader, cfg.batch_size, ctx.world_size, cfg.scheduler)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    spec = PipelineSpec(image_size=cfg.image_size)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    loader_args = dict(backend=cfg.backend, batch_size=cfg.batch_size, device=device, num_workers=cfg.workers, seed=cfg.seed,
-                       rank=ctx.rank, world_size=ctx.world_size, spec=spec, dtype=torch.float32)
-    run = RunContext(cfg, ctx, device, reader, spec, Path(cfg.out), amp_dtype, loader_args, echo if ctx.is_main else (lambda _: None))
-    state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled)
+    backend, note = choose_backend(cfg.backend, device)
+    run = RunContext(cfg, ctx, device, reader, PipelineSpec(image_size=cfg.image_size), Path(cfg.out), resolve_amp(cfg.amp, device),
+                     backend, echo if ctx.is_main else (lambda _: None))
+    state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled, amp_dtype=run.amp_dtype)
+    check_forward(state.model, cfg, device)
     if resume:
-        restore(state, load_checkpoint(run.out / "last.pt"), run.out)
-        where = f"epoch {state.next_epoch + 1}, step {state.position['step']}" if state.position else f"epoch {state.next_epoch + 1}"
-        run.say(f"resuming {run.out} at {where}")
+        notes = _resume(run, state, reschedule)
+        finished = _finished(run, state)
+        if finished is not None:
+            return finished
+        for line in notes:
+            run.say(line)
+    if note:
+        run.say(note)
     if ctx.is_main:
         write_json(run.out / "config.json", cfg.to_dict())
     start = time.perf_counter()
     with StopSignals() as signals:
         stopped_early, stop_reason = _train(run, state, signals)
     run.say(f"stopped: {stop_reason}")
-    summary = _finish(cfg, ctx, state, reader, run.out, device, amp_dtype, loader_args)
+    summary = _finish(run, state)
     summary.update(stopped_early=stopped_early, stop_reason=stop_reason, epochs_run=len(state.records),
                    train_seconds=sum(r["epoch_seconds"] for r in state.records),
                    skipped_steps=sum(r.get("skipped_steps", 0) for r in state.records),
                    wall_seconds_this_session=time.perf_counter() - start)
     if ctx.is_main:
         write_json(run.out / "summary.json", summary)
-        plot_curves(state.records, run.out / "curves.png", title=f"{cfg.arch} on {Path(cfg.pack).name}")
+        plot_curves(state.records, run.out / "curves.png", title=f"{cfg.arch} on {Path(cfg.pack).name}", best_epoch=summary["best_epoch"])
         run.say(f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f} "
-                f"(best epoch {summary['best_epoch'] + 1}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
+                f"(best epoch {summary['best_epoch']}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
+    return summary
+
+
+def _resume(run: RunContext, state: TrainingState, reschedule: bool) -> list[str]:
+    """Restore `state` from the run folder's last.pt, refusing one that does not fit this run; returns the lines to say."""
+    cfg, ctx = run.cfg, run.ctx
+    ckpt = read_payload(load_checkpoint(run.out / "last.pt"), world_size=ctx.world_size)
+    mismatch = ckpt.mismatch(cfg.to_dict(), run.reader.classes)
+    if mismatch:
+        raise TrainerError(f"--resume {run.out}: {mismatch}; resume with the run's own options, or start a new run with --out")
+    restore(state, ckpt, read_metrics(run.out / "metrics.jsonl"))
+    state.schedule_epochs, schedule_note = resume_schedule(cfg, ckpt.schedule_epochs, reschedule)
+    where = f"epoch {state.next_epoch + 1}"
+    if state.position:
+        pos, per_step = state.position, cfg.batch_size * ctx.world_size
+        first = pos.start_step(cfg.batch_size, ctx.world_size)
+        where += f", step {first}"
+        if first * per_step != pos.samples:
+            where += (f" (sample {first * per_step} of the epoch: the checkpoint stopped after {pos.samples} samples with batch "
+                      f"{pos.batch_size} x {pos.world_size} processes; now {cfg.batch_size} x {ctx.world_size}, rounded down to a step)")
+    return [f"resuming {run.out} at {where}"] + ([schedule_note] if schedule_note else [])
+
+
+def _finished(run: RunContext, state: TrainingState) -> dict[str, Any] | None:
+    """The summary of a run that has nothing left to do (trained and tested), after saying so; else None."""
+    done = state.position is None and (state.next_epoch >= run.cfg.epochs or state.early.should_stop)
+    summary_path = run.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if run.ctx.is_main and done and summary_path.is_file() else None
+    summary = run.ctx.broadcast_object(summary)  # rank 0 decides: other nodes may not see its folder
+    if summary is None:
+        return None
+    why = ("early stopping: " + state.early.reason()) if state.early.should_stop else f"reached --epochs {run.cfg.epochs}"
+    run.say(f"{run.out} is finished ({len(state.records)} epochs, {why}); nothing to do"
+            + ("" if state.early.should_stop else "; give a larger --epochs to train on"))
     return summary
 
 
@@ -235,13 +251,19 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     if state.early.should_stop:
         return True, "early stopping: " + state.early.reason()
     train_model = _wrap(state.model, cfg, ctx, run.device)
-    train_loader = build_loader(run.reader, "train", train=True, **run.loader_args)
-    val_loader = build_loader(run.reader, "val", train=False, **run.loader_args)
-    run.say(f"training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
+    train_loader = run.loader("train", train=True)
+    val_loader = run.loader("val", train=False) if run.reader.split_counts()["val"] else None
+    synthetic = "SYNTHETIC DATA (random images, not the pack's: the figures measure speed only): " if run.backend == "synthetic" else ""
+    run.say(f"{synthetic}training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
             f"world size {ctx.world_size}, global batch {cfg.batch_size * ctx.world_size} -> {run.out}")
+    dropped = dropped_note(run.reader.split_counts()["train"], train_loader.num_samples * ctx.world_size, cfg.batch_size, ctx.world_size)
+    if dropped:
+        run.say(dropped)
+    if val_loader is None:
+        run.say(f"{run.reader.path} has no val split: no early stopping, and best.pt is the last epoch")
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
-                      skip_nonfinite=cfg.skip_nonfinite)
+                      grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite)
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
     for epoch in range(state.next_epoch, cfg.epochs):
         outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
@@ -250,14 +272,14 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
                                  f"continue with: trainer run --resume {run.out}", signals.exit_code)
         record = _validate(run, state, train_model, val_loader, epoch, outcome, len(train_loader.skipped))
-        improved = state.early.update(record[cfg.monitor], epoch)
+        improved = state.early.update(record[cfg.monitor], epoch) if val_loader is not None else _last_is_best(state, epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
         state.position = None
         if ctx.is_main:
             write_metrics(run.out / "metrics.jsonl", state.records)
-            save_checkpoint(run.out / "last.pt", checkpoint_payload(cfg, state, epoch, run.reader.classes, run.spec))
+            save_checkpoint(run.out / "last.pt", checkpoint_payload(run, state, epoch))
             if improved:
                 link_best(run.out)
         ctx.barrier()
@@ -265,6 +287,12 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         if state.early.should_stop:
             return True, "early stopping: " + state.early.reason()
     return False, f"reached --epochs {cfg.epochs}"
+
+
+def _last_is_best(state: TrainingState, epoch: int) -> bool:
+    """Without a val split nothing ranks the epochs: the latest is kept as the best."""
+    state.early.best_epoch = epoch
+    return True
 
 
 def _stop_check(signals: StopSignals, ctx: DistContext, log_every: int) -> Callable[[int], bool]:
@@ -294,9 +322,10 @@ def _save_position(run: RunContext, state: TrainingState, epoch: int, outcome: E
     """A mid-epoch last.pt: the last completed epoch's state plus where this epoch stopped."""
     if not run.ctx.is_main:
         return
-    payload = checkpoint_payload(run.cfg, state, epoch - 1, run.reader.classes, run.spec)
-    payload["position"] = {"epoch": epoch, "step": outcome.next_step, "partial": outcome.state.state_dict()}
-    save_checkpoint(run.out / "last.pt", payload)
+    batch_size, world_size = run.cfg.batch_size, run.ctx.world_size
+    position = Position(epoch, outcome.next_step, outcome.next_step * batch_size * world_size, batch_size, world_size,
+                        outcome.state.state_dict())
+    save_checkpoint(run.out / "last.pt", checkpoint_payload(run, state, epoch - 1, position))
 
 
 def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device) -> nn.Module:
@@ -311,21 +340,23 @@ def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.devi
 def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, train_loader: Any, step: StepConfig,
                  epoch: int, stop_requested: Callable[[int], bool]) -> EpochResult:
     cfg = run.cfg
-    position = state.position if state.position and state.position["epoch"] == epoch else None
-    first_step = position["step"] if position else 0
-    train_loader.set_epoch(epoch, first_step)
+    position = state.position if state.position and state.position.epoch == epoch else None
     steps = len(train_loader)  # a whole epoch's batches, also when resumed mid-epoch
+    first_step = min(position.start_step(cfg.batch_size, run.ctx.world_size), steps) if position else 0
+    train_loader.set_epoch(epoch, first_step)
 
     def set_lr_at(i: int) -> float:
-        lr = cfg.lr * lr_factor(cfg.scheduler, epoch + i / steps, epochs=cfg.epochs, step_size=cfg.step_size, gamma=cfg.gamma,
-                                warmup_epochs=cfg.warmup_epochs, plateau_scale=state.plateau.scale)
+        lr = cfg.lr * lr_factor(cfg.scheduler, epoch + i / steps, epochs=state.schedule_epochs, step_size=cfg.step_size,
+                                gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs, plateau_scale=state.plateau.scale)
         set_lr(state.optimizer, lr)
         return lr
 
-    # Live on a terminal; in a log, one plain line when the epoch ends (Progress decides).
+    # Live on a terminal; in a log, a plain line every --log-seconds and when the epoch ends (Progress decides).
+    per_step = cfg.batch_size * run.ctx.world_size
     progress = Progress(train_loader.num_samples * run.ctx.world_size, f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.ctx.is_main,
-                        scale=run.ctx.world_size)
-    resume_state = EpochState.from_state_dict(position["partial"], run.device) if position else None
+                        scale=run.ctx.world_size, steps=steps, first_step=first_step, first_count=first_step * per_step,
+                        log_interval=cfg.log_seconds)
+    resume_state = EpochState.from_state_dict(position.partial, run.device) if position else None
     outcome = train_one_epoch(train_model, train_loader, state.optimizer, step, device=run.device, set_lr=set_lr_at,
                               set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress,
                               first_step=first_step, resume_state=resume_state, stop_requested=stop_requested)
@@ -333,21 +364,25 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     return outcome
 
 
-def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any, epoch: int,
+def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any | None, epoch: int,
               outcome: EpochResult, skipped: int) -> dict[str, Any]:
-    """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val figures."""
+    """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val
+    figures (None without a val split)."""
     ctx = run.ctx
     train = outcome.metrics
     val_start = time.perf_counter()
-    val_loader.set_epoch(epoch)
     ctx.broadcast_buffers(unwrap(train_model))
-    val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
-                   topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
+    if val_loader is not None:
+        val_loader.set_epoch(epoch)
+        val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
+                       topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
+    else:
+        val = {"loss": None}
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
                                               float(train["train_samples"]), float(skipped)], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
     return {
-        "epoch": epoch,
+        "epoch": epoch + 1,  # metrics count epochs from 1, as the console does
         "train_loss": float(train_sums[0]) / n,
         "train_top1": float(train_sums[1]) / n,
         "val_loss": val["loss"],
@@ -362,21 +397,27 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val
     }
 
 
-def _finish(cfg: RunConfig, ctx: DistContext, state: TrainingState, reader: PackReader, out: Path, device: torch.device,
-            amp_dtype: torch.dtype | None, loader_args: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate best.pt on the test split (the val split when there is no test split)."""
-    best = load_checkpoint(out / "best.pt", map_location=device)
-    unwrap(state.model).load_state_dict(best["model"])
-    split = "test" if reader.split_counts()["test"] > 0 else "val"
-    loader = build_loader(reader, split, train=False, **loader_args)
-    result = evaluate(unwrap(state.model), loader, device=device, num_classes=reader.num_classes,
-                      topk=max(cfg.topk, REPORTED_TOPK), amp_dtype=amp_dtype, all_reduce=ctx.all_reduce)
+def _finish(run: RunContext, state: TrainingState) -> dict[str, Any]:
+    """Evaluate the best weights on the test split (the val split when there is no test split).
+
+    Only rank 0 reads best.pt (other nodes may not share its folder) and sends the
+    weights to every rank.
+    """
+    model = unwrap(state.model)
+    if run.ctx.is_main:
+        model.load_state_dict(read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device)).model)
+    run.ctx.broadcast_module(model)
+    split = "test" if run.reader.split_counts()["test"] > 0 else "val"
+    result = evaluate(model, run.loader(split, train=False), device=run.device, num_classes=run.reader.num_classes,
+                      topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=run.ctx.all_reduce)
     return {
-        "best_epoch": int(best["epoch"]),
-        "best_" + cfg.monitor: state.early.best,
+        "best_epoch": state.early.best_epoch + 1,  # counted from 1, as in metrics.jsonl
+        "best_" + run.cfg.monitor: state.early.best,
         "test_split": split,
+        "backend": run.backend,
+        "synthetic_data": run.backend == "synthetic",  # random images: the figures measure speed only
         "test_loss": result["loss"],
-        **topk_keys(result, "test", cfg.topk, reader.num_classes),
+        **topk_keys(result, "test", run.cfg.topk, run.reader.num_classes),
         "test_samples": result["num_samples"],
         "test_skipped_samples": result.get("skipped_samples", 0),
     }
