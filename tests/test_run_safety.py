@@ -19,7 +19,7 @@ from trainer.cli import main as trainer_main
 from trainer.config import build_config
 from trainer.loop import StepConfig, progress_postfix, train_one_epoch
 from trainer.plots import plot_curves
-from trainer.progress import Progress
+from dali_pipes import Progress
 from trainer.signals import StopSignals
 
 # 3 classes x 20 images, 20% val and test: 36 train images, 4 steps of 8 an epoch.
