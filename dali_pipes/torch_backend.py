@@ -28,6 +28,7 @@ import multiprocessing as mp
 import re
 import signal
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
@@ -288,16 +289,17 @@ def _canvas(images: list[torch.Tensor], fill: int) -> torch.Tensor:
     """The images in the top-left corners of one N x 3 x Hmax x Wmax float tensor, minus `fill`.
 
     The padding is 0 there, exactly what `grid_sample`'s zero padding reads outside an
-    image, so sampling the canvas equals sampling each image on its own.
+    image, so sampling the canvas equals sampling each image on its own. Images of
+    different sizes are padded by a nested tensor: a few kernels for the whole batch
+    (float is the dtype with a fused padding kernel on CUDA), not one copy per image.
     """
     if all(image.shape == images[0].shape for image in images):
-        return torch.stack(images).float().sub_(fill)  # one kernel: the usual case
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
-    canvas = torch.full((len(images), 3, height, width), float(fill), dtype=torch.float32, device=images[0].device)
-    for j, image in enumerate(images):
-        canvas[j, :, : image.shape[-2], : image.shape[-1]] = image
-    return canvas.sub_(fill)
+        canvas = torch.stack(images).float()  # one kernel: the usual case
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "nested tensors are in prototype stage"
+            canvas = torch.nested.nested_tensor(images).float().to_padded_tensor(float(fill))
+    return canvas.sub_(fill) if fill else canvas
 
 
 def _warp_torch(images: list[torch.Tensor], flips: np.ndarray, angles: np.ndarray, spec: PipelineSpec) -> torch.Tensor:
