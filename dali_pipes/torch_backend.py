@@ -8,8 +8,14 @@ Two paths share the sampler, the epoch plan and the augmentation draws:
   rotation together); eval: torchvision's antialiased resize (PIL's BILINEAR filter).
   The host ships uint8; `base.to_model_input` normalizes wherever the batch lands.
 - GPU path (`device.type == "cuda"` and torchvision's nvJPEG decode works): workers only
-  gather encoded bytes; the main process decodes the batch on the GPU and does the same
-  geometry there with `affine_grid`/`grid_sample` (train) or `interpolate` (eval).
+  gather encoded bytes; the main process decodes the batch on the GPU (one nvJPEG call on
+  a stream of its own, see `_decode_jpegs`) and does the same geometry there for the
+  whole batch at once: one `affine_grid` + `grid_sample` over the images padded to one
+  canvas (train) or one `interpolate` per image size (eval). The same functions run on
+  CPU tensors, which is how CI tests them.
+
+On CUDA both paths hand their batches through `prefetch.Prefetcher`: batch k+1 is
+copied, decoded, warped and normalized on a side stream while step k runs.
 
 Flip and angle come from `spec.sample_augmentation(spec, seed, epoch, indices)`, never
 from a worker's RNG, so batches do not depend on worker count or scheduling.
