@@ -275,7 +275,8 @@ def _resize_torch_batch(images: list[torch.Tensor], spec: PipelineSpec) -> torch
         resized = _resize_torch(group, (size, size), spec.interpolation, spec.eval_antialias)
         if len(rows) == len(images):
             return resized
-        out[rows] = resized
+        # index_copy_ with a pinned index: indexing with a Python list would copy it to the device synchronously.
+        out.index_copy_(0, host_to_device(torch.tensor(rows), out.device), resized)
     return out
 
 
