@@ -20,6 +20,7 @@ Augmentation parameters come from `spec.sample_augmentation`.
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -248,6 +249,19 @@ class EpochCursor:
         return self.plan.batches(self.start_batch)
 
 
+@functools.lru_cache(maxsize=16)
+def normalization_constants(mean_255: tuple[float, ...], std_255: tuple[float, ...],
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) as 1 x 3 x 1 x 1 float32 on `device`, made once per (spec, device).
+
+    Built per batch, each would be a small synchronizing host-to-device copy: the host
+    would wait for the step queued before it, and book that wait as data wait.
+    """
+    mean = torch.tensor(mean_255, dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1.0 / s for s in std_255], dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(device), inv_std.to(device)
+
+
 def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype) -> torch.Tensor:
     """uint8 N x H x W x C pixels -> N x C x H x W channels_last, normalized, in `dtype`.
 
@@ -257,8 +271,7 @@ def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype)
     nchw = images.permute(0, 3, 1, 2)  # a view: NHWC memory is exactly channels_last NCHW
     if dtype == torch.uint8:
         return nchw.contiguous(memory_format=torch.channels_last)
-    mean = torch.tensor(spec.mean_255, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    inv_std = torch.tensor([1.0 / s for s in spec.std_255], device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, inv_std = normalization_constants(spec.mean_255, spec.std_255, images.device)
     out = nchw.float().sub_(mean).mul_(inv_std)  # in place: one full-size float buffer, not two
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
 

@@ -58,7 +58,7 @@ import torch
 
 from .base import BatchLoader, ImageDecodeError, LoaderError, LoaderRequest, SkippedSample, to_model_input
 from .pack import PackReader
-from .spec import PipelineSpec, affine_matrix, sample_augmentation
+from .spec import PipelineSpec, affine_matrices, sample_augmentation
 
 GEOMETRIES = ("fused", "separate")
 DECODES = ("mixed", "cpu")
@@ -144,10 +144,8 @@ class _Feed:
             return values["data"], values["label"]
         flips, angles = sample_augmentation(spec, self._seed, self._epoch, indices)
         if self._graph.geometry == "fused":
-            values["matrix"] = [
-                affine_matrix(int(reader.heights[i]), int(reader.widths[i]), spec.image_size, bool(f), float(a)).astype(np.float32)
-                for i, f, a in zip(indices, flips, angles)
-            ]
+            matrices = affine_matrices(reader.heights[indices], reader.widths[indices], spec.image_size, flips, angles)
+            values["matrix"] = list(matrices.astype(np.float32))
         else:
             values["flip"] = [np.array(int(f), dtype=np.int32) for f in flips]
             values["angle"] = [np.array(a, dtype=np.float32) for a in angles]

@@ -78,8 +78,17 @@ def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backe
 
 
 def default_workers() -> int:
-    """One worker per core this process may use."""
+    """The cores this process may use, shared among the processes on this node, at least 1.
+
+    torchrun sets LOCAL_WORLD_SIZE (processes on this node); each of them would otherwise
+    start one worker per core and the node would run nproc times too many.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_world = 1
+    return max(1, cores // local_world)

@@ -201,7 +201,9 @@ def _open_h5(path: Path) -> h5py.File:
     if path.is_dir():
         raise PackError(f"{path}: is a directory, not a pack")
     try:
-        return h5py.File(path, "r")
+        # No HDF5 file lock: a pack is only ever read here, and NFS or Lustre mounts without
+        # lock support would otherwise refuse to open it ("unable to lock file").
+        return h5py.File(path, "r", locking=False)
     except OSError as exc:
         raise PackError(f"{path}: not a readable HDF5 pack ({_short(exc)}); make one with tools/pack_dataset.py") from None
 

@@ -6,11 +6,12 @@ backends, the trainer, checkpoints and `predict` all go through `PipelineSpec`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from .seeded import uniforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,16 +92,14 @@ def sample_augmentation(spec: PipelineSpec, seed: int, epoch: int, indices: np.n
     """Flip flags and rotation angles for `indices` (pack indices), from (seed, epoch, index) alone.
 
     Every backend and every worker calls this, so a sample's augmentation does not
-    depend on worker scheduling, batch composition, rank or resumption.
+    depend on worker scheduling, batch composition, rank or resumption. Sample `index`
+    gets the first two draws u_flip, u_angle of `np.random.default_rng((seed, epoch,
+    index))`: flip when u_flip < flip_prob, angle (2 u_angle - 1) * rotation_degrees.
+    The whole batch is drawn in one vectorized call (`seeded.uniforms`), same values.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    flips = np.empty(len(indices), dtype=bool)
-    angles = np.empty(len(indices), dtype=np.float32)
-    for j, index in enumerate(indices):
-        rng = np.random.default_rng((seed, epoch, int(index)))
-        u_flip, u_angle = rng.random(2)
-        flips[j] = u_flip < spec.flip_prob
-        angles[j] = (2.0 * u_angle - 1.0) * spec.rotation_degrees
+    draws = uniforms((seed, epoch), indices, 2)
+    flips = draws[:, 0] < spec.flip_prob
+    angles = ((2.0 * draws[:, 1] - 1.0) * spec.rotation_degrees).astype(np.float32)
     return flips, angles
 
 
@@ -113,13 +112,27 @@ def affine_matrix(height: int, width: int, size: int, flip: bool, angle_degrees:
     of OpenCV's `warpAffine` after its half-pixel shift and of DALI's `warp_affine`,
     so one matrix drives both backends.
     """
-    sx, sy = size / width, size / height
-    # Resize: continuous coordinates (corners at 0 and width) scale linearly.
-    resize = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]])
-    flip_m = np.array([[-1.0, 0.0, size], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) if flip else np.eye(3)
-    theta = math.radians(angle_degrees)
-    cos, sin = math.cos(theta), math.sin(theta)
+    return affine_matrices([height], [width], size, [flip], [angle_degrees])[0]
+
+
+def affine_matrices(heights: Sequence[int] | np.ndarray, widths: Sequence[int] | np.ndarray, size: int,
+                    flips: Sequence[bool] | np.ndarray, angles_degrees: Sequence[float] | np.ndarray) -> np.ndarray:
+    """N x 2 x 3 float64: `affine_matrix` of each (height, width, flip, angle), written out for a whole batch.
+
+    rotate @ flip @ resize multiplied by hand: [[a, b, tx], [c, d, ty]] with the resize
+    scales on the columns, the flip negating the first column and moving x by `size`.
+    """
+    sx = size / np.asarray(widths, dtype=np.float64)
+    sy = size / np.asarray(heights, dtype=np.float64)
+    theta = np.radians(np.asarray(angles_degrees, dtype=np.float64))
+    cos, sin = np.cos(theta), np.sin(theta)
+    sign = np.where(np.asarray(flips, dtype=bool), -1.0, 1.0)
+    shift = np.where(sign < 0, float(size), 0.0)  # the flip's x translation, before the rotation
     c = size / 2.0
     # Counter-clockwise on screen (y down) as torchvision's RandomRotation with positive angles.
-    rotate = np.array([[cos, sin, c - cos * c - sin * c], [-sin, cos, c + sin * c - cos * c], [0.0, 0.0, 1.0]])
-    return (rotate @ flip_m @ resize)[:2].astype(np.float64)
+    out = np.empty((len(sx), 2, 3), dtype=np.float64)
+    out[:, 0, 0], out[:, 0, 1] = cos * sign * sx, sin * sy
+    out[:, 1, 0], out[:, 1, 1] = -sin * sign * sx, cos * sy
+    out[:, 0, 2] = cos * shift + c - cos * c - sin * c
+    out[:, 1, 2] = -sin * shift + c + sin * c - cos * c
+    return out

@@ -9,8 +9,14 @@ Two paths share the sampler, the epoch plan and the augmentation draws:
   BILINEAR filter), the same function `dali_pipes.preprocess` applies to single files.
   The host ships uint8; `base.to_model_input` normalizes wherever the batch lands.
 - GPU path (`device.type == "cuda"` and torchvision's nvJPEG decode works): workers only
-  gather encoded bytes; the main process decodes the batch on the GPU and does the same
-  geometry there with `affine_grid`/`grid_sample` (train) or `interpolate` (eval).
+  gather encoded bytes; the main process decodes the batch on the GPU (one nvJPEG call on
+  a stream of its own, see `_decode_jpegs`) and does the same geometry there for the
+  whole batch at once: one `affine_grid` + `grid_sample` over the images padded to one
+  canvas (train) or one `interpolate` per image size (eval). The same functions run on
+  CPU tensors, which is how CI tests them.
+
+On CUDA both paths hand their batches through `prefetch.Prefetcher`: batch k+1 is
+copied, decoded, warped and normalized on a side stream while step k runs.
 
 Flip and angle come from `spec.sample_augmentation(spec, seed, epoch, indices)`, never
 from a worker's RNG, so batches do not depend on worker count or scheduling.
@@ -29,6 +35,7 @@ import multiprocessing as mp
 import re
 import signal
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
@@ -39,9 +46,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .base import BatchLoader, EpochCursor, ImageDecodeError, LoaderRequest, SkipLog, SkippedSample, to_model_input
+from .device import decode_stream, hand_over, host_to_device, ready_marker
 from .inputs import resize_cpu
 from .pack import PackReader
-from .spec import PipelineSpec, affine_matrix, sample_augmentation
+from .prefetch import Prefetcher
+from .spec import PipelineSpec, affine_matrices, affine_matrix, sample_augmentation
 
 log = logging.getLogger("dali_pipes")
 
@@ -76,15 +85,35 @@ def opencv_matrix(matrix: np.ndarray) -> np.ndarray:
 
 
 def grid_theta(height: int, width: int, size: int, flip: bool, angle: float) -> np.ndarray:
-    """2x3 `F.affine_grid` matrix (output -> source, normalized coordinates) for one image.
+    """2x3 `F.affine_grid` matrix (output -> source, normalized coordinates) for one image."""
+    return grid_thetas(np.array([height]), np.array([width]), size, np.array([flip]), np.array([angle]))[0]
+
+
+def grid_thetas(heights: np.ndarray, widths: np.ndarray, size: int, flips: np.ndarray, angles: np.ndarray,
+                canvas: tuple[int, int] | None = None) -> np.ndarray:
+    """N x 2 x 3 `F.affine_grid` matrices (output -> source, normalized) for a batch, no per-image Python.
 
     affine_grid with align_corners=False normalizes continuous coordinates (corners at 0
     and the side length) to [-1, 1], which is the spec's convention up to that scaling.
+    Image j lies in the top-left corner of a `canvas` (height, width) shared by the batch
+    (default: its own size), so source coordinates are normalized by the canvas: the
+    padding is folded into each matrix and one `grid_sample` serves the whole batch.
     """
-    inverse = np.linalg.inv(np.vstack([affine_matrix(height, width, size, flip, angle), [0.0, 0.0, 1.0]]))
-    from_output = np.array([[size / 2.0, 0.0, size / 2.0], [0.0, size / 2.0, size / 2.0], [0.0, 0.0, 1.0]])
-    to_source = np.array([[2.0 / width, 0.0, -1.0], [0.0, 2.0 / height, -1.0], [0.0, 0.0, 1.0]])
-    return (to_source @ inverse @ from_output)[:2]
+    forward = affine_matrices(heights, widths, size, flips, angles)
+    # The inverse of [[a, b, tx], [c, d, ty]] in closed form (no 3x3 inverse per image).
+    a, b, c, d = forward[:, 0, 0], forward[:, 0, 1], forward[:, 1, 0], forward[:, 1, 1]
+    det = a * d - b * c
+    linear = np.stack([np.stack([d, -b], -1), np.stack([-c, a], -1)], 1) / det[:, None, None]  # N x 2 x 2
+    translation = -np.einsum("nij,nj->ni", linear, forward[:, :, 2])
+    source = np.stack([np.asarray(widths, np.float64), np.asarray(heights, np.float64)], -1) if canvas is None \
+        else np.broadcast_to(np.array([canvas[1], canvas[0]], np.float64), (len(forward), 2))
+    half = size / 2.0
+    # output normalized u -> pixel (u + 1) * half -> source pixel -> source normalized 2 p / side - 1.
+    scale = (2.0 / source)[:, :, None]
+    theta = np.empty((len(forward), 2, 3), dtype=np.float64)
+    theta[:, :, :2] = scale * linear * half
+    theta[:, :, 2] = scale[:, :, 0] * (linear.sum(-1) * half + translation) - 1.0
+    return theta
 
 
 def _prefilter_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -186,30 +215,26 @@ def transform_images(images: list[torch.Tensor], spec: PipelineSpec, train: bool
                      angles: np.ndarray) -> torch.Tensor:
     """Decoded 3 x H x W uint8 images (any device) -> N x S x S x 3 uint8 on that device.
 
-    The GPU path's geometry, written with torch ops only, so it also runs (and is
-    tested) on the CPU.
+    The GPU path's geometry, written with torch ops only, so it also runs (and is tested)
+    on the CPU. Train: the images are padded into one canvas and warped by one batched
+    `affine_grid` + `grid_sample`; eval: one `interpolate` per distinct image size.
     """
-    size = spec.image_size
-    device = images[0].device
-    batch = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=device)
-    thetas = None
     if train:
-        # All matrices in one host-to-device copy.
-        thetas = torch.from_numpy(np.stack([grid_theta(*_train_source_size(im, spec), size, bool(f), float(a))
-                                            for im, f, a in zip(images, flips, angles)])).to(device, torch.float32)
+        if spec.train_antialias:
+            images = _prefilter(images, spec.image_size)
+        pixels = _warp_torch(images, flips, angles, spec)
+    else:
+        pixels = _resize_torch_batch(images, spec)
+    # Rounded like the CPU path's uint8 output; NHWC memory is what `to_model_input` expects.
+    return pixels.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _by_shape(images: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """Positions of the images of each distinct shape (datasets often have one or a few)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
     for j, image in enumerate(images):
-        pixels = image[None].float()
-        if thetas is not None:
-            result = _warp_torch(pixels, thetas[j : j + 1], spec)
-        else:
-            result = _resize_torch(pixels, (size, size), spec.interpolation, spec.eval_antialias)
-        batch[j] = result[0].round_().clamp_(0, 255).permute(1, 2, 0).to(torch.uint8)
-    return batch
-
-
-def _train_source_size(image: torch.Tensor, spec: PipelineSpec) -> tuple[int, int]:
-    h, w = image.shape[-2:]
-    return _prefilter_size(h, w, spec.image_size) if spec.train_antialias else (h, w)
+        groups.setdefault(tuple(image.shape), []).append(j)
+    return groups
 
 
 def _resize_torch(pixels: torch.Tensor, size: tuple[int, int], interpolation: str, antialias: bool) -> torch.Tensor:
@@ -219,43 +244,115 @@ def _resize_torch(pixels: torch.Tensor, size: tuple[int, int], interpolation: st
     return F.interpolate(pixels, size=size, mode=mode, antialias=antialias, align_corners=False)
 
 
-def _warp_torch(pixels: torch.Tensor, theta: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-    if spec.train_antialias:
-        target = _prefilter_size(pixels.shape[-2], pixels.shape[-1], spec.image_size)
-        if target != tuple(pixels.shape[-2:]):
-            pixels = _resize_torch(pixels, target, "linear", antialias=True)
+def _resize_torch_batch(images: list[torch.Tensor], spec: PipelineSpec) -> torch.Tensor:
+    """Eval geometry: every image resized to S x S (float N x 3 x S x S), one call per image size."""
     size = spec.image_size
-    grid = F.affine_grid(theta, [1, 3, size, size], align_corners=False)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    for shape, rows in _by_shape(images).items():
+        group = torch.stack([images[j] for j in rows]).float()
+        resized = _resize_torch(group, (size, size), spec.interpolation, spec.eval_antialias)
+        if len(rows) == len(images):
+            return resized
+        # index_copy_ with a pinned index: indexing with a Python list would copy it to the device synchronously.
+        out.index_copy_(0, host_to_device(torch.tensor(rows), out.device), resized)
+    return out
+
+
+def _prefilter(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """`train_antialias`: images larger than `size` first shrunk with antialiasing (float, not rounded)."""
+    out = [image.float() for image in images]
+    for shape, rows in _by_shape(images).items():
+        target = _prefilter_size(shape[-2], shape[-1], size)
+        if target != tuple(shape[-2:]):
+            group = _resize_torch(torch.stack([images[j] for j in rows]).float(), target, "linear", antialias=True)
+            for j, image in zip(rows, group):
+                out[j] = image
+    return out
+
+
+def _canvas(images: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """The images in the top-left corners of one N x 3 x Hmax x Wmax float tensor, minus `fill`.
+
+    The padding is 0 there, exactly what `grid_sample`'s zero padding reads outside an
+    image, so sampling the canvas equals sampling each image on its own. Images of
+    different sizes are padded by a nested tensor: a few kernels for the whole batch
+    (float is the dtype with a fused padding kernel on CUDA), not one copy per image.
+    """
+    if all(image.shape == images[0].shape for image in images):
+        canvas = torch.stack(images).float()  # one kernel: the usual case
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "nested tensors are in prototype stage"
+            canvas = torch.nested.nested_tensor(images).float().to_padded_tensor(float(fill))
+    return canvas.sub_(fill) if fill else canvas
+
+
+def _warp_torch(images: list[torch.Tensor], flips: np.ndarray, angles: np.ndarray, spec: PipelineSpec) -> torch.Tensor:
+    """Train geometry of the whole batch: one `affine_grid` + `grid_sample` (float N x 3 x S x S)."""
+    size = spec.image_size
+    canvas = _canvas(images, spec.fill)
+    heights = np.array([image.shape[-2] for image in images])
+    widths = np.array([image.shape[-1] for image in images])
+    thetas = grid_thetas(heights, widths, size, flips, angles, canvas=tuple(canvas.shape[-2:]))
+    # All matrices in one pinned, non-blocking host-to-device copy.
+    theta = host_to_device(torch.from_numpy(thetas.astype(np.float32)), canvas.device)
+    grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
     # Zero padding around (image - fill), plus fill, is a constant border of `fill`
     # blended exactly as OpenCV's BORDER_CONSTANT blends it.
-    warped = F.grid_sample(pixels - spec.fill, grid, mode=_TORCH_MODE[spec.interpolation], padding_mode="zeros",
-                           align_corners=False)
-    return warped + spec.fill
+    warped = F.grid_sample(canvas, grid, mode=_TORCH_MODE[spec.interpolation], padding_mode="zeros", align_corners=False)
+    return warped.add_(spec.fill)
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched `decode_jpeg` to `device`; on CUDA, safe for the memory it writes.
+
+    torchvision allocates the outputs on the caller's current stream, then has nvJPEG
+    write them from a stream of its own that does not wait for the current one (and
+    nvJPEG's hardware engine ignores stream order anyway). The caching allocator hands a
+    stream any block freed on that stream at once, trusting stream order, so decoding
+    on the training stream could be given a block autograd has just freed while queued
+    kernels still read it. So the decode runs with a dedicated stream current, on which
+    nothing but these outputs is ever allocated: only blocks freed there can come back to
+    the decoder, and every output is `record_stream`-ed on the consumer (`hand_over`),
+    so its block returns only after the consumer's kernels using it have finished. That
+    holds whatever stream the decoder writes from: correct by construction, not by
+    timing. The decode stream first waits on the consumer, so any work torchvision does
+    queue on the current stream is ordered after what the consumer queued before.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type != "cuda":
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    stream = decode_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    hand_over(images, ready_marker(stream))
+    return images
 
 
 def decode_on_device(reader: PackReader, indices: np.ndarray, encoded: list[torch.Tensor],
                      device: torch.device) -> tuple[list[torch.Tensor], list[SkippedSample]]:
-    """Batched nvJPEG decode of `encoded` to 3 x H x W uint8 on `device`, and the samples left out.
+    """Batched decode of `encoded` to 3 x H x W uint8 on `device` (nvJPEG on CUDA), and the samples left out.
 
     Each image that cannot be decoded is left out of the result (good ones in order)
-    and listed as a `SkippedSample` naming it and torchvision's reason.
+    and listed as a `SkippedSample` naming it and torchvision's reason. On the CPU this
+    is torchvision's CPU decoder, so the whole path runs in CI.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), []
+        return _decode_jpegs(encoded, device), []
     except RuntimeError:
         pass
     # The batched call does not say which image failed: find them one by one.
     good, skipped = [], []
     for index, data in zip(indices, encoded):
         try:
-            decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            _decode_jpegs([data], device)
         except RuntimeError as exc:
             skipped.append(_decode_error(reader, int(index), _torchvision_reason(exc)).sample)
             continue
         good.append(data)
-    return (decode_jpeg(good, mode=ImageReadMode.RGB, device=device) if good else []), skipped
+    return (_decode_jpegs(good, device) if good else []), skipped
 
 
 def gpu_decode_works(reader: PackReader, index: int, device: torch.device) -> bool:
@@ -263,9 +360,7 @@ def gpu_decode_works(reader: PackReader, index: int, device: torch.device) -> bo
     if device.type != "cuda":
         return False
     try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        decode_jpeg([torch.from_numpy(np.array(reader.image_bytes(index)))], mode=ImageReadMode.RGB, device=device)
+        _decode_jpegs([torch.from_numpy(np.array(reader.image_bytes(index)))], device)
     except (ImportError, RuntimeError, TypeError, ValueError) as exc:
         log.warning("torch backend: GPU JPEG decoding unavailable (%s); decoding in DataLoader workers instead",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -414,10 +509,9 @@ class TorchLoader(BatchLoader):
         # The first iter() forks the (persistent) workers.
         with _opencv_threads(1) if self._num_workers > 0 else nullcontext():
             items = iter(self._data_loader())
-        for item in items:
-            batch = finish(item)
-            if batch is not None:  # None: every sample of the batch was unreadable
-                yield batch
+        # On CUDA, batch k+1 is prepared on a side stream while step k runs; finish()
+        # returns None when every sample of a batch was unreadable.
+        yield from Prefetcher(items, finish, self.device)
 
     def _record(self, skipped: list[SkippedSample]) -> None:
         for sample in skipped:
@@ -428,8 +522,8 @@ class TorchLoader(BatchLoader):
         self._record(skipped)
         if len(labels) == 0:
             return None
-        pixels = pixels.to(self.device, non_blocking=True)
-        return to_model_input(pixels, self.spec, self.dtype), labels.to(self.device, non_blocking=True)
+        pixels = host_to_device(pixels, self.device)
+        return to_model_input(pixels, self.spec, self.dtype), host_to_device(labels, self.device)
 
     def _finish_gpu(self, item: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         data, offsets, indices, flips, angles, labels = item
@@ -444,7 +538,7 @@ class TorchLoader(BatchLoader):
                 return None
             flips, angles, labels = flips[good], angles[good], labels[torch.from_numpy(good)]
         pixels = transform_images(images, self.spec, self.train, flips, angles)
-        return to_model_input(pixels, self.spec, self.dtype), labels.to(self.device, non_blocking=True)
+        return to_model_input(pixels, self.spec, self.dtype), host_to_device(labels, self.device)
 
 
 def make_loader(reader: PackReader, request: LoaderRequest) -> TorchLoader:

@@ -67,3 +67,64 @@ def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: P
     cpu, gpu = json.loads(on_cpu.output.splitlines()[-1]), json.loads(on_gpu.output.splitlines()[-1])
     assert cpu["num_samples"] == gpu["num_samples"]
     assert cpu["loss"] == pytest.approx(gpu["loss"], rel=2e-2, abs=2e-2)  # GPU decode and TF32 convolutions differ slightly
+
+
+def _sync_checked(batches):
+    """`batches`, with CUDA syncs made errors from the second batch on until the epoch's last.
+
+    The first step may sync (cudnn autotuning, constants made once per device); after it,
+    a sync anywhere in the hot path (loader, prefetch, decode, warp, step) raises.
+    """
+    try:
+        for k, batch in enumerate(batches):
+            if k == 1:
+                torch.cuda.set_sync_debug_mode("error")
+            yield batch
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_train_steps_never_sync_between_log_boundaries(demo_pack: Path) -> None:
+    import torchvision
+    from torch import nn
+
+    from trainer.loop import StepConfig, train_one_epoch
+
+    device = torch.device("cuda")
+    loader = build_loader(demo_pack, "train", backend="torch", batch_size=4, train=True, image_size=64, device=device,
+                          dtype=torch.float32, num_workers=1)
+    assert loader.gpu_decode, "torchvision could not decode on this GPU"
+    model = torchvision.models.resnet18(num_classes=loader.num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # bf16: the fp16 GradScaler reads found_inf on the host every step by design.
+    step = StepConfig(criterion=nn.CrossEntropyLoss(), amp_dtype=torch.bfloat16,
+                      scaler=torch.amp.GradScaler("cuda", enabled=False), log_every=10_000)
+    result = train_one_epoch(model, _sync_checked(loader), optimizer, step, device=device, set_lr=lambda i: 0.01,
+                             set_train_mode=model.train)
+    assert result.metrics["train_samples"] == loader.num_samples and len(loader) > 3
+    assert 0.0 <= result.metrics["data_wait_fraction"] <= 1.0
+
+
+def test_gpu_decode_never_writes_memory_that_queued_kernels_still_read(demo_pack: Path) -> None:
+    """The torchvision PR 9606 pattern: free tensors that queued kernels still read, then decode."""
+    import numpy as np
+
+    from dali_pipes import PackReader
+    from dali_pipes.torch_backend import decode_on_device
+
+    reader = PackReader(demo_pack)
+    indices = reader.split_indices("train")[:8]
+    encoded = [torch.from_numpy(np.array(reader.image_bytes(int(i)))) for i in indices]
+    device = torch.device("cuda")
+    decode_on_device(reader, indices, encoded, device)  # warm-up: nvJPEG handles and the decode stream
+    for _ in range(10):
+        # Blocks of exactly the decoded images' sizes, filled with known values.
+        victims = [torch.full((3, int(reader.heights[i]), int(reader.widths[i])), j + 1, dtype=torch.uint8, device=device)
+                   for j, i in enumerate(indices)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # keeps the stream busy while the reads below wait their turn
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        expected = [(j + 1) * v.numel() for j, v in enumerate(victims)]
+        del victims  # freed while the sums are still queued
+        decode_on_device(reader, indices, encoded, device)
+        assert [int(s) for s in sums] == expected

@@ -176,7 +176,7 @@ def _eval_device(choice: str) -> Any:
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Report top-1 .. top-k accuracy.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch", "synthetic"]), help="synthetic measures the model alone.")
-@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: one per core).")
+@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, at least 1).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the confusion-matrix PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

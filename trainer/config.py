@@ -55,7 +55,7 @@ class RunConfig:
     batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
     image_size: int = field(default=224, metadata=_opt("Square input size in pixels.", minimum=8))
     backend: str = field(default="auto", metadata=_opt("Data backend (auto: dali on CUDA when installed, else torch).", choices=("auto", "dali", "torch", "synthetic")))
-    workers: int | None = field(default=None, metadata=_opt("Loader workers or DALI threads (default: one per core).", minimum=0))
+    workers: int | None = field(default=None, metadata=_opt("Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, the processes torchrun starts on this node, at least 1).", minimum=0))
     seed: int = field(default=0, metadata=_opt("Seed of initialization, data order and augmentation."))
     amp: str = field(default="auto", metadata=_opt("Mixed precision (auto: bf16 where supported, fp16 otherwise, off on CPU).", choices=("auto", "bf16", "fp16", "off")))
     channels_last: bool = field(default=True, metadata=_opt("Use channels_last memory format.", flag=True))

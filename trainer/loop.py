@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from trainer.data_wait import DataWaitClock
 from trainer.errors import TrainerError
 from dali_pipes import BatchLoader, Progress
 
@@ -32,20 +33,22 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def topk_credit(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+def topk_credit(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """len(ks) x N credit in [0, 1] of each sample being in the top k, ties resolved by their expected value.
 
     A sample is ranked by how many classes score strictly higher than its true class
     (`above`) and how many others score exactly the same (`tied`). Breaking ties at
     random, the true class lands in the top k with probability
     clamp((k - above) / (tied + 1), 0, 1); that expectation is its credit. So a constant
-    model scores exactly k / K, never more.
+    model scores exactly k / K, never more. Pass `ks` as a float tensor on the logits'
+    device to avoid a host-to-device copy (a sync) per call.
     """
     logits = logits.float()
     true_score = logits.gather(1, labels.view(-1, 1))
     above = (logits > true_score).sum(1).float()
     tied = (logits == true_score).sum(1).float() - 1.0
-    ks_t = torch.tensor(list(ks), dtype=torch.float32, device=logits.device).view(-1, 1)
+    ks_t = ks if isinstance(ks, torch.Tensor) else torch.tensor(list(ks), dtype=torch.float32, device=logits.device)
+    ks_t = ks_t.view(-1, 1)
     return ((ks_t - above.view(1, -1)) / (tied.view(1, -1) + 1.0)).clamp_(0.0, 1.0)
 
 
@@ -205,16 +208,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     state = resume_state or EpochState(device)
     check_every = 1 if device.type == "cpu" else step.log_every
     lr = float("nan")
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     prior_seconds = state.seconds  # of a resumed epoch's earlier session
+    clock = DataWaitClock(device, state.data_wait)
     running: dict[str, float | None] = {"loss": None, "top1": None}  # shown as `-` until the first sync
     if progress is not None:
         progress.set_postfix(lambda: progress_postfix(running, state.data_wait, prior_seconds + time.perf_counter() - start))
     i = first_step - 1
     interrupted = False
     for i, (images, labels) in enumerate(loader, start=first_step):
-        now = time.perf_counter()
-        state.data_wait += now - last
+        clock.batch_arrived()
         lr = set_lr(i)
         loss, logits, skipped = train_step(model, optimizer, images, labels, step)
         n = labels.shape[0]
@@ -230,12 +233,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             _raise_if_nonfinite(state)
         if state.steps % step.log_every == 0:
             running = _running(state)  # the only other host sync inside the epoch
+            state.data_wait = clock.settle()
         if progress is not None:
             progress.update(n)
-        last = time.perf_counter()
+        clock.step_queued()
         if stop_requested is not None and stop_requested(i):
             interrupted = True
             break
+    state.data_wait = clock.settle()
     state.seconds += time.perf_counter() - start
     _raise_if_nonfinite(state)
     if interrupted:
@@ -293,6 +298,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
     model.eval()
     k = max(1, min(topk, num_classes))
     ks = list(range(1, k + 1))
+    ks_t = torch.arange(1, k + 1, device=device, dtype=torch.float32)  # made on the device once, not per batch
     criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros(len(ks), device=device, dtype=torch.float64)
@@ -305,7 +311,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
             logits = model(images)
         logits = logits.float()
         loss_sum += criterion(logits, labels).double()
-        credit = topk_credit(logits, labels, ks).double()
+        credit = topk_credit(logits, labels, ks_t).double()
         correct += credit.sum(1)
         class_correct.index_add_(0, labels, credit[0])
         class_count.index_add_(0, labels, torch.ones_like(credit[0]))
