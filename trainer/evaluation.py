@@ -34,8 +34,9 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
     ckpt = load_checkpoint(path)
     head = ckpt["head"]
     classes = list(ckpt["classes"])
+    margin_options = {k: head[k] for k in ("embedding_dim", "margin", "scale") if k in head}  # absent before margin heads
     model = build_model(ckpt["arch"], len(classes), weights="none", head=head["type"], hidden=head["hidden"],
-                        dropout=head["dropout"], activation=head["activation"])
+                        dropout=head["dropout"], activation=head["activation"], **margin_options)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

@@ -24,7 +24,7 @@ from trainer.distributed import DistContext
 from trainer.errors import RunInterrupted, TrainerError
 from trainer.loop import EarlyStopping, EpochResult, EpochState, StepConfig, evaluate, resolve_amp, train_one_epoch
 from trainer.metrics import read_metrics, write_json, write_metrics
-from trainer.models import build_model, freeze_blocks, set_train_mode
+from trainer.models import build_model, freeze_blocks, set_train_mode, takes_labels
 from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.progress import Progress
@@ -98,7 +98,8 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     """Model (with head, weights, frozen blocks), optimizer, scaler and stopping state."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=cfg.head, hidden=cfg.hidden,
-                        dropout=cfg.dropout, activation=cfg.activation)
+                        dropout=cfg.dropout, activation=cfg.activation, embedding_dim=cfg.embedding_dim, margin=cfg.margin,
+                        scale=cfg.scale)
     if cfg.sync_bn and distributed:
         if device.type != "cuda":
             raise TrainerError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); drop it on the CPU")
@@ -127,7 +128,8 @@ def checkpoint_payload(cfg: RunConfig, state: TrainingState, epoch: int, classes
         "config": cfg.to_dict(),
         "classes": list(classes),
         "arch": cfg.arch,
-        "head": {"type": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout, "activation": cfg.activation},
+        "head": {"type": cfg.head, "hidden": cfg.hidden, "dropout": cfg.dropout, "activation": cfg.activation,
+                 "embedding_dim": cfg.embedding_dim, "margin": cfg.margin, "scale": cfg.scale},
         "spec": spec.to_dict(),
         "metrics": state.records[-1] if state.records else {},
     }
@@ -241,7 +243,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
             f"world size {ctx.world_size}, global batch {cfg.batch_size * ctx.world_size} -> {run.out}")
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
-                      skip_nonfinite=cfg.skip_nonfinite)
+                      skip_nonfinite=cfg.skip_nonfinite, with_labels=takes_labels(state.model))
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
     for epoch in range(state.next_epoch, cfg.epochs):
         outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
