@@ -55,6 +55,7 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
     if list(reader.classes) != loaded.classes:
         raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's {len(loaded.classes)} "
                            f"(first difference: {_first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")
+    refuse_unseen_classes(reader, split)
     if topk > reader.num_classes:
         warn(f"warning: --topk {topk} is above the {reader.num_classes} classes; using {reader.num_classes}")
         topk = reader.num_classes
@@ -74,6 +75,17 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
             plot_confusion(matrix, reader.classes, out / f"confusion_{split}.png", title=f"{loaded.arch} on {split} ({len(targets)} images)")
             result["confusion_png"] = str(out / f"confusion_{split}.png")
     return result
+
+
+def refuse_unseen_classes(reader: PackReader, split: str) -> None:
+    """Closed-set accuracy is undefined on classes without training images (an identity-disjoint split): say so."""
+    import numpy as np
+
+    trained = np.unique(reader.labels[reader.split_indices("train")])
+    unseen = np.setdiff1d(np.unique(reader.labels[reader.split_indices(split)]), trained)
+    if len(unseen):
+        raise TrainerError(f"{reader.path}: {len(unseen)} classes of the {split} split have no training image (the pack is split "
+                           f"by class), so closed-set accuracy cannot be measured there; use trainer verify")
 
 
 def _first_difference(a: list[str], b: list[str]) -> str:
