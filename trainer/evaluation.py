@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -124,17 +124,29 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
 
     Unreadable files are reported through `warn` and skipped.
     """
+    loaded = load_model(checkpoint, device)
+    k = min(topk, len(loaded.classes))
+    results: list[dict[str, Any]] = []
+    for batch_paths, images in image_batches(inputs, loaded.spec, device, batch_size, warn):
+        with torch.no_grad():
+            probs = torch.softmax(loaded.model(images).float(), dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+        for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
+            results.append({"path": str(path), "top": [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]})
+    return results
+
+
+def image_batches(inputs: Iterable[Path], spec: PipelineSpec, device: torch.device, batch_size: int,
+                  warn: Any = print) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """(paths, model-ready images) batches of the image files in `inputs` (folders walked); unreadable files warned and skipped."""
     from dali_pipes.base import to_model_input
     from dali_pipes.packing import IMAGE_EXTENSIONS, load_rgb
     from dali_pipes.torch_backend import resize_cpu
 
-    loaded = load_model(checkpoint, device)
-    k = min(topk, len(loaded.classes))
     paths = list(_expand(inputs))
     if not paths:
         raise TrainerError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")")
-    results: list[dict[str, Any]] = []
-    size = loaded.spec.image_size
+    size = spec.image_size
     for start in range(0, len(paths), batch_size):
         batch_paths, pixels = [], []
         for path in paths[start : start + batch_size]:
@@ -144,18 +156,11 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
                 warn(f"skipped: {exc}")
                 continue
             out = torch.empty(size, size, 3, dtype=torch.uint8)
-            resize_cpu(image, loaded.spec, out)
+            resize_cpu(image, spec, out)
             batch_paths.append(path)
             pixels.append(out)
-        if not pixels:
-            continue
-        images = to_model_input(torch.stack(pixels).to(device), loaded.spec, torch.float32)
-        with torch.no_grad():
-            probs = torch.softmax(loaded.model(images).float(), dim=1)
-        top_p, top_i = probs.topk(k, dim=1)
-        for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
-            results.append({"path": str(path), "top": [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]})
-    return results
+        if pixels:
+            yield batch_paths, to_model_input(torch.stack(pixels).to(device), spec, torch.float32)
 
 
 def _expand(inputs: Iterable[Path]) -> Iterable[Path]:

@@ -84,3 +84,21 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
     fig.colorbar(im, ax=ax, fraction=0.046)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_roc(far: np.ndarray, tar: np.ndarray, path: Path, title: str = "") -> None:
+    """Verification ROC: true accept rate against false accept rate, FAR on a log axis."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    far, tar = np.asarray(far), np.asarray(tar)
+    shown = far > 0  # log axis: FAR 0 has no place on it
+    ax.step(far[shown], tar[shown], where="post")
+    ax.set_xscale("log")
+    ax.set_xlim(max(far[shown].min(), 1e-5) if shown.any() else 1e-4, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate (FAR)")
+    ax.set_ylabel("true accept rate (TAR)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+    plt.close(fig)
