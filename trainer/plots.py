@@ -39,6 +39,9 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") 
     topk_keys = sorted({k for r in records for k in r if k.startswith("val_top") and k != "val_top1"})
     if topk_keys:
         ax_acc.plot(epochs, series(topk_keys[-1]), "^--", label=f"val {topk_keys[-1][4:].replace('top', 'top-')}")
+    if any("val_auc" in r for r in records):  # a class-split pack: validated by verification
+        ax_acc.plot(epochs, series("val_auc"), "s-", label="val verification AUC")
+        ax_acc.plot(epochs, series("val_accuracy"), "^--", label="val verification accuracy")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from dali_pipes import PackReader, PipelineSpec, build_loader
+from dali_pipes.packing import split_kind
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from trainer.config import RunConfig
 from trainer.distributed import DistContext
+from trainer.embedding import validation_by_verification
 from trainer.errors import RunInterrupted, TrainerError
 from trainer.loop import EarlyStopping, EpochResult, EpochState, StepConfig, evaluate, resolve_amp, train_one_epoch
 from trainer.metrics import read_metrics, write_json, write_metrics
@@ -86,7 +88,7 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int) -> None:
         raise TrainerError(f"{reader.path}: the val split is empty; repack with --val-ratio above 0 (or give a val/ folder)")
     train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
     missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
-    if missing:
+    if missing and split_kind(reader.labels, reader.splits) != "class":
         raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
                            "has no training image; add images to its train folder or repack without given splits")
     per_rank = counts["train"] // world_size
@@ -165,7 +167,9 @@ def link_best(out: Path) -> None:
 def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
     """The one summary line printed after each epoch."""
     return (f"epoch {epoch + 1}/{epochs}  train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}  |  "
-            f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}  |  lr {r['lr']:.2e}  "
+            + (f"val auc {r['val_auc']:.4f} accuracy {r['val_accuracy']:.3f} eer {r['val_eer']:.3f}" if "val_auc" in r else
+               f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}")
+            + f"  |  lr {r['lr']:.2e}  "
             f"{r['images_per_second']:,.0f} img/s  data wait {100 * r['data_wait_fraction']:.0f}%  {r['epoch_seconds']:.1f}s"
             + (f"  skipped {r['skipped_samples']}" if r.get("skipped_samples") else "")
             + ("  * best" if best else ""))
@@ -200,6 +204,7 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, ctx.world_size)
+    check_monitor(cfg, reader)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     spec = PipelineSpec(image_size=cfg.image_size)
@@ -226,8 +231,9 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     if ctx.is_main:
         write_json(run.out / "summary.json", summary)
         plot_curves(state.records, run.out / "curves.png", title=f"{cfg.arch} on {Path(cfg.pack).name}")
-        run.say(f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f} "
-                f"(best epoch {summary['best_epoch'] + 1}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
+        figures = (f"test verification auc {summary['test_auc']:.4f} accuracy {summary['test_accuracy']:.3f} eer {summary['test_eer']:.3f}"
+                   if "test_auc" in summary else f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f}")
+        run.say(f"{figures} (best epoch {summary['best_epoch'] + 1}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
     return summary
 
 
@@ -238,7 +244,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         return True, "early stopping: " + state.early.reason()
     train_model = _wrap(state.model, cfg, ctx, run.device)
     train_loader = build_loader(run.reader, "train", train=True, **run.loader_args)
-    val_loader = build_loader(run.reader, "val", train=False, **run.loader_args)
+    validate = validation_for(run)
     run.say(f"training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
             f"world size {ctx.world_size}, global batch {cfg.batch_size * ctx.world_size} -> {run.out}")
@@ -251,7 +257,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             _save_position(run, state, epoch, outcome)
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
                                  f"continue with: trainer run --resume {run.out}", signals.exit_code)
-        record = _validate(run, state, train_model, val_loader, epoch, outcome, len(getattr(train_loader, "skipped", ())))
+        record = _validate(run, state, train_model, validate, epoch, outcome, len(getattr(train_loader, "skipped", ())))
         improved = state.early.update(record[cfg.monitor], epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
@@ -335,16 +341,45 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     return outcome
 
 
-def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any, epoch: int,
-              outcome: EpochResult, skipped: int) -> dict[str, Any]:
+def check_monitor(cfg: RunConfig, reader: PackReader) -> None:
+    """A class-split pack is validated by verification (val_auc), any other by closed-set metrics."""
+    by_class = split_kind(reader.labels, reader.splits) == "class"
+    if by_class and cfg.monitor != "val_auc":
+        raise TrainerError(f"{reader.path} is split by class (val holds identities without a class in the head): "
+                           f"pass --monitor val_auc, validation is by verification there")
+    if not by_class and cfg.monitor == "val_auc":
+        raise TrainerError(f"--monitor val_auc needs a pack split by class (tools/pack_dataset.py --split-by class); "
+                           f"{reader.path} is split by image: use val_loss or val_top1")
+
+
+def validation_for(run: RunContext) -> Callable[[nn.Module, int], dict[str, Any]]:
+    """The run's val metrics, chosen once: verification on a class-split pack, else closed-set loss and top-k."""
+    if split_kind(run.reader.labels, run.reader.splits) == "class":
+        def verification(model: nn.Module, epoch: int) -> dict[str, Any]:
+            figures = validation_by_verification(model, run.reader, "val", ctx=run.ctx, seed=run.cfg.seed,
+                                                 amp_dtype=run.amp_dtype, loader_args=run.loader_args, prefix="val")
+            return {k: figures[k] for k in ("val_auc", "val_accuracy", "val_eer", "val_rank1")}  # the scalars, for metrics.jsonl
+
+        return verification
+    val_loader = build_loader(run.reader, "val", train=False, **run.loader_args)
+
+    def closed_set(model: nn.Module, epoch: int) -> dict[str, Any]:
+        val_loader.set_epoch(epoch)
+        val = evaluate(model, val_loader, device=run.device, num_classes=run.reader.num_classes,
+                       topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=run.ctx.all_reduce)
+        return {"val_loss": val["loss"], **topk_keys(val, "val", run.cfg.topk, run.reader.num_classes)}
+
+    return closed_set
+
+
+def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, validate: Callable[[nn.Module, int], dict[str, Any]],
+              epoch: int, outcome: EpochResult, skipped: int) -> dict[str, Any]:
     """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val figures."""
     ctx = run.ctx
     train = outcome.metrics
     val_start = time.perf_counter()
-    val_loader.set_epoch(epoch)
     ctx.broadcast_buffers(unwrap(train_model))
-    val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
-                   topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
+    val = validate(unwrap(train_model), epoch)
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
                                               float(train["train_samples"]), float(skipped)], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
@@ -352,8 +387,7 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val
         "epoch": epoch,
         "train_loss": float(train_sums[0]) / n,
         "train_top1": float(train_sums[1]) / n,
-        "val_loss": val["loss"],
-        **topk_keys(val, "val", run.cfg.topk, run.reader.num_classes),
+        **val,
         "lr": train["lr"],
         "epoch_seconds": train["epoch_seconds"] + (time.perf_counter() - val_start),
         "train_seconds": train["epoch_seconds"],
@@ -366,10 +400,14 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val
 
 def _finish(cfg: RunConfig, ctx: DistContext, state: TrainingState, reader: PackReader, out: Path, device: torch.device,
             amp_dtype: torch.dtype | None, loader_args: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate best.pt on the test split (the val split when there is no test split)."""
+    """Evaluate best.pt on the test split (the val split when there is no test split); by verification on a class-split pack."""
     best = load_checkpoint(out / "best.pt", map_location=device)
     unwrap(state.model).load_state_dict(best["model"])
     split = "test" if reader.split_counts()["test"] > 0 else "val"
+    if split_kind(reader.labels, reader.splits) == "class":
+        figures = validation_by_verification(unwrap(state.model), reader, split, ctx=ctx, seed=cfg.seed, amp_dtype=amp_dtype,
+                                             loader_args=loader_args, prefix="test")
+        return {"best_epoch": int(best["epoch"]), "best_" + cfg.monitor: state.early.best, "test_split": split, **figures}
     loader = build_loader(reader, split, train=False, **loader_args)
     result = evaluate(unwrap(state.model), loader, device=device, num_classes=reader.num_classes,
                       topk=max(cfg.topk, REPORTED_TOPK), amp_dtype=amp_dtype, all_reduce=ctx.all_reduce)
