@@ -206,7 +206,9 @@ class MarginHead(nn.Module):
         self.kind, self.margin, self.scale = kind, margin, scale
         self.embedding = nn.Sequential(nn.Linear(in_features, embedding_dim), nn.BatchNorm1d(embedding_dim))
         self.centres = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        nn.init.normal_(self.centres, std=0.01)
+        # Unit-scale centres: they are normalized anyway, and at a tiny scale Adam's steps (about lr per coordinate) would
+        # swing their directions wildly.
+        nn.init.normal_(self.centres, std=1.0)
 
     def cosines(self, embedding: torch.Tensor) -> torch.Tensor:
         """Cosine of each embedding to each class centre, in float32 (an angle margin needs the precision)."""
