@@ -26,7 +26,7 @@ _EXPORTS = {
     **dict.fromkeys(["preprocess"], "inputs"),
     **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "resolve_backend"], "loader"),
     **dict.fromkeys(["PackError", "PackReader"], "pack"),
-    **dict.fromkeys(["IMAGE_EXTENSIONS", "load_rgb"], "packing"),
+    **dict.fromkeys(["IMAGE_EXTENSIONS", "class_split", "load_rgb", "split_kind"], "packing"),
     **dict.fromkeys(["Progress"], "progress"),
     **dict.fromkeys(["PipelineSpec"], "spec"),
     **dict.fromkeys(["PackFailure", "PackOptions", "PackReport", "pack_folder"], "writer"),
@@ -35,8 +35,8 @@ __all__ = [
     "BACKENDS", "BatchLoader", "EpochPlan", "IMAGE_EXTENSIONS", "ImageDecodeError", "LoaderError", "LoaderRequest",
     "OneLineUsageCommand", "PackError", "PackFailure", "PackOptions", "PackReader", "PackReport", "PipelineSpec",
     "Progress", "SkippedSample", "TrainerGroup", "atomic_path", "atomic_write_bytes", "available_backends",
-    "build_loader", "load_rgb", "pack_folder", "plan_epoch", "preprocess", "resolve_backend", "samples_per_rank",
-    "to_model_input",
+    "build_loader", "class_split", "load_rgb", "pack_folder", "plan_epoch", "preprocess", "resolve_backend", "samples_per_rank",
+    "split_kind", "to_model_input",
 ]
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .inputs import preprocess
     from .loader import BACKENDS, available_backends, build_loader, resolve_backend
     from .pack import PackError, PackReader
-    from .packing import IMAGE_EXTENSIONS, load_rgb
+    from .packing import IMAGE_EXTENSIONS, class_split, load_rgb, split_kind
     from .progress import Progress
     from .spec import PipelineSpec
     from .writer import PackFailure, PackOptions, PackReport, pack_folder

@@ -227,6 +227,37 @@ def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, se
     return splits
 
 
+def class_split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> np.ndarray:
+    """Assign whole classes to train (0), val (1) or test (2): identity-disjoint splits.
+
+    val and test get round(K * ratio) of the K classes, at least 2 each when their ratio
+    is above 0, and train keeps at least 2. Which classes go where is seeded. Raises
+    `ValueError` when there are too few classes for that.
+    """
+    labels = np.asarray(labels)
+    if val_ratio < 0 or test_ratio < 0 or val_ratio + test_ratio >= 1:
+        raise ValueError("need val_ratio >= 0, test_ratio >= 0 and val_ratio + test_ratio < 1")
+    classes = np.unique(labels)
+    n_val, n_test = (0 if r == 0 else max(2, int(round(len(classes) * r))) for r in (val_ratio, test_ratio))
+    if len(classes) - n_val - n_test < 2:
+        raise ValueError(f"splitting by class needs at least 2 classes for train and 2 for each of val and test with a ratio "
+                         f"above 0; {len(classes)} classes cannot give {n_val} val and {n_test} test classes")
+    order = np.random.default_rng(seed).permutation(classes)
+    splits = np.zeros(len(labels), dtype=np.uint8)
+    splits[np.isin(labels, order[:n_val])] = 1
+    splits[np.isin(labels, order[n_val : n_val + n_test])] = 2
+    return splits
+
+
+def split_kind(labels: np.ndarray, splits: np.ndarray) -> str:
+    """'class' when val and test (not both empty) hold no class that train holds, else 'image'."""
+    labels, splits = np.asarray(labels), np.asarray(splits)
+    held_out = splits != 0
+    if not held_out.any():
+        return "image"
+    return "class" if not np.isin(labels[held_out], labels[~held_out]).any() else "image"
+
+
 def _apportion(counts: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
     exact = counts * ratio
     base = np.floor(exact).astype(np.int64)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .atomic import atomic_path, stale_temporary
 from .pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
-from .packing import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes, stratified_split
+from .packing import Encoded, SourceFile, class_split, encode_job, ignore_sigint, scan_tree, source_bytes, stratified_split
 from .progress import Progress
 
 
@@ -36,6 +36,7 @@ class PackOptions:
     seed: int = 0
     max_side: int | None = None
     quality: int = 95
+    split_by: str = "image"  # image: stratified by class; class: whole classes (identities) per split
 
 
 @dataclass
@@ -167,6 +168,11 @@ def _labels_and_splits(accepted: list[PackedImage], presplit: bool, options: Pac
     labels = np.array([index[im.class_name] for im in accepted], dtype=np.int64)
     if presplit:
         splits = np.array([split_code(im.split or "train") for im in accepted], dtype=np.uint8)
+    elif options.split_by == "class":
+        try:
+            splits = class_split(labels, options.val_ratio, options.test_ratio, options.seed)
+        except ValueError as exc:
+            raise PackFailure(f"--split-by class: {exc}") from None
     else:
         splits = stratified_split(labels, options.val_ratio, options.test_ratio, options.seed)
     return labels, splits, classes

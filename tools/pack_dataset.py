@@ -1,6 +1,6 @@
 """Pack an image-folder tree into one HDF5 file that the loaders memory-map.
 
-    python tools/pack_dataset.py SRC_DIR OUT.h5 [--val-ratio 0.1] [--test-ratio 0.1] [--seed 0]
+    python tools/pack_dataset.py SRC_DIR OUT.h5 [--val-ratio 0.1] [--test-ratio 0.1] [--seed 0] [--split-by image|class]
                                  [--max-side N] [--quality 95] [--workers N] [--strict] [--force]
 
 SRC_DIR holds one folder per class (sorted names give the labels, as torchvision's
@@ -33,6 +33,7 @@ def _handle_sigterm(signum: int, frame: object) -> None:
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each class for validation (ignored with train/val/test folders).")
 @click.option("--test-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each class for test.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split and of the stored order.")
+@click.option("--split-by", default="image", show_default=True, type=click.Choice(["image", "class"]), help="class: whole classes go to val and test (identity-disjoint, for verification); the ratios are then shares of classes.")
 @click.option("--max-side", type=click.IntRange(min=8), default=None, help="Downsize images whose longer side exceeds this (px).")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality for re-encoded images.")
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="Worker processes (default: all cores).")
@@ -41,13 +42,13 @@ def _handle_sigterm(signum: int, frame: object) -> None:
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: int, max_side: int | None, quality: int,
+def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: int, split_by: str, max_side: int | None, quality: int,
          workers: int, strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
     """Pack the image folder SRC_DIR into the HDF5 file OUT."""
     signal.signal(signal.SIGTERM, _handle_sigterm)
     if val_ratio + test_ratio >= 1:
         raise click.ClickException("--val-ratio + --test-ratio must be below 1")
-    options = PackOptions(val_ratio, test_ratio, seed, max_side, quality)
+    options = PackOptions(val_ratio=val_ratio, test_ratio=test_ratio, seed=seed, max_side=max_side, quality=quality, split_by=split_by)
     try:
         report = pack_folder(src_dir, out, options, workers, strict, force, show_progress=not quiet and not as_json)
     except PackFailure as exc:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_pipes import PackReader, samples_per_rank
+from dali_pipes import PackReader, samples_per_rank, split_kind
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
 from trainer.models import build_model, freeze_blocks
@@ -27,7 +27,7 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: 
                            "repack with --val-ratio above 0 (or give a val/ folder)")
     train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
     missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
-    if missing:
+    if missing and split_kind(reader.labels, reader.splits) != "class":  # a class-split pack holds unseen identities on purpose
         raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
                            "has no training image; add images to its train folder or repack without given splits")
     if counts["val"] == 0 and scheduler == "plateau":

@@ -212,5 +212,54 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, 
         raise TrainerError("none of the given images could be read")
 
 
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run (any head).")
+@click.option("--pack", type=click.Path(path_type=Path), help="Embed a split of this pack (with labels and paths).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="FILE.h5 (HDF5), or FILE.npy with FILE.json beside it.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch"]))
+@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: one per core).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@one_line_errors
+def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, ...], out: Path, batch_size: int, backend: str,
+          workers: int | None, device: str) -> None:
+    """L2-normalized embeddings of a pack split (--pack P --split S) or of image PATHS, written to --out.
+
+    Margin heads give their embedding; linear and mlp heads their penultimate features.
+    """
+    from trainer.embedding import embed_command
+
+    result = embed_command(checkpoint, out, pack=pack, split=split if pack is not None else None, inputs=inputs,
+                           device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
+                           warn=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {result['num_embeddings']} embeddings of dimension {result['dim']} to {', '.join(result['files'])}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run (any head).")
+@click.option("--pack", required=True, type=click.Path(path_type=Path), help="Pack whose split holds the identities to verify.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), help="File of path_a,path_b,same lines (paths as in the pack); default: drawn pairs.")
+@click.option("--num-pairs", default=3000, show_default=True, type=click.IntRange(min=1), help="Genuine and as many impostor pairs to draw.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the drawn pairs and of the 10 folds.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch"]))
+@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: one per core).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for roc.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int, batch_size: int,
+           backend: str, workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
+    """Face verification (AUC, EER, 10-fold accuracy, TAR@FAR) and rank-1/5 identification on a pack split."""
+    from trainer.embedding import format_verification, verify_command
+
+    figures = verify_command(checkpoint, pack, split=split, pairs_file=pairs_file, num_pairs=num_pairs, seed=seed,
+                             device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers, out=out)
+    click.echo(json.dumps(figures) if as_json else "\n".join(format_verification(figures)))
+
+
 if __name__ == "__main__":
     main()

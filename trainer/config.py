@@ -35,7 +35,7 @@ class RunConfig:
     arch: str = field(default="mobilenet_v2", metadata=_opt(f"Model: {ARCH_HELP}."))
     weights: str = field(default="imagenet", metadata=_opt("imagenet (torchvision's weights), none, or a PATH to a state dict or checkpoint."))
     freeze: int = field(default=0, metadata=_opt("Freeze the first N backbone blocks (MobileNetV2: features[0:N]; ResNet: stem, layer1..4).", minimum=0))
-    head: str = field(default="linear", metadata=_opt("Classifier head.", choices=("linear", "mlp")))
+    head: str = field(default="linear", metadata=_opt("Classifier head (arcface, cosface: margin heads for face verification).", choices=("linear", "mlp", "arcface", "cosface")))
     hidden: int = field(default=512, metadata=_opt("Hidden units of the mlp head.", minimum=1))
     dropout: float = field(default=0.2, metadata=_opt("Dropout of the mlp head.", minimum=0.0))
     activation: str = field(default="relu", metadata=_opt("Activation of the mlp head.", choices=("relu", "leaky_relu")))
@@ -61,7 +61,7 @@ class RunConfig:
     channels_last: bool = field(default=True, metadata=_opt("Use channels_last memory format.", flag=True))
     compile: bool = field(default=False, metadata=_opt("torch.compile the model.", flag=True))
     sync_bn: bool = field(default=False, metadata=_opt("Under DDP, synchronize batch-norm statistics across processes.", flag=True))
-    monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=("val_loss", "val_top1")))
+    monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=("val_loss", "val_top1", "val_auc")))
     patience: int = field(default=5, metadata=_opt("Epochs without improvement before stopping (0: never stop early).", minimum=0))
     min_delta: float = field(default=0.0, metadata=_opt("Smallest change that counts as an improvement.", minimum=0.0))
     skip_nonfinite: bool = field(default=False, metadata=_opt("Skip (and count) steps whose loss or gradients are not finite, instead of stopping; costs one host sync per step.", flag=True))
@@ -70,6 +70,10 @@ class RunConfig:
     topk: int = field(default=5, metadata=_opt("k of the top-k accuracy reported.", minimum=1))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda or cuda:N."))
     out: str = field(default="", metadata=_opt("Run folder (default: runs/<arch>-<timestamp>)."))
+    # Margin heads (issue 13): features -> linear -> batch norm = embedding; scaled cosines to class centres.
+    embedding_dim: int = field(default=512, metadata=_opt("Embedding size of the arcface/cosface head.", minimum=1))
+    margin: float | None = field(default=None, metadata=_opt("Margin of the arcface (angle, radians; default 0.5) or cosface (cosine; default 0.35) head.", minimum=0.0))
+    scale: float = field(default=64.0, metadata=_opt("Scale of the arcface/cosface logits.", minimum=0.0))
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:  # resolved here, so config.json and checkpoints hold the value used

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,8 +34,9 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
     """Rebuild the checkpoint's architecture and head, load its weights, move to `device` in eval mode."""
     ckpt = read_payload(load_checkpoint(path))
     head = ckpt.head
+    margin_options = {k: head[k] for k in ("embedding_dim", "margin", "scale") if k in head}  # absent before margin heads
     model = build_model(ckpt.arch, len(ckpt.classes), weights="none", head=head["type"], hidden=head["hidden"],
-                        dropout=head["dropout"], activation=head["activation"])
+                        dropout=head["dropout"], activation=head["activation"], **margin_options)
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as exc:
@@ -55,6 +57,7 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
     if list(reader.classes) != loaded.classes:
         raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's {len(loaded.classes)} "
                            f"(first difference: {first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")
+    refuse_unseen_classes(reader, split)
     if topk > reader.num_classes:
         warn(f"warning: --topk {topk} is above the {reader.num_classes} classes; using {reader.num_classes}")
         topk = reader.num_classes
@@ -78,6 +81,15 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
             plot_confusion(matrix, reader.classes, out / f"confusion_{split}.png", title=f"{loaded.arch} on {split} ({len(targets)} images)")
             result["confusion_png"] = str(out / f"confusion_{split}.png")
     return result
+
+
+def refuse_unseen_classes(reader: PackReader, split: str) -> None:
+    """Closed-set accuracy is undefined on classes without training images (an identity-disjoint split): say so."""
+    trained = np.unique(reader.labels[reader.split_indices("train")])
+    unseen = np.setdiff1d(np.unique(reader.labels[reader.split_indices(split)]), trained)
+    if len(unseen):
+        raise TrainerError(f"{reader.path}: {len(unseen)} classes of the {split} split have no training image (the pack is split "
+                           f"by class), so closed-set accuracy cannot be measured there; use trainer verify")
 
 
 def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
@@ -111,10 +123,22 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
     """
     loaded = load_model(checkpoint, device)
     k = min(topk, len(loaded.classes))
+    results: list[dict[str, Any]] = []
+    for batch_paths, images in image_batches(inputs, loaded.spec, device, batch_size, warn):
+        with torch.no_grad():
+            probs = torch.softmax(loaded.model(images).float(), dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+        for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
+            results.append({"path": str(path), "top": [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]})
+    return results
+
+
+def image_batches(inputs: Iterable[Path], spec: PipelineSpec, device: torch.device, batch_size: int,
+                  warn: Any = print) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """(paths, model-ready images) batches of the image files in `inputs` (folders walked); unreadable files warned and skipped."""
     paths = list(_expand(inputs))
     if not paths:
         raise TrainerError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")")
-    results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         batch_paths, pixels = [], []
         for path in paths[start : start + batch_size]:
@@ -124,15 +148,8 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
                 warn(f"skipped: {exc}")
                 continue
             batch_paths.append(path)
-        if not pixels:
-            continue
-        images = preprocess(pixels, loaded.spec, device)
-        with torch.no_grad():
-            probs = torch.softmax(loaded.model(images).float(), dim=1)
-        top_p, top_i = probs.topk(k, dim=1)
-        for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
-            results.append({"path": str(path), "top": [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]})
-    return results
+        if pixels:
+            yield batch_paths, preprocess(pixels, spec, device)
 
 
 def _expand(inputs: Iterable[Path]) -> Iterable[Path]:

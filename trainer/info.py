@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from dali_pipes import PackReader
+from dali_pipes import PackReader, split_kind
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -29,6 +29,7 @@ def pack_summary(reader: PackReader) -> dict[str, Any]:
         "num_classes": reader.num_classes,
         "classes": list(reader.classes),
         "splits": reader.split_counts(),
+        "split_by": split_kind(reader.labels, reader.splits),
         "images_per_class": {"min": int(counts.min()) if len(counts) else 0, "max": int(counts.max()) if len(counts) else 0},
         "class_counts": {name: {"total": int(counts[i]), **{s: per_split_class[s][i] for s in per_split_class}} for i, name in enumerate(reader.classes)},
         "height": _stats(reader.heights),
@@ -47,6 +48,7 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
         f"{summary['path']}: pack format {summary['format_version']}",
         f"  {summary['num_images']} images ({splits}), {summary['num_classes']} classes, "
         f"{summary['images_per_class']['min']}-{summary['images_per_class']['max']} images per class",
+        f"  split by {summary['split_by']}" + (": val and test hold classes train never saw" if summary["split_by"] == "class" else ""),
         f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px (median {w['median']:g}), "
         f"{summary['bytes']['total'] / 1e6:.1f} MB of JPEG ({summary['bytes']['mean_per_image'] / 1e3:.1f} kB per image)",
         "  classes:",

@@ -110,6 +110,7 @@ class StepConfig:
     log_every: int = 20
     grad_clip: float | None = None
     skip_nonfinite: bool = False
+    with_labels: bool = False  # the model takes the labels too (a margin head: see models.takes_labels)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     (only with `skip_nonfinite`, which costs one host sync per step to decide).
     """
     with torch.autocast(images.device.type, dtype=step.amp_dtype or torch.float32, enabled=step.amp_dtype is not None):
-        logits = model(images)
+        logits = model(images, labels) if step.with_labels else model(images)
         loss = step.criterion(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     step.scaler.scale(loss).backward()

@@ -2,6 +2,9 @@
 
 With `head="linear"` the model's state-dict keys stay exactly torchvision's, so a
 checkpoint's `model` loads into `torchvision.models.<arch>(num_classes=K)` directly.
+A margin head (`arcface`, `cosface`) wraps the torchvision model, its last linear layer
+made an identity, as `MarginModel`: keys `backbone.*` (torchvision's, less that layer),
+`head.embedding.0.*` (linear), `head.embedding.1.*` (batch norm), `head.centres` (K x D).
 """
 from __future__ import annotations
 
@@ -9,13 +12,18 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
+import math
+
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from trainer.errors import TrainerError
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads")
+MARGIN_HEADS = ("arcface", "cosface")
+DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35}  # insightface's: additive angle (radians), subtracted cosine
 
 
 def classification_models() -> list[str]:
@@ -24,12 +32,15 @@ def classification_models() -> list[str]:
 
 
 def build_model(arch: str, num_classes: int, *, weights: str = "none", head: str = "linear", hidden: int = 512,
-                dropout: float = 0.2, activation: str = "relu") -> nn.Module:
+                dropout: float = 0.2, activation: str = "relu", embedding_dim: int = 512, margin: float | None = None,
+                scale: float = 64.0) -> nn.Module:
     """A torchvision `arch` with `weights` loaded and its classifier replaced for `num_classes`.
 
     weights: "imagenet" (torchvision's default weights, downloaded into the torch cache),
     "none" (random init), or a path to a state dict or one of our checkpoints whose
     backbone keys match (its classifier is dropped when the class count differs).
+    head: linear, mlp, or a margin head (arcface, cosface: `embedding_dim`, `margin`
+    (None: the head's usual one), `scale`), which makes a `MarginModel`.
     """
     if arch not in classification_models():
         raise TrainerError(f"unknown architecture {arch!r}; try mobilenet_v2, resnet18, resnet50 (any of: {', '.join(classification_models()[:8])}, ...)")
@@ -38,6 +49,8 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none", head: str
         model.load_state_dict(_imagenet_state_dict(arch))
     elif weights != "none":
         _load_backbone(model, Path(weights))
+    if head in MARGIN_HEADS:
+        return margin_model(model, num_classes, head, embedding_dim, DEFAULT_MARGIN[head] if margin is None else margin, scale)
     replace_head(model, num_classes, head=head, hidden=hidden, dropout=dropout, activation=activation)
     return model
 
@@ -60,6 +73,8 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
         raise TrainerError(f"--weights {path}: not a readable state dict or checkpoint ({str(exc).splitlines()[0][:80]})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if isinstance(state, dict) and any(str(k).startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}  # a margin model's
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TrainerError(f"--weights {path}: not a state dict or one of our checkpoints")
     own = model.state_dict()
@@ -120,6 +135,8 @@ def replace_head(model: nn.Module, num_classes: int, *, head: str = "linear", hi
 
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks `--freeze N` counts: MobileNet-style `features[i]`; ResNets [stem, layer1..layer4]."""
+    if isinstance(model, MarginModel):
+        model = model.backbone
     if all(hasattr(model, n) for n in ("conv1", "bn1", "layer1", "layer4")):
         stem = nn.ModuleList([model.conv1, model.bn1])
         return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
@@ -155,3 +172,92 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def margin_logits(cosines: torch.Tensor, labels: torch.Tensor, kind: str, margin: float, scale: float) -> torch.Tensor:
+    """scale * cosines, with the true class's cosine made harder: cos(theta + m) (arcface) or cos(theta) - m (cosface).
+
+    ArcFace's cos(theta + m) turns back up past theta = pi - m; there it uses
+    cos(theta) - m sin(m) instead (as insightface did), so the target stays monotonic.
+    """
+    true = cosines.gather(1, labels.view(-1, 1))
+    if kind == "arcface":
+        sine = (1.0 - true * true).clamp_min(0.0).sqrt()
+        shifted = true * math.cos(margin) - sine * math.sin(margin)  # cos(theta + m) without acos's infinite gradient at +-1
+        shifted = torch.where(true > math.cos(math.pi - margin), shifted, true - margin * math.sin(margin))
+    elif kind == "cosface":
+        shifted = true - margin
+    else:
+        raise ValueError(f"unknown margin head {kind!r}")
+    return scale * cosines.scatter(1, labels.view(-1, 1), shifted)
+
+
+class MarginHead(nn.Module):
+    """features -> linear -> batch norm = the embedding; logits = scale * cosine to each L2-normalized class centre.
+
+    The margin is applied to the true class only in training and only when labels are given.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, kind: str, embedding_dim: int = 512, margin: float = 0.5,
+                 scale: float = 64.0) -> None:
+        super().__init__()
+        if kind not in MARGIN_HEADS:
+            raise TrainerError(f"unknown margin head {kind!r}; use one of {', '.join(MARGIN_HEADS)}")
+        self.kind, self.margin, self.scale = kind, margin, scale
+        self.embedding = nn.Sequential(nn.Linear(in_features, embedding_dim), nn.BatchNorm1d(embedding_dim))
+        self.centres = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        # Unit-scale centres: they are normalized anyway, and at a tiny scale Adam's steps (about lr per coordinate) would
+        # swing their directions wildly.
+        nn.init.normal_(self.centres, std=1.0)
+
+    def cosines(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Cosine of each embedding to each class centre, in float32 (an angle margin needs the precision)."""
+        with torch.autocast(embedding.device.type, enabled=False):
+            return F.linear(F.normalize(embedding.float()), F.normalize(self.centres.float())).clamp(-1.0, 1.0)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        cosines = self.cosines(self.embedding(features))
+        if labels is None or not self.training:
+            return self.scale * cosines
+        return margin_logits(cosines, labels, self.kind, self.margin, self.scale)
+
+
+class MarginModel(nn.Module):
+    """A torchvision backbone (its last linear layer an identity) followed by a `MarginHead`; called as model(images, labels)."""
+
+    def __init__(self, backbone: nn.Module, head: MarginHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.backbone(images), labels)
+
+
+def margin_model(model: nn.Module, num_classes: int, kind: str, embedding_dim: int, margin: float, scale: float) -> MarginModel:
+    """Wrap torchvision `model` with a margin head fed by the features its last linear layer used to take."""
+    attr = _head_attribute(model)
+    classifier = getattr(model, attr)
+    parent, name, linear = (model, attr, classifier) if isinstance(classifier, nn.Linear) else _last_linear(classifier)
+    setattr(parent, name, nn.Identity())
+    return MarginModel(model, MarginHead(linear.in_features, num_classes, kind, embedding_dim, margin, scale))
+
+
+def takes_labels(model: nn.Module) -> bool:
+    """Whether training calls `model(images, labels)` (a margin head) rather than `model(images)`."""
+    return isinstance(model, MarginModel)
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Embeddings (not normalized): a margin head's, else the input of the classifier's last linear layer."""
+    if isinstance(model, MarginModel):
+        return model.head.embedding(model.backbone(images))
+    classifier = getattr(model, _head_attribute(model))
+    last = classifier if isinstance(classifier, nn.Linear) else _last_linear(classifier)[2]
+    captured: list[torch.Tensor] = []
+    hook = last.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        model(images)
+    finally:
+        hook.remove()
+    return captured[0]

@@ -42,6 +42,9 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "", 
     topk_keys = sorted({k for r in records for k in r if k.startswith("val_top") and k != "val_top1"})
     if topk_keys:
         ax_acc.plot(epochs, series(topk_keys[-1]), "^--", label=f"val {topk_keys[-1][4:].replace('top', 'top-')}")
+    if any("val_auc" in r for r in records):  # a class-split pack: validated by verification
+        ax_acc.plot(epochs, series("val_auc"), "s-", label="val verification AUC")
+        ax_acc.plot(epochs, series("val_accuracy"), "^--", label="val verification accuracy")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     ax_lr.plot(epochs, series("lr"), "o-", color="tab:green", label="lr (end of epoch)")
     ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
@@ -89,5 +92,23 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if normalized[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_roc(far: np.ndarray, tar: np.ndarray, path: Path, title: str = "") -> None:
+    """Verification ROC: true accept rate against false accept rate, FAR on a log axis."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    far, tar = np.asarray(far), np.asarray(tar)
+    shown = far > 0  # log axis: FAR 0 has no place on it
+    ax.step(far[shown], tar[shown], where="post")
+    ax.set_xscale("log")
+    ax.set_xlim(max(far[shown].min(), 1e-5) if shown.any() else 1e-4, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate (FAR)")
+    ax.set_ylabel("true accept rate (TAR)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
     save_figure(fig, path)
     plt.close(fig)

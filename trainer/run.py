@@ -16,16 +16,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dali_pipes import PackReader, PipelineSpec, Progress, available_backends, build_loader, resolve_backend
+from dali_pipes import PackReader, PipelineSpec, Progress, available_backends, build_loader, resolve_backend, split_kind
 from trainer.checkpoint import (Checkpoint, Position, load_checkpoint, make_payload, read_payload, save_checkpoint,
                                 set_rng_state, unwrap)
 from trainer.checks import check_forward, check_freeze, check_pack, dropped_note
 from trainer.config import RunConfig
 from trainer.distributed import DistContext
+from trainer.embedding import validation_by_verification
 from trainer.errors import RunInterrupted, TrainerError
 from trainer.loop import EarlyStopping, EpochResult, EpochState, StepConfig, evaluate, resolve_amp, train_one_epoch
 from trainer.metrics import read_metrics, write_json, write_metrics
-from trainer.models import build_model, freeze_blocks, set_train_mode
+from trainer.models import build_model, freeze_blocks, set_train_mode, takes_labels
 from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.run_folder import link_best
@@ -58,7 +59,8 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=cfg.head, hidden=cfg.hidden,
-                        dropout=cfg.dropout, activation=cfg.activation)
+                        dropout=cfg.dropout, activation=cfg.activation, embedding_dim=cfg.embedding_dim, margin=cfg.margin,
+                        scale=cfg.scale)
     if cfg.sync_bn and distributed:
         if device.type != "cuda":
             raise TrainerError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); drop it on the CPU")
@@ -176,6 +178,7 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, ctx.world_size, cfg.scheduler)
+    check_monitor(cfg, reader)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     backend, note = choose_backend(cfg.backend, device)
@@ -206,8 +209,9 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     if ctx.is_main:
         write_json(run.out / "summary.json", summary)
         plot_curves(state.records, run.out / "curves.png", title=f"{cfg.arch} on {Path(cfg.pack).name}", best_epoch=summary["best_epoch"])
-        run.say(f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f} "
-                f"(best epoch {summary['best_epoch']}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
+        figures = (f"test verification auc {summary['test_auc']:.4f} accuracy {summary['test_accuracy']:.3f} eer {summary['test_eer']:.3f}"
+                   if "test_auc" in summary else f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} top5 {summary['test_top5']:.3f}")
+        run.say(f"{figures} (best epoch {summary['best_epoch']}); wrote {run.out}/summary.json, metrics.jsonl, curves.png, best.pt, last.pt")
     return summary
 
 
@@ -252,7 +256,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         return True, "early stopping: " + state.early.reason()
     train_model = _wrap(state.model, cfg, ctx, run.device)
     train_loader = run.loader("train", train=True)
-    val_loader = run.loader("val", train=False) if run.reader.split_counts()["val"] else None
+    validate = validation_for(run)  # None: the pack has no val split
     synthetic = "SYNTHETIC DATA (random images, not the pack's: the figures measure speed only): " if run.backend == "synthetic" else ""
     run.say(f"{synthetic}training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {train_loader.num_samples * ctx.world_size} "
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, amp {run.amp_dtype or 'off'}, "
@@ -263,7 +267,8 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     if val_loader is None:
         run.say(f"{run.reader.path} has no val split: no early stopping, and best.pt is the last epoch")
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
-                      grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite)
+                      grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite,
+                      with_labels=takes_labels(state.model))
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
     for epoch in range(state.next_epoch, cfg.epochs):
         outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
@@ -271,8 +276,8 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
             _save_position(run, state, epoch, outcome)
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
                                  f"continue with: trainer run --resume {run.out}", signals.exit_code)
-        record = _validate(run, state, train_model, val_loader, epoch, outcome, len(train_loader.skipped))
-        improved = state.early.update(record[cfg.monitor], epoch) if val_loader is not None else _last_is_best(state, epoch)
+        record = _validate(run, state, train_model, validate, epoch, outcome, len(train_loader.skipped))
+        improved = state.early.update(record[cfg.monitor], epoch) if validate is not None else _last_is_best(state, epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
@@ -364,20 +369,49 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     return outcome
 
 
-def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val_loader: Any | None, epoch: int,
-              outcome: EpochResult, skipped: int) -> dict[str, Any]:
+def check_monitor(cfg: RunConfig, reader: PackReader) -> None:
+    """A class-split pack is validated by verification (val_auc), any other by closed-set metrics."""
+    by_class = split_kind(reader.labels, reader.splits) == "class"
+    if by_class and cfg.monitor != "val_auc":
+        raise TrainerError(f"{reader.path} is split by class (val holds identities without a class in the head): "
+                           f"pass --monitor val_auc, validation is by verification there")
+    if not by_class and cfg.monitor == "val_auc":
+        raise TrainerError(f"--monitor val_auc needs a pack split by class (tools/pack_dataset.py --split-by class); "
+                           f"{reader.path} is split by image: use val_loss or val_top1")
+
+
+def validation_for(run: RunContext) -> Callable[[nn.Module, int], dict[str, Any]] | None:
+    """The run's val metrics, chosen once: verification on a class-split pack, else closed-set loss and top-k (None: no val split)."""
+    if split_kind(run.reader.labels, run.reader.splits) == "class":
+        def verification(model: nn.Module, epoch: int) -> dict[str, Any]:
+            figures = validation_by_verification(model, run.reader, "val", ctx=run.ctx, seed=run.cfg.seed,
+                                                 amp_dtype=run.amp_dtype, loader=run.loader("val", train=False), prefix="val")
+            return {k: figures[k] for k in ("val_auc", "val_accuracy", "val_eer", "val_rank1")}  # the scalars, for metrics.jsonl
+
+        return verification
+    if not run.reader.split_counts()["val"]:
+        return None
+    val_loader = run.loader("val", train=False)
+
+    def closed_set(model: nn.Module, epoch: int) -> dict[str, Any]:
+        val_loader.set_epoch(epoch)
+        val = evaluate(model, val_loader, device=run.device, num_classes=run.reader.num_classes,
+                       topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=run.ctx.all_reduce)
+        return {"val_loss": val["loss"], **topk_keys(val, "val", run.cfg.topk, run.reader.num_classes)}
+
+    return closed_set
+
+
+def _validate(run: RunContext, state: TrainingState, train_model: nn.Module,
+              validate: Callable[[nn.Module, int], dict[str, Any]] | None, epoch: int, outcome: EpochResult,
+              skipped: int) -> dict[str, Any]:
     """The epoch's record: train figures and `skipped` (this rank's unreadable train samples) summed over ranks, val
-    figures (None without a val split)."""
+    figures (val_loss None without a val split)."""
     ctx = run.ctx
     train = outcome.metrics
     val_start = time.perf_counter()
     ctx.broadcast_buffers(unwrap(train_model))
-    if val_loader is not None:
-        val_loader.set_epoch(epoch)
-        val = evaluate(unwrap(train_model), val_loader, device=run.device, num_classes=run.reader.num_classes,
-                       topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=ctx.all_reduce)
-    else:
-        val = {"loss": None}
+    val = validate(unwrap(train_model), epoch) if validate is not None else {"val_loss": None}
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
                                               float(train["train_samples"]), float(skipped)], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
@@ -385,8 +419,7 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module, val
         "epoch": epoch + 1,  # metrics count epochs from 1, as the console does
         "train_loss": float(train_sums[0]) / n,
         "train_top1": float(train_sums[1]) / n,
-        "val_loss": val["loss"],
-        **topk_keys(val, "val", run.cfg.topk, run.reader.num_classes),
+        **val,
         "lr": train["lr"],
         "epoch_seconds": train["epoch_seconds"] + (time.perf_counter() - val_start),
         "train_seconds": train["epoch_seconds"],
@@ -408,6 +441,11 @@ def _finish(run: RunContext, state: TrainingState) -> dict[str, Any]:
         model.load_state_dict(read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device)).model)
     run.ctx.broadcast_module(model)
     split = "test" if run.reader.split_counts()["test"] > 0 else "val"
+    if split_kind(run.reader.labels, run.reader.splits) == "class":
+        figures = validation_by_verification(model, run.reader, split, ctx=run.ctx, seed=run.cfg.seed, amp_dtype=run.amp_dtype,
+                                             loader=run.loader(split, train=False), prefix="test")
+        return {"best_epoch": state.early.best_epoch + 1, "best_" + run.cfg.monitor: state.early.best, "test_split": split,
+                "backend": run.backend, "synthetic_data": run.backend == "synthetic", **figures}
     result = evaluate(model, run.loader(split, train=False), device=run.device, num_classes=run.reader.num_classes,
                       topk=max(run.cfg.topk, REPORTED_TOPK), amp_dtype=run.amp_dtype, all_reduce=run.ctx.all_reduce)
     return {

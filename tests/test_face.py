@@ -1,0 +1,180 @@
+"""Faces end to end: `trainer embed`, `trainer verify`, training validated by verification on unseen identities."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dali_pipes import PackReader, PipelineSpec
+from tools.make_demo_dataset import make_demo_dataset
+from tools.pack_dataset import main as pack_main
+from trainer.checkpoint import save_checkpoint
+from trainer.cli import main as trainer_main
+from trainer.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+LOADER = ["--backend", "torch", "--workers", "0"]
+
+
+def _pack(root: Path, *, classes: int, per_class: int, split_by: str = "class", ratio: str = "0.2") -> Path:
+    make_demo_dataset(root / "src", classes=classes, per_class=per_class, seed=0, min_size=32, max_size=40, png_every=0)
+    args = [str(root / "src"), str(root / "p.h5"), "--split-by", split_by, "--val-ratio", ratio, "--test-ratio", ratio,
+            "--workers", "1", "--quiet"]
+    result = CliRunner().invoke(pack_main, args)
+    assert result.exit_code == 0, result.output
+    return root / "p.h5"
+
+
+def _checkpoint(path: Path, pack: Path, head: str) -> Path:
+    """An untrained checkpoint as `trainer run` would write it (what load_model reads)."""
+    torch.manual_seed(0)
+    classes = PackReader(pack).classes
+    options = {"embedding_dim": 16, "margin": None, "scale": 30.0}
+    model = build_model("resnet18", len(classes), head=head, **options)
+    save_checkpoint(path, {"model": model.state_dict(), "classes": classes, "arch": "resnet18", "epoch": 0, "config": {},
+                           "head": {"type": head, "hidden": 512, "dropout": 0.2, "activation": "relu", **options},
+                           "spec": PipelineSpec(image_size=32).to_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def class_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 identities x 6 images; 2 identities (12 images) each in val and test."""
+    return _pack(tmp_path_factory.mktemp("faces"), classes=12, per_class=6)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(trainer_main, list(args))
+    return result.exit_code, result.output
+
+
+def test_verify_json_and_roc(class_pack: Path, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "a.pt", class_pack, "arcface")
+    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "test", "--num-pairs", "40",
+                        "--json", "--out", str(tmp_path / "v"), *LOADER)
+    assert code == 0, output
+    figures = json.loads(output.splitlines()[-1])
+    assert list(figures) == ["num_pairs", "auc", "eer", "accuracy", "threshold", "tar_at_far", "rank1", "rank5"]
+    assert figures["num_pairs"] == 80 and 0.0 <= figures["auc"] <= 1.0 and 0.0 <= figures["eer"] <= 1.0
+    assert set(figures["tar_at_far"]) == {"0.1"}  # 40 impostor pairs: FAR 0.01 needs 100
+    assert figures["rank5"] == 1.0  # two identities in the gallery
+    assert (tmp_path / "v" / "roc.png").stat().st_size > 0
+    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--num-pairs", "40", *LOADER)
+    assert code == 0 and "AUC" in output and "rank-1" in output
+
+
+def test_verify_with_a_pairs_file(class_pack: Path, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "a.pt", class_pack, "cosface")
+    reader = PackReader(class_pack)
+    test = reader.split_indices("test")
+    paths, labels = [reader.paths[i] for i in test], reader.labels[test]
+    rows = [(paths[i], paths[j], int(labels[i] == labels[j])) for i in range(len(test)) for j in range(i + 1, len(test))]
+    (tmp_path / "pairs.csv").write_text("path_a,path_b,same\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows))
+    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--pairs", str(tmp_path / "pairs.csv"),
+                        "--json", *LOADER)
+    assert code == 0, output
+    assert json.loads(output.splitlines()[-1])["num_pairs"] == len(rows) == 66
+    (tmp_path / "bad.csv").write_text("nowhere/x.jpg,nowhere/y.jpg,1\n")
+    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--pairs", str(tmp_path / "bad.csv"), *LOADER)
+    assert code != 0 and "not in the split" in output and len(output.strip().splitlines()) == 1
+
+
+def test_embed_pack_and_files_agree(class_pack: Path, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "a.pt", class_pack, "arcface")
+    code, output = _cli("embed", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "val",
+                        "--out", str(tmp_path / "val.h5"), *LOADER)
+    assert code == 0, output
+    reader = PackReader(class_pack)
+    val = reader.split_indices("val")
+    with h5py.File(tmp_path / "val.h5") as f:
+        embeddings, labels = f["embeddings"][()], f["labels"][()]
+        paths = [p.decode() for p in f["paths"][()]]
+    assert embeddings.shape == (12, 16) and np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert labels.tolist() == reader.labels[val].tolist() and paths == [reader.paths[i] for i in val]
+    # The same images given as files (decoded by another path than the pack loader) embed alike.
+    files = [str(class_pack.parent / "src" / p) for p in paths[:4]]
+    code, output = _cli("embed", "--checkpoint", str(ckpt), *files, "--out", str(tmp_path / "f.npy"))
+    assert code == 0, output
+    from_files = np.load(tmp_path / "f.npy")
+    meta = json.loads((tmp_path / "f.json").read_text())
+    assert meta["paths"] == files
+    assert np.all(np.sum(from_files * embeddings[:4], axis=1) > 0.99)
+
+
+def test_embed_linear_head_gives_penultimate_features(class_pack: Path, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "l.pt", class_pack, "linear")
+    code, output = _cli("embed", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "test",
+                        "--out", str(tmp_path / "t.npy"), *LOADER)
+    assert code == 0, output
+    assert np.load(tmp_path / "t.npy").shape == (12, 512)
+    code, output = _cli("embed", "--checkpoint", str(ckpt), "--out", str(tmp_path / "t.npy"))
+    assert code != 0 and "either --pack" in output
+
+
+def test_closed_set_commands_refuse_unseen_identities(class_pack: Path, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "a.pt", class_pack, "arcface")
+    code, output = _cli("eval", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "test", *LOADER)
+    assert code != 0 and "split by class" in output and "trainer verify" in output and len(output.strip().splitlines()) == 1
+    code, output = _cli("eval", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "train", "--json", *LOADER)
+    assert code == 0, output  # the identities it was trained on are fine
+    run = ["run", "--pack", str(class_pack), "--arch", "resnet18", "--weights", "none", "--image-size", "32", "--head", "arcface",
+           "--epochs", "1", "--batch-size", "8", *LOADER, "--out", str(tmp_path / "r")]
+    code, output = _cli(*run)
+    assert code != 0 and "--monitor val_auc" in output and len(output.strip().splitlines()) == 1
+    image_pack = _pack(tmp_path / "img", classes=3, per_class=5, split_by="image")
+    run[2] = str(image_pack)
+    code, output = _cli(*run, "--monitor", "val_auc")
+    assert code != 0 and "split by class" in output and len(output.strip().splitlines()) == 1
+
+
+def _trainer(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ))
+
+
+FACE_RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--head", "arcface", "--embedding-dim", "64",
+            "--scale", "16", "--margin", "0.3", "--monitor", "val_auc", "--batch-size", "16", *LOADER, "--log-every", "2"]
+
+
+@pytest.mark.slow
+def test_arcface_learns_to_verify_unseen_identities(tmp_path: Path) -> None:
+    pack = _pack(tmp_path, classes=12, per_class=20, ratio="0.25")  # 6 identities to train on, 3 unseen in val, 3 in test
+    out = tmp_path / "run"
+    result = _trainer("run", "--pack", str(pack), *FACE_RUN, "--epochs", "4", "--lr", "0.003", "--patience", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"val_auc", "val_accuracy"} <= set(r) for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    best = max(range(len(records)), key=lambda i: records[i]["val_auc"])
+    assert summary["best_epoch"] == records[best]["epoch"] and summary["best_val_auc"] == records[best]["val_auc"]
+    # Chance is 0.5 (measured here: 0.63 after 4 epochs; the pairs come from only 60 images, so allow for other CPUs' numerics).
+    assert summary["test_auc"] > 0.58, summary
+    verified = _trainer("verify", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", *LOADER)
+    assert verified.returncode == 0, verified.stderr
+    figures = json.loads(verified.stdout.splitlines()[-1])
+    assert figures["auc"] == pytest.approx(summary["test_auc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_verification_gathers_each_sample_once(tmp_path: Path) -> None:
+    pack = _pack(tmp_path, classes=10, per_class=7, ratio="0.3")  # 3 identities x 7 = 21 test images: shards of 11 and 10
+    reader = PackReader(pack)
+    assert reader.split_counts()["test"] == 21
+    out = tmp_path / "run"
+    result = _trainer("run", "--pack", str(pack), *FACE_RUN, "--epochs", "1", "--batch-size", "4", "--out", str(out), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    single = _trainer("verify", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", *LOADER)
+    assert single.returncode == 0, single.stderr
+    figures = json.loads(single.stdout.splitlines()[-1])
+    # Pairs are drawn from labels in pack order: any lost, doubled or reordered sample would change them.
+    for key in ("num_pairs", "auc", "eer", "accuracy", "rank1"):
+        assert figures[key] == pytest.approx(summary[f"test_{key}"], abs=1e-6), key

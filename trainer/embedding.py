@@ -1,0 +1,194 @@
+"""`trainer embed` and `trainer verify`, and verification during training: models turned into embeddings.
+
+Embeddings are L2-normalized: a margin head's own, the penultimate features of linear
+and mlp heads (`models.embed`). Under torchrun every rank embeds its shard and the
+shards are gathered once, back into pack order; the figures come from
+`trainer.verification`.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dali_pipes import BatchLoader, PackReader, build_loader
+from trainer.checkpoint import atomic_write_bytes
+from trainer.distributed import DistContext
+from trainer.errors import TrainerError
+from trainer.evaluation import image_batches, load_model
+from trainer.models import embed
+from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, read_pairs, verification_report
+
+DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pairs
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *,
+                  amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, list[Any]]:
+    """L2-normalized float32 embeddings of every batch `(key, images)`, and the keys (labels or paths) in order."""
+    model.eval()
+    chunks, keys = [], []
+    for key, images in batches:
+        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            features = embed(model, images)
+        chunks.append(nn.functional.normalize(features.float(), dim=1).cpu())
+        keys.append(key)
+    if not chunks:
+        raise TrainerError("no images to embed")
+    return torch.cat(chunks).numpy(), keys
+
+
+def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.ndarray, expected: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's embeddings and labels on every rank, each sample once, in pack order.
+
+    Eval shards are `split[rank::world_size]`, so interleaving the ranks' arrays restores
+    the split's order. When a loader left samples out (unreadable images) the shards no
+    longer line up and they are concatenated by rank instead.
+    """
+    if not ctx.enabled:
+        return embeddings, labels
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, (embeddings, labels))
+    sizes = [len(p[1]) for p in parts]
+    if sizes != [len(range(r, expected, ctx.world_size)) for r in range(ctx.world_size)]:
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    out_e = np.empty((expected, embeddings.shape[1]), dtype=embeddings.dtype)
+    out_l = np.empty(expected, dtype=labels.dtype)
+    for r, (e, l) in enumerate(parts):
+        out_e[r :: ctx.world_size], out_l[r :: ctx.world_size] = e, l
+    return out_e, out_l
+
+
+def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: DistContext | None = None,
+                     amp_dtype: torch.dtype | None = None, loader: BatchLoader | None = None,
+                     **loader_args: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of every image of `split`, in pack order, on every rank.
+
+    `loader` is this rank's eval loader of `split`; without one it is built from `loader_args`.
+    """
+    ctx = ctx or DistContext()
+    if loader is None:
+        loader = build_loader(reader, split, train=False, rank=ctx.rank, world_size=ctx.world_size, **loader_args)
+    loader.set_epoch(0)
+    embeddings, labels = embed_batches(model, ((l, images) for images, l in loader), amp_dtype=amp_dtype)
+    local_labels = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, dtype=np.int64)
+    return gather_in_pack_order(ctx, embeddings, local_labels, len(reader.split_indices(split)))
+
+
+def verification_figures(embeddings: np.ndarray, labels: np.ndarray, *, num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0,
+                         pairs: Pairs | None = None) -> tuple[dict[str, Any], Any]:
+    """`verification_report` over `pairs`, or over `num_pairs` genuine and impostor pairs drawn with `seed`."""
+    try:
+        pairs = pairs if pairs is not None else draw_pairs(labels, num_pairs, seed)
+        return verification_report(embeddings, labels, pairs, seed=seed)
+    except ValueError as exc:
+        raise TrainerError(f"cannot verify: {exc}") from None
+
+
+def validation_by_verification(model: nn.Module, reader: PackReader, split: str, *, ctx: DistContext, seed: int,
+                               amp_dtype: torch.dtype | None, loader: BatchLoader, prefix: str) -> dict[str, Any]:
+    """prefix_auc, prefix_accuracy, prefix_eer (and, for test, the rest) of `model` on `split` read through this rank's
+    eval `loader`: the metrics a class-split run logs."""
+    embeddings, labels = split_embeddings(model, reader, split, ctx=ctx, amp_dtype=amp_dtype, loader=loader)
+    figures, _ = verification_figures(embeddings, labels, seed=seed)
+    return {f"{prefix}_{key}": value for key, value in figures.items()}
+
+
+def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) -> list[Path]:
+    """Write `embeddings` with `meta` (labels or paths, classes...): one HDF5 file, or OUT.npy + OUT.json; atomically."""
+    suffix = out.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as f:
+            f["embeddings"] = embeddings
+            for key, value in meta.items():
+                if isinstance(value, list) and value and isinstance(value[0], str):
+                    f[key] = np.array(value, dtype=h5py.string_dtype())
+                elif isinstance(value, (list, np.ndarray)):
+                    f[key] = np.asarray(value)
+                else:
+                    f.attrs[key] = json.dumps(value)
+        atomic_write_bytes(out, lambda file: file.write(buffer.getvalue()))
+        return [out]
+    if suffix != ".npy":
+        raise TrainerError(f"--out {out}: give a .h5 / .hdf5 file, or a .npy file (its metadata goes beside it as .json)")
+    npy = io.BytesIO()
+    np.save(npy, embeddings)
+    side = out.with_suffix(".json")
+    atomic_write_bytes(out, lambda file: file.write(npy.getvalue()))
+    text = json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in meta.items()})
+    atomic_write_bytes(side, lambda file: file.write(text.encode()))
+    return [out, side]
+
+
+def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str | None, inputs: Sequence[Path],
+                  device: torch.device, batch_size: int = 64, backend: str = "auto", workers: int | None = None,
+                  warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """`trainer embed`: embeddings of a pack split (with labels and paths) or of image files (with paths)."""
+    if (pack is None) == (not inputs):
+        raise TrainerError("give either --pack PACK --split SPLIT or image PATHS, not both and not neither")
+    loaded = load_model(checkpoint, device)
+    meta: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": loaded.arch}
+    if pack is not None:
+        reader = PackReader(pack)
+        split = split or "test"
+        embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
+                                              num_workers=workers, spec=loaded.spec)
+        indices = reader.split_indices(split)
+        paths = [reader.paths[i] for i in indices] if len(labels) == len(indices) else []
+        meta.update(pack=str(pack), split=split, labels=labels.astype(np.int64), paths=paths, classes=list(reader.classes))
+    else:
+        embeddings, keys = embed_batches(loaded.model, image_batches(inputs, loaded.spec, device, batch_size, warn))
+        meta["paths"] = [str(p) for batch in keys for p in batch]
+    written = write_embeddings(out, embeddings, meta)
+    return {"num_embeddings": int(len(embeddings)), "dim": int(embeddings.shape[1]), "files": [str(p) for p in written]}
+
+
+def verify_command(checkpoint: Path, pack: Path, *, split: str = "test", pairs_file: Path | None = None,
+                   num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0, device: torch.device, batch_size: int = 64,
+                   backend: str = "auto", workers: int | None = None, out: Path | None = None) -> dict[str, Any]:
+    """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`."""
+    reader = PackReader(pack)
+    loaded = load_model(checkpoint, device)
+    embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
+                                          num_workers=workers, spec=loaded.spec)
+    pairs = None
+    if pairs_file is not None:
+        indices = reader.split_indices(split)
+        if len(labels) != len(indices):
+            raise TrainerError(f"{pack}: {len(indices) - len(labels)} images of {split} could not be read, so a pairs file cannot be matched")
+        try:
+            pairs = read_pairs(pairs_file, [reader.paths[i] for i in indices])
+        except OSError as exc:
+            raise TrainerError(f"--pairs {pairs_file}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise TrainerError(str(exc)) from None
+    figures, roc = verification_figures(embeddings, labels, num_pairs=num_pairs, seed=seed, pairs=pairs)
+    if out is not None:
+        from trainer.plots import plot_roc
+
+        out.mkdir(parents=True, exist_ok=True)
+        plot_roc(roc.far, roc.tar, out / "roc.png", title=f"{loaded.arch} on {split} of {Path(pack).name} "
+                                                           f"({figures['num_pairs']} pairs, AUC {figures['auc']:.4f})")
+    return figures
+
+
+def format_verification(figures: dict[str, Any]) -> list[str]:
+    """Human-readable lines for `verify_command`'s figures."""
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    tar = "  ".join(f"TAR@FAR={far:g} {pct(figures['tar_at_far'][f'{far:g}'])}" for far in FAR_TARGETS if f"{far:g}" in figures["tar_at_far"])
+    return [f"{figures['num_pairs']} pairs: AUC {figures['auc']:.4f}  EER {pct(figures['eer'])}  "
+            f"accuracy {pct(figures['accuracy'])} (10-fold, threshold {figures['threshold']:.3f})",
+            f"  {tar or 'TAR@FAR: too few impostor pairs (need 10 for FAR 0.1)'}",
+            f"  identification: rank-1 {pct(figures['rank1'])}  rank-5 {pct(figures['rank5'])}"]
