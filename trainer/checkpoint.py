@@ -133,7 +133,7 @@ class Checkpoint:
         if config["arch"] != self.arch:
             return f"--arch {config['arch']} differs from the checkpoint's {self.arch}"
         for key, value in self.head.items():
-            option = "--head" if key == "type" else f"--{key}"
+            option = "--head" if key == "type" else f"--{key.replace('_', '-')}"
             if config.get("head" if key == "type" else key) != value:
                 return f"{option} {config.get('head' if key == 'type' else key)} differs from the checkpoint's {value}"
         if list(classes) != self.classes:
