@@ -64,6 +64,9 @@ class RunConfig:
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda or cuda:N."))
     out: str = field(default="", metadata=_opt("Run folder (default: runs/<arch>-<timestamp>)."))
 
+    # Monitoring (issue 14): TensorBoard event files beside the run.
+    tensorboard: bool = field(default=False, metadata=_opt("Write TensorBoard logs into OUT/tb/: loss and lr every --log-every steps, the epoch metrics, one training batch (needs the tb extra).", flag=True))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to config.json and checkpoints."""
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ This module wires things together; the step, the epoch and the evaluation live i
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -29,6 +30,7 @@ from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.progress import Progress
 from trainer.signals import StopSignals
+from trainer.tensorboard import open_tensorboard
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
 
@@ -243,8 +245,10 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
                       skip_nonfinite=cfg.skip_nonfinite)
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
+    tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec, len(train_loader))
     for epoch in range(state.next_epoch, cfg.epochs):
-        outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
+        epoch_step = dataclasses.replace(step, on_log=tb.step_hook(epoch)) if tb else step
+        outcome = _train_epoch(run, state, train_model, train_loader, epoch_step, epoch, stop_requested)
         if outcome.interrupted:
             _save_position(run, state, epoch, outcome)
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
@@ -254,6 +258,8 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
+        if tb:
+            tb.log_epoch(epoch + 1, record)
         state.position = None
         if ctx.is_main:
             write_metrics(run.out / "metrics.jsonl", state.records)
