@@ -44,16 +44,10 @@ class TensorBoardLogger:
             for key, value in values.items():
                 self.writer.add_scalar(f"step/{key}", value, global_step)
             if epoch == 0 and not self.batch_written:
-                self.writer.add_images("train/batch", self.unnormalize(images[:IMAGES_SHOWN]), global_step, dataformats="NCHW")
+                self.writer.add_images("train/batch", unnormalize(images[:IMAGES_SHOWN], self.spec), global_step, dataformats="NCHW")
                 self.batch_written = True
 
         return on_log
-
-    def unnormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Model inputs back to [0, 1] RGB on the CPU (N x 3 x S x S)."""
-        mean = torch.tensor(self.spec.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, device=images.device).view(1, 3, 1, 1)
-        return (images.float() * std + mean).clamp_(0.0, 1.0).contiguous().cpu()
 
     def log_epoch(self, number: int, record: dict[str, Any]) -> None:
         """Every number of an epoch record (the metrics.jsonl line) as `epoch/<key>` at x = `number`; then flush."""
@@ -61,6 +55,13 @@ class TensorBoardLogger:
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(f"epoch/{key}", value, number)
         self.writer.flush()
+
+
+def unnormalize(images: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
+    """Model inputs (normalized by `spec`) back to [0, 1] RGB on the CPU, N x 3 x S x S."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp_(0.0, 1.0).contiguous().cpu()
 
 
 def open_tensorboard(enabled: bool, log_dir: Path, spec: PipelineSpec, steps_per_epoch: int) -> TensorBoardLogger | None:
