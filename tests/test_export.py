@@ -185,6 +185,22 @@ def test_embedding_needs_a_margin_head(runs: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_embedding_exports_what_the_margin_head_embeds(runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stand-ins for the margin-head interface of trainer.models (takes_labels, embed): the
+    # export must serve exactly what `embed(model, images)` returns.
+    monkeypatch.setattr("trainer.models.takes_labels", lambda model: True, raising=False)
+    monkeypatch.setattr("trainer.models.embed", lambda model, images: 2.0 * model(images), raising=False)
+    out = tmp_path / "e.pt"
+    code, output = _run("export", "--checkpoint", runs["resnet18"] / "best.pt", "--format", "torchscript", "--out", out, "--embedding")
+    assert code == 0, output
+    assert json.loads(Path(str(out) + ".json").read_text())["output"] == "embedding"
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = 2.0 * _torchvision_model(runs["resnet18"] / "best.pt", 3, "resnet18")(images)
+    assert (_run_exported(out, "torchscript", images) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.slow
 def test_no_tensorboard_folder_without_the_flag(runs: dict) -> None:
     assert not (runs["resnet18"] / "tb").exists()
 
@@ -198,6 +214,14 @@ def test_predict_from_onnx_without_sidecar_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"not a model")
     code, output = _run("predict", "--checkpoint", tmp_path / "m.onnx", tmp_path)
     assert code == 1 and len(output.strip().splitlines()) == 1 and "m.onnx.json" in output
+
+
+def test_predict_refuses_an_embedding_export(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "dali-trainer-export", "output": "embedding", "classes": ["a", "b"],
+                                                      "spec": {"image_size": 32}}))
+    code, output = _run("predict", "--checkpoint", tmp_path / "m.onnx", tmp_path)
+    assert code == 1 and len(output.strip().splitlines()) == 1 and "--embedding" in output
 
 
 @pytest.mark.parametrize("module,extra", [("onnxruntime", "export"), ("tensorboard", "tb")])

@@ -12,7 +12,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,14 +42,15 @@ def sidecar_path(model_file: Path) -> Path:
 
 
 class EmbeddingOutput(nn.Module):
-    """A margin-head model whose forward returns `model.embed(images)` instead of logits."""
+    """A margin-head model whose forward returns `embed(model, images)` (its embedding) instead of logits."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.model = model
+        self.embed = embed
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(images)
+        return self.embed(self.model, images)
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | None = None, embedding: bool = False,
@@ -88,9 +89,14 @@ def _exportable(model: nn.Module, embedding: bool) -> nn.Module:
     model = model.to(memory_format=torch.contiguous_format).eval()
     if not embedding:
         return model
-    if not callable(getattr(model, "embed", None)):
+    from trainer import models
+
+    # Margin heads and their embedding (`models.takes_labels`, `models.embed`) come with the
+    # face-recognition work; looked up by name so this module imports with or without them.
+    is_margin_model = getattr(models, "takes_labels", None)
+    if is_margin_model is None or not is_margin_model(model):
         raise TrainerError("--embedding needs a checkpoint with a margin head (arcface or cosface); this model only has logits")
-    return EmbeddingOutput(model).eval()
+    return EmbeddingOutput(model, models.embed).eval()
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor, dynamic: bool) -> bytes:
@@ -172,6 +178,8 @@ def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: 
         "checkpoint": str(checkpoint),
         "torch": torch.__version__,
     }
+    if embedding:
+        sidecar["output_note"] = "the margin head's embedding, not L2-normalized: normalize before comparing by cosine"
     if fmt == "onnx":
         sidecar["opset"] = ONNX_OPSET
     return sidecar
