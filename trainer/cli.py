@@ -211,7 +211,7 @@ def _batch_choice(value: str) -> int | None:
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="onnx (opset 18, torch.export-based exporter) or torchscript (traced).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model file to write; its sidecar is FILE.json (preprocessing spec, classes, verification).")
-@click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed batch size N.")
+@click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed batch size N (ONNX's input shape; TorchScript traces with N).")
 @click.option("--embedding", is_flag=True, help="Export the embedding output of a margin-head (arcface/cosface) model instead of logits.")
 @click.option("--pack", type=click.Path(path_type=Path), help="Verify on a few of this pack's images (default: a seeded random batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as one JSON object.")

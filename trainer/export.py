@@ -8,11 +8,12 @@ did. This module also runs exported ONNX files, through onnxruntime on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -118,10 +119,7 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, dynamic: bool) -> bytes:
 def _to_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
     """A traced TorchScript module's bytes (traced conv nets accept any batch size)."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # torch.jit is deprecated in recent torch releases, yet still what TorchScript servers load.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _quiet_jit():
         try:
             traced = torch.jit.trace(model, example, check_trace=False)
         except Exception as exc:  # noqa: BLE001
@@ -131,12 +129,19 @@ def _to_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
 
 
 def _torchscript_outputs(data: bytes, images: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _quiet_jit():
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     with torch.no_grad():
         return module(images)
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    # Recent torch releases warn that torch.jit is deprecated; TorchScript files are still what TorchScript servers load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def verification_batch(spec: PipelineSpec, pack: Path | None, count: int) -> tuple[torch.Tensor, str]:
