@@ -247,7 +247,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
     tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec, len(train_loader))
     for epoch in range(state.next_epoch, cfg.epochs):
-        epoch_step = dataclasses.replace(step, on_log=tb.step_hook(epoch)) if tb else step
+        epoch_step = dataclasses.replace(step, on_log=tb.step_hook(epoch)) if tb is not None else step
         outcome = _train_epoch(run, state, train_model, train_loader, epoch_step, epoch, stop_requested)
         if outcome.interrupted:
             _save_position(run, state, epoch, outcome)
@@ -258,7 +258,7 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
-        if tb:
+        if tb is not None:
             tb.log_epoch(epoch + 1, record)
         state.position = None
         if ctx.is_main:
