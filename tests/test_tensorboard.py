@@ -112,3 +112,26 @@ def test_tensorboard_is_an_option_off_by_default() -> None:
     assert RunConfig(pack="p.h5").tensorboard is False
     help_text = CliRunner().invoke(trainer_main, ["run", "--help"]).output
     assert "--tensorboard" in help_text and "OUT/tb/" in help_text
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_under_ddp(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorboard")
+    pack = make_pack(tmp_path, classes=3, per_class=8, seed=4)
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "trainer", "run", "--pack", str(pack), "--arch", "resnet18", "--weights", "none",
+                             "--image-size", "32", "--workers", "0", "--epochs", "1", "--batch-size", "2", "--backend", "torch",
+                             "--log-every", "1", "--tensorboard", "--out", str(out), "--nproc", "2"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    events = _events(out / "tb")
+    from dali_pipes import PackReader
+
+    steps_per_rank = PackReader(pack).split_counts()["train"] // 2 // 2  # 2 ranks, batch 2, last partial batch dropped
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(steps_per_rank))
+    assert len(events.Scalars("epoch/val_loss")) == 1
