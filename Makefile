@@ -21,7 +21,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dali,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dali,dev,export,tb]"
 	touch $(STAMP)
 
 demo: $(STAMP)

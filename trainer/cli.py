@@ -192,7 +192,7 @@ def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run, or a .onnx file from `trainer export` (run by onnxruntime on the CPU).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to list per image.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -259,6 +259,42 @@ def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, nu
     figures = verify_command(checkpoint, pack, split=split, pairs_file=pairs_file, num_pairs=num_pairs, seed=seed,
                              device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers, out=out)
     click.echo(json.dumps(figures) if as_json else "\n".join(format_verification(figures)))
+
+
+def _batch_choice(value: str) -> int | None:
+    if value == "dynamic":
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is neither 'dynamic' nor a positive integer", param_hint="'--batch'")
+
+
+@main.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="onnx (opset 18, torch.export-based exporter) or torchscript (traced).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model file to write; its sidecar is FILE.json (preprocessing spec, classes, verification).")
+@click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed batch size N (ONNX's input shape; TorchScript traces with N).")
+@click.option("--embedding", is_flag=True, help="Export the embedding output of a margin-head (arcface/cosface) model instead of logits.")
+@click.option("--pack", type=click.Path(path_type=Path), help="Verify on a few of this pack's images (default: a seeded random batch).")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar as one JSON object.")
+@one_line_errors
+def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding: bool, pack: Path | None, as_json: bool) -> None:
+    """Export a checkpoint to ONNX or TorchScript, in eval mode, checked against PyTorch's outputs.
+
+    \b
+    Example:
+      trainer export --checkpoint runs/r/best.pt --format onnx --out model.onnx --pack pack.h5
+    """
+    from trainer.export import export_checkpoint, sidecar_path
+
+    result = export_checkpoint(checkpoint, out, fmt=fmt, batch=_batch_choice(batch), embedding=embedding, pack=pack)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    check = result["verification"]
+    shape = "dynamic batch" if result["input"]["shape"][0] == "batch" else f"batch {result['input']['shape'][0]}"
+    click.echo(f"wrote {out} ({fmt}, {result['output']}, {shape}) and {sidecar_path(out)}; outputs match PyTorch within "
+               f"{check['max_abs_diff']:.1e} (max abs diff, tolerance {check['tolerance']:g}) on {check['inputs']} via {check['runtime']}")
 
 
 if __name__ == "__main__":

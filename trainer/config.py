@@ -79,6 +79,9 @@ class RunConfig:
         if self.weight_decay is None:  # resolved here, so config.json and checkpoints hold the value used
             object.__setattr__(self, "weight_decay", DEFAULT_WEIGHT_DECAY[self.optimizer])
 
+    # Monitoring (issue 14): TensorBoard event files beside the run.
+    tensorboard: bool = field(default=False, metadata=_opt("Write TensorBoard logs into OUT/tb/: loss and lr every --log-every steps, the epoch metrics, one training batch (needs the tb extra).", flag=True))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to config.json and checkpoints."""
         return dataclasses.asdict(self)

@@ -115,13 +115,24 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     return lines
 
 
+def load_predictor(path: Path, device: torch.device) -> LoadedModel:
+    """A checkpoint, or an ONNX file from `trainer export` (by its .onnx suffix; run by onnxruntime on the CPU)."""
+    if Path(path).suffix.lower() == ".onnx":
+        from trainer.export import load_onnx
+
+        return load_onnx(path)
+    return load_model(path, device)
+
+
 def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, device: torch.device,
                   batch_size: int = 32, warn: Any = print) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file (folders are walked), with the checkpoint's preprocessing.
 
+    `checkpoint` may also be an exported .onnx file; its sidecar gives preprocessing and classes.
+
     Unreadable files are reported through `warn` and skipped.
     """
-    loaded = load_model(checkpoint, device)
+    loaded = load_predictor(checkpoint, device)
     k = min(topk, len(loaded.classes))
     results: list[dict[str, Any]] = []
     for batch_paths, images in image_batches(inputs, loaded.spec, device, batch_size, warn):

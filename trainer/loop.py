@@ -111,6 +111,8 @@ class StepConfig:
     grad_clip: float | None = None
     skip_nonfinite: bool = False
     with_labels: bool = False  # the model takes the labels too (a margin head: see models.takes_labels)
+    # Called as on_log(step, {"loss": this step's loss, "lr": ...}, images) at each --log-every sync (TensorBoard).
+    on_log: Callable[[int, dict[str, float], torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -233,8 +235,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         if state.steps % check_every == 0:
             _raise_if_nonfinite(state)
         if state.steps % step.log_every == 0:
-            running = _running(state)  # the only other host sync inside the epoch
+            running = _running(state, loss)  # the only other host sync inside the epoch
             state.data_wait = clock.settle()
+            if step.on_log is not None:
+                step.on_log(i, {"loss": running["step_loss"], "lr": lr}, images)
         if progress is not None:
             progress.update(n)
         clock.step_queued()
@@ -277,9 +281,14 @@ def _raise_if_nonfinite(state: EpochState) -> None:
                            "are untouched (lower --lr, or pass --skip-nonfinite to skip such steps)")
 
 
-def _running(state: EpochState) -> dict[str, float]:
-    sums = torch.stack([state.loss_sum, state.correct]).cpu()
-    return {"loss": float(sums[0]) / max(state.samples, 1), "top1": float(sums[1]) / max(state.samples, 1)}
+def _running(state: EpochState, step_loss: torch.Tensor | None = None) -> dict[str, float]:
+    # The current step's loss rides along in the same device-to-host copy.
+    extra = [step_loss.detach().double()] if step_loss is not None else []
+    sums = torch.stack([state.loss_sum, state.correct, *extra]).cpu()
+    running = {"loss": float(sums[0]) / max(state.samples, 1), "top1": float(sums[1]) / max(state.samples, 1)}
+    if extra:
+        running["step_loss"] = float(sums[2])
+    return running
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ training in `trainer.checks`, the run folder in `trainer.run_folder`, and the da
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from trainer.optim import Plateau, build_optimizer, lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.run_folder import link_best
 from trainer.signals import StopSignals
+from trainer.tensorboard import open_tensorboard
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
 
@@ -264,14 +266,16 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
     dropped = dropped_note(run.reader.split_counts()["train"], train_loader.num_samples * ctx.world_size, cfg.batch_size, ctx.world_size)
     if dropped:
         run.say(dropped)
-    if val_loader is None:
+    if validate is None:
         run.say(f"{run.reader.path} has no val split: no early stopping, and best.pt is the last epoch")
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler, cfg.log_every,
                       grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite,
                       with_labels=takes_labels(state.model))
     stop_requested = _stop_check(signals, ctx, cfg.log_every)
+    tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec, len(train_loader))
     for epoch in range(state.next_epoch, cfg.epochs):
-        outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, stop_requested)
+        epoch_step = dataclasses.replace(step, on_log=tb.step_hook(epoch)) if tb is not None else step
+        outcome = _train_epoch(run, state, train_model, train_loader, epoch_step, epoch, stop_requested)
         if outcome.interrupted:
             _save_position(run, state, epoch, outcome)
             raise RunInterrupted(f"stopped by {signals.name} at epoch {epoch + 1}, step {outcome.next_step}; "
@@ -281,6 +285,8 @@ def _train(run: RunContext, state: TrainingState, signals: StopSignals) -> tuple
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
+        if tb is not None:
+            tb.log_epoch(epoch + 1, record)
         state.position = None
         if ctx.is_main:
             write_metrics(run.out / "metrics.jsonl", state.records)
