@@ -181,18 +181,27 @@ def test_embedding_needs_a_margin_head(runs: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_embedding_exports_what_the_margin_head_embeds(runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stand-ins for the margin-head interface of trainer.models (takes_labels, embed): the
-    # export must serve exactly what `embed(model, images)` returns.
-    monkeypatch.setattr("trainer.models.takes_labels", lambda model: True, raising=False)
-    monkeypatch.setattr("trainer.models.embed", lambda model, images: 2.0 * model(images), raising=False)
+def test_embedding_export_serves_the_margin_heads_embedding(pack: Path, tmp_path: Path) -> None:
+    run = tmp_path / "arcface"
+    code, output = _run("run", "--pack", pack, "--arch", "resnet18", "--weights", "none", "--image-size", SIZE, "--workers", 0,
+                        "--epochs", 1, "--batch-size", 4, "--backend", "torch", "--head", "arcface", "--embedding-dim", 16, "--out", run)
+    assert code == 0, output
     out = tmp_path / "e.pt"
-    code, output = _run("export", "--checkpoint", runs["resnet18"] / "best.pt", "--format", "torchscript", "--out", out, "--embedding")
+    code, output = _run("export", "--checkpoint", run / "best.pt", "--format", "torchscript", "--out", out, "--embedding")
     assert code == 0, output
     assert json.loads(Path(str(out) + ".json").read_text())["output"] == "embedding"
+    # The embedding by hand, from the documented checkpoint keys: torchvision's backbone without
+    # its classifier, then head.embedding.0 (linear) and head.embedding.1 (batch norm), eval mode.
+    state = torch.load(run / "best.pt", weights_only=True)["model"]
+    backbone = torchvision.models.resnet18()
+    backbone.fc = torch.nn.Identity()
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    linear, norm = torch.nn.Linear(512, 16), torch.nn.BatchNorm1d(16)
+    linear.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith("head.embedding.0.")})
+    norm.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith("head.embedding.1.")})
     images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = 2.0 * _torchvision_model(runs["resnet18"] / "best.pt", 3, "resnet18")(images)
+        expected = norm.eval()(linear(backbone.eval()(images)))
     assert (_run_exported(out, "torchscript", images) - expected).abs().max() < 1e-4
 
 

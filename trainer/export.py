@@ -25,6 +25,7 @@ from trainer.errors import TrainerError
 from trainer.evaluation import LoadedModel, load_model
 from trainer.extras import require
 from trainer.metrics import write_json
+from trainer.models import embed, takes_labels
 
 FORMATS = ("onnx", "torchscript")
 SIDECAR_FORMAT = "dali-trainer-export"
@@ -43,15 +44,14 @@ def sidecar_path(model_file: Path) -> Path:
 
 
 class EmbeddingOutput(nn.Module):
-    """A margin-head model whose forward returns `embed(model, images)` (its embedding) instead of logits."""
+    """A margin-head model whose forward returns its embedding (`models.embed`) instead of logits."""
 
-    def __init__(self, model: nn.Module, embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.embed = embed
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.model, images)
+        return embed(self.model, images)
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | None = None, embedding: bool = False,
@@ -90,14 +90,9 @@ def _exportable(model: nn.Module, embedding: bool) -> nn.Module:
     model = model.to(memory_format=torch.contiguous_format).eval()
     if not embedding:
         return model
-    from trainer import models
-
-    # Margin heads and their embedding (`models.takes_labels`, `models.embed`) come with the
-    # face-recognition work; looked up by name so this module imports with or without them.
-    is_margin_model = getattr(models, "takes_labels", None)
-    if is_margin_model is None or not is_margin_model(model):
+    if not takes_labels(model):  # only margin heads have an embedding of their own
         raise TrainerError("--embedding needs a checkpoint with a margin head (arcface or cosface); this model only has logits")
-    return EmbeddingOutput(model, models.embed).eval()
+    return EmbeddingOutput(model).eval()
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor, dynamic: bool) -> bytes:
