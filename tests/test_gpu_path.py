@@ -107,9 +107,11 @@ def test_gpu_path_on_cpu_tensors_matches_opencv_path(demo_pack: Path, train: boo
     spec = PipelineSpec(image_size=40)
     indices = reader.split_indices("train" if train else "val")[:12]
     flips, angles = sample_augmentation(spec, 2, 1, indices) if train else (np.zeros(12, bool), np.zeros(12, np.float32))
-    decoded = decode_on_device(reader, indices, _encoded(reader, indices), torch.device("cpu"))
+    decoded, skipped = decode_on_device(reader, indices, _encoded(reader, indices), torch.device("cpu"))
+    assert skipped == []
     gpu_path = to_model_input(transform_images(decoded, spec, train, flips, angles), spec, torch.float32)
-    cpu_path = to_model_input(render_batch_cpu(reader, indices, spec, train, flips, angles), spec, torch.float32)
+    cpu_pixels, _ = render_batch_cpu(reader, indices, spec, train, flips, angles)
+    cpu_path = to_model_input(cpu_pixels, spec, torch.float32)
     assert gpu_path.shape == (12, 3, 40, 40) and gpu_path.is_contiguous(memory_format=torch.channels_last)
     levels = ((gpu_path - cpu_path).abs() * torch.tensor(spec.std_255).view(1, 3, 1, 1)).numpy()
     if train:
@@ -126,9 +128,9 @@ def test_decode_on_cpu_collects_a_corrupt_image_and_keeps_order(demo_pack: Path,
     with h5py.File(corrupt, "r+") as f:
         f["images"][reader.offsets[indices[1]] + 2 : reader.offsets[indices[1] + 1]] = 0
     bad = PackReader(corrupt)
-    failures: list[tuple[int, str]] = []
-    images = decode_on_device(bad, indices, _encoded(bad, indices), torch.device("cpu"), failures)
-    assert [index for index, _ in failures] == [int(indices[1])]
+    images, skipped = decode_on_device(bad, indices, _encoded(bad, indices), torch.device("cpu"))
+    assert [sample.index for sample in skipped] == [int(indices[1])]
+    assert skipped[0].path == reader.paths[indices[1]] and skipped[0].reason
     assert [tuple(im.shape[1:]) for im in images] == [(reader.heights[i], reader.widths[i]) for i in indices[[0, 2, 3]]]
 
 

@@ -125,7 +125,7 @@ def test_progress_lines_add_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Non
     # Lines every step (log_interval 0) must still read the figures synced every log_every steps, never sync more.
     syncs = []
     real = loop._running
-    monkeypatch.setattr(loop, "_running", lambda state: syncs.append(state.steps) or real(state))
+    monkeypatch.setattr(loop, "_running", lambda state, *rest: syncs.append(state.steps) or real(state, *rest))
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(10)]
     stream = io.StringIO()

@@ -125,8 +125,12 @@ def resume_schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int
 
 def epoch_line(epoch: int, epochs: int, r: dict[str, Any], best: bool) -> str:
     """The one summary line printed after each epoch."""
-    val = ("val -" if r["val_loss"] is None else
-           f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}")
+    if "val_auc" in r:  # a class-split pack: validated by verification
+        val = f"val auc {r['val_auc']:.4f} accuracy {r['val_accuracy']:.3f} eer {r['val_eer']:.3f}"
+    elif r["val_loss"] is None:
+        val = "val -"
+    else:
+        val = f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}"
     return (f"epoch {epoch + 1}/{epochs}  train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}  |  "
             f"{val}  |  lr {r['lr']:.2e}  "
             f"{r['images_per_second']:,.0f} img/s  data wait {100 * r['data_wait_fraction']:.0f}%  {r['epoch_seconds']:.1f}s"
@@ -417,7 +421,10 @@ def _validate(run: RunContext, state: TrainingState, train_model: nn.Module,
     train = outcome.metrics
     val_start = time.perf_counter()
     ctx.broadcast_buffers(unwrap(train_model))
-    val = validate(unwrap(train_model), epoch) if validate is not None else {"val_loss": None}
+    if validate is not None:
+        val = validate(unwrap(train_model), epoch)
+    else:  # no val split: the closed-set keys are there, with nothing measured
+        val = {"val_loss": None, **topk_keys({"loss": None}, "val", run.cfg.topk, run.reader.num_classes)}
     train_sums = ctx.all_reduce(torch.tensor([train["train_loss"] * train["train_samples"], train["train_top1"] * train["train_samples"],
                                               float(train["train_samples"]), float(skipped)], dtype=torch.float64).to(ctx_device(ctx)))
     n = float(train_sums[2])
