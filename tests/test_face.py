@@ -148,15 +148,19 @@ FACE_RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--
 def test_arcface_learns_to_verify_unseen_identities(tmp_path: Path) -> None:
     pack = _pack(tmp_path, classes=12, per_class=20, ratio="0.25")  # 6 identities to train on, 3 unseen in val, 3 in test
     out = tmp_path / "run"
-    result = _trainer("run", "--pack", str(pack), *FACE_RUN, "--epochs", "4", "--lr", "0.003", "--patience", "0", "--out", str(out))
+    result = _trainer("run", "--pack", str(pack), *FACE_RUN, "--epochs", "12", "--lr", "0.003", "--patience", "0", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all({"val_auc", "val_accuracy"} <= set(r) for r in records)
     summary = json.loads((out / "summary.json").read_text())
     best = max(range(len(records)), key=lambda i: records[i]["val_auc"])
     assert summary["best_epoch"] == records[best]["epoch"] and summary["best_val_auc"] == records[best]["val_auc"]
-    # Chance is 0.5 (measured here: 0.63 after 4 epochs; the pairs come from only 60 images, so allow for other CPUs' numerics).
-    assert summary["test_auc"] > 0.58, summary
+    # Chance is 0.5, and colour alone gives an untrained network about 0.62 here. Measured on
+    # the development machine: val AUC 0.63 after epoch 1, 0.73 at best (epoch 12), test AUC
+    # 0.76. So training must both raise val AUC and end clearly above colour alone on the
+    # unseen test identities; the margins leave room for other CPUs' numerics.
+    assert max(r["val_auc"] for r in records) >= records[0]["val_auc"] + 0.04, records
+    assert summary["test_auc"] > 0.68, summary
     verified = _trainer("verify", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", *LOADER)
     assert verified.returncode == 0, verified.stderr
     figures = json.loads(verified.stdout.splitlines()[-1])
