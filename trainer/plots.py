@@ -33,7 +33,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "", 
     def series(key: str) -> list[float]:
         return [np.nan if r.get(key) is None else r[key] for r in records]
 
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
     ax_loss.plot(epochs, series("val_loss"), "s-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -48,6 +48,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "", 
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     ax_lr.plot(epochs, series("lr"), "o-", color="tab:green", label="lr (end of epoch)")
     ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # 2e-3, not 0.00200 over the next panel
     for ax in (ax_loss, ax_acc, ax_lr):
         if best_epoch is not None:
             ax.axvline(best_epoch, color="tab:red", linestyle="--", alpha=0.6, label=f"best (epoch {best_epoch})")
