@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from dali_pipes import BatchLoader, Progress
 from trainer.data_wait import DataWaitClock
 from trainer.errors import TrainerError
-from dali_pipes import BatchLoader, Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
