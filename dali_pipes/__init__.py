@@ -1,17 +1,25 @@
-"""Data pipelines for dali-trainer: the pack format and its writer, one preprocessing spec,
-and backends (DALI, torch, synthetic) behind one batch contract, `build_loader`.
+"""Data pipelines for dali-trainer: the pack format and its writer, one preprocessing spec and
+one geometry, and backends (DALI, torch, synthetic) behind one batch contract, `build_loader`.
 
-Only `dali_pipes.dali_backend` imports `nvidia.dali`, and only when that backend is asked
-for, so everything here imports on machines without DALI. Names are resolved lazily, so
-`import dali_pipes.packing` (the packer's worker processes) does not pay for torch.
-`trainer` imports only the names listed here; nothing here imports `trainer`.
+Only `dali_pipes.dali_backend` imports `nvidia.dali`, and only when that backend is chosen
+(`choose_backend`, the one place that chooses), so everything here imports on machines
+without DALI. Names are resolved lazily, so `import dali_pipes.pack_sources` (the packer's
+worker processes) does not pay for torch. `trainer` and `tools` import the names listed
+here; nothing here imports `trainer`.
 
-Where each concept lives: what a loader is (request, epoch plan, skipped samples, the
-base class) in `base`; the backends in `dali_backend`, `torch_backend` and
-`synthetic_backend`, picked by `loader.build_loader`; the pack format in `pack`; how a
-pack is written in `writer` (per-file steps in `packing`); model inputs from loose
-files in `inputs`; atomic file writes in `atomic`; the progress line in `progress`;
-one-line usage errors in `cli_usage`.
+Where each concept lives:
+
+* `spec`: the preprocessing spec and its constants; `geometry`: the one per-sample affine
+  matrix every backend warps with, and its conversions to each backend's convention.
+* `pack_format`: the pack's layout and `PackReader`; `pack_writer`: how a pack is written
+  (`pack_folder`); `pack_sources`: finding, verifying and encoding source files;
+  `splits`: train/val/test assignment.
+* `loader`: what a loader is (request, epoch plan, shards, skipped samples, the base);
+  `backends`: the registry, `choose_backend` and `build_loader`.
+* `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` and
+  `prefetch` for streams), `dali_backend`, `synthetic_backend`: one module per backend.
+* `inputs`: model inputs from loose files; `atomic`: atomic file writes; `progress`: the
+  progress line; `seeded`: the vectorized per-sample random draws.
 """
 from __future__ import annotations
 
@@ -20,37 +28,50 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     **dict.fromkeys(["atomic_path", "atomic_write_bytes"], "atomic"),
-    **dict.fromkeys(["BatchLoader", "EpochPlan", "ImageDecodeError", "LoaderError", "LoaderRequest", "SkippedSample",
-                     "plan_epoch", "samples_per_rank", "to_model_input"], "base"),
-    **dict.fromkeys(["OneLineUsageCommand", "TrainerGroup"], "cli_usage"),
+    **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "choose_backend", "resolve_backend"],
+                    "backends"),
+    **dict.fromkeys(["sample_augmentation"], "geometry"),
     **dict.fromkeys(["preprocess"], "inputs"),
-    **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "resolve_backend"], "loader"),
-    **dict.fromkeys(["PackError", "PackReader"], "pack"),
-    **dict.fromkeys(["IMAGE_EXTENSIONS", "class_split", "load_rgb", "split_kind"], "packing"),
+    **dict.fromkeys(["BatchLoader", "EpochPlan", "ImageDecodeError", "LoaderError", "LoaderRequest", "SkippedSample",
+                     "plan_epoch", "samples_per_rank", "to_model_input"], "loader"),
+    **dict.fromkeys(["PackError", "PackReader"], "pack_format"),
+    **dict.fromkeys(["IMAGE_EXTENSIONS", "encode_file", "load_rgb"], "pack_sources"),
+    **dict.fromkeys(["PackFailure", "PackOptions", "PackReport", "format_report", "pack_folder"], "pack_writer"),
     **dict.fromkeys(["Progress"], "progress"),
-    **dict.fromkeys(["PipelineSpec"], "spec"),
-    **dict.fromkeys(["PackFailure", "PackOptions", "PackReport", "pack_folder"], "writer"),
+    **dict.fromkeys(["IMAGENET_MEAN", "IMAGENET_STD", "PipelineSpec"], "spec"),
+    **dict.fromkeys(["class_split", "split_kind"], "splits"),
 }
 __all__ = [
-    "BACKENDS", "BatchLoader", "EpochPlan", "IMAGE_EXTENSIONS", "ImageDecodeError", "LoaderError", "LoaderRequest",
-    "OneLineUsageCommand", "PackError", "PackFailure", "PackOptions", "PackReader", "PackReport", "PipelineSpec",
-    "Progress", "SkippedSample", "TrainerGroup", "atomic_path", "atomic_write_bytes", "available_backends",
-    "build_loader", "class_split", "load_rgb", "pack_folder", "plan_epoch", "preprocess", "resolve_backend", "samples_per_rank",
-    "split_kind", "to_model_input",
+    "BACKENDS", "BatchLoader", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageDecodeError",
+    "LoaderError", "LoaderRequest", "PackError", "PackFailure", "PackOptions", "PackReader", "PackReport",
+    "PipelineSpec", "Progress", "SkippedSample", "atomic_path", "atomic_write_bytes", "available_backends",
+    "build_loader", "choose_backend", "class_split", "encode_file", "format_report", "load_rgb", "pack_folder",
+    "plan_epoch", "preprocess", "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind",
+    "to_model_input"
 ]
 
 if TYPE_CHECKING:
     from .atomic import atomic_path, atomic_write_bytes
-    from .base import (BatchLoader, EpochPlan, ImageDecodeError, LoaderError, LoaderRequest, SkippedSample, plan_epoch,
-                       samples_per_rank, to_model_input)
-    from .cli_usage import OneLineUsageCommand, TrainerGroup
+    from .backends import BACKENDS, available_backends, build_loader, choose_backend, resolve_backend
+    from .geometry import sample_augmentation
     from .inputs import preprocess
-    from .loader import BACKENDS, available_backends, build_loader, resolve_backend
-    from .pack import PackError, PackReader
-    from .packing import IMAGE_EXTENSIONS, class_split, load_rgb, split_kind
+    from .loader import (
+        BatchLoader,
+        EpochPlan,
+        ImageDecodeError,
+        LoaderError,
+        LoaderRequest,
+        SkippedSample,
+        plan_epoch,
+        samples_per_rank,
+        to_model_input,
+    )
+    from .pack_format import PackError, PackReader
+    from .pack_sources import IMAGE_EXTENSIONS, encode_file, load_rgb
+    from .pack_writer import PackFailure, PackOptions, PackReport, format_report, pack_folder
     from .progress import Progress
-    from .spec import PipelineSpec
-    from .writer import PackFailure, PackOptions, PackReport, pack_folder
+    from .spec import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
+    from .splits import class_split, split_kind
 
 
 def __getattr__(name: str) -> Any:

@@ -1,12 +1,12 @@
 """The `dali` backend: NVIDIA DALI decodes and augments, torch normalizes on the device.
 
-This is the only module of the project that imports `nvidia.dali`; `loader.py` imports
-it lazily, so machines without DALI never see it.
+This is the only module of the project that imports `nvidia.dali`; `backends.py` imports
+it only when the dali backend is chosen, so machines without DALI never see it.
 
 How a batch is made:
 
-* The epoch's order and shard come from `base.plan_epoch`, each sample's flip and angle
-  from `spec.sample_augmentation`, so augmentation depends on (seed, epoch, index) only,
+* The epoch's order and shard come from `loader.plan_epoch`, each sample's geometry
+  from `geometry`, so augmentation depends on (seed, epoch, index) only,
   never on DALI's threads, and a resumed run (`set_epoch(e, start_batch)`) sees the
   same images as an uninterrupted one.
 * A small Python iterator (`_Feed`) hands DALI one batch at a time through
@@ -19,17 +19,17 @@ How a batch is made:
   (`decoders.image(device="mixed")`: nvJPEG / the hardware decoder) and every later
   operator follows its input onto the GPU; without CUDA the same graph runs on CPU
   operators (`device_id=None`), which is how CI tests it.
-* Train geometry is one `fn.warp_affine` per sample with the 2x3 matrix of
-  `spec.affine_matrix` (resize, flip and rotation in one bilinear pass). DALI's
+* Train geometry is one `fn.warp_affine` per sample with its 2x3 matrix from
+  `geometry.train_matrices` (resize, flip and rotation in one bilinear pass). DALI's
   convention, checked against `cv2.warpAffine` in tests/test_dali_backend.py: with
   `inverse_map=False` the matrix maps source to output, coordinates continuous with
-  pixel centres at +0.5 (cv2 puts them at integers), which is `affine_matrix`'s own
+  pixel centres at +0.5 (cv2 puts them at integers), which is `geometry`'s own
   convention. `geometry="separate"` (resize, flip, rotate) is kept for benchmarking.
 * Eval geometry is `fn.resize` to exactly S x S, linear with antialiasing, which
   matches PIL's `resize(..., BILINEAR)` (the torch backend's reference) to within a
   couple of levels out of 255.
 * DALI returns uint8 HWC; `feed_ndarray` copies it into a torch tensor on the target
-  device, and `base.to_model_input` normalizes and casts it there.
+  device, and `loader.to_model_input` normalizes and casts it there.
 
 Epoch end: the feed raises StopIteration when the plan is exhausted; DALI first hands
 out the batches it had already prefetched (`prefetch_queue_depth`), then raises
@@ -42,8 +42,9 @@ without saying which sample. The loader checks the samples of the batches in fli
 on the host (PIL), records the culprits as skipped, rebuilds the pipeline and feeds
 it the in-flight batches without them, then the rest of the epoch: the other samples
 come out in the same order with the same geometry (it depends on the sample, not on
-the batch). All of this lives in one generator, `DaliLoader._outputs`. Samples known bad are left out of later epochs before
-they reach DALI. When no culprit is found, the error is raised as before.
+the batch). All of this lives in one generator, `DaliLoader._outputs`. Samples known
+bad are left out of later epochs before they reach DALI. When no culprit is found, the
+error is raised with the pack indices of the batches in flight.
 """
 from __future__ import annotations
 
@@ -56,15 +57,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .base import BatchLoader, ImageDecodeError, LoaderError, LoaderRequest, SkippedSample, to_model_input
-from .pack import PackReader
-from .spec import PipelineSpec, affine_matrices, sample_augmentation
+from .geometry import sample_augmentation, train_matrices
+from .loader import BatchLoader, LoaderError, LoaderRequest, SkippedSample, to_model_input
+from .pack_format import PackReader
+from .spec import PipelineSpec
 
 GEOMETRIES = ("fused", "separate")
 DECODES = ("mixed", "cpu")
 PREFETCH_QUEUE_DEPTH = 2
-
-__all__ = ["DaliLoader", "ImageDecodeError", "SkippedSample", "build_pipeline", "make_loader"]
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,12 @@ class _Feed:
         }
         if not self._graph.train:
             return values["data"], values["label"]
-        flips, angles = sample_augmentation(spec, self._seed, self._epoch, indices)
         if self._graph.geometry == "fused":
-            matrices = affine_matrices(reader.heights[indices], reader.widths[indices], spec.image_size, flips, angles)
+            matrices = train_matrices(spec, self._seed, self._epoch, indices, reader.heights[indices],
+                                      reader.widths[indices])
             values["matrix"] = list(matrices.astype(np.float32))
         else:
+            flips, angles = sample_augmentation(spec, self._seed, self._epoch, indices)
             values["flip"] = [np.array(int(f), dtype=np.int32) for f in flips]
             values["angle"] = [np.array(a, dtype=np.float32) for a in angles]
         return tuple(values[name] for name in self._graph.fields)
@@ -196,7 +197,8 @@ def _define_graph(feed: _Feed, graph: _Graph) -> tuple[Any, Any]:
     else:
         images = _resize(images, size, interp, spec.train_antialias)
         images = fn.flip(images, horizontal=inputs["flip"])
-        images = fn.rotate(images, angle=inputs["angle"], keep_size=True, fill_value=float(spec.fill), interp_type=interp)
+        images = fn.rotate(images, angle=inputs["angle"], keep_size=True, fill_value=float(spec.fill),
+                           interp_type=interp)
     labels = inputs["label"].gpu() if graph.gpu else inputs["label"]
     return images, labels
 
@@ -210,13 +212,13 @@ def _resize(images: Any, size: int, interp: Any, antialias: bool) -> Any:
 
 
 def build_pipeline(feed: _Feed, graph: _Graph, *, batch_size: int, num_threads: int, device: torch.device,
-                   seed: int, prefetch_queue_depth: int = PREFETCH_QUEUE_DEPTH) -> Any:
+                   seed: int) -> Any:
     """A built DALI pipeline running `_define_graph` on `device` (CUDA) or on CPU operators."""
     from nvidia.dali import Pipeline
 
     device_id = (device.index or 0) if graph.gpu else None
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
-                    prefetch_queue_depth=prefetch_queue_depth)
+                    prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
     with pipe:
         pipe.set_outputs(*_define_graph(feed, graph))
     pipe.build()
@@ -228,8 +230,8 @@ class DaliLoader(BatchLoader):
 
     backend = "dali"
 
-    def __init__(self, reader: PackReader, request: LoaderRequest, *, decode: str = "mixed", geometry: str = "fused",
-                 prefetch_queue_depth: int = PREFETCH_QUEUE_DEPTH) -> None:
+    def __init__(self, reader: PackReader, request: LoaderRequest, *, decode: str = "mixed",
+                 geometry: str = "fused") -> None:
         if geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
         if decode not in DECODES:
@@ -249,7 +251,7 @@ class DaliLoader(BatchLoader):
         self._graph = _Graph(spec, request.train, request.device.type == "cuda", decode, geometry)
         # `num_workers` becomes DALI's thread count.
         self._pipe_args = dict(batch_size=request.batch_size, num_threads=max(1, request.num_workers),
-                               device=request.device, seed=request.seed, prefetch_queue_depth=prefetch_queue_depth)
+                               device=request.device, seed=request.seed)
         self._feed = _Feed(reader, self._graph, request.seed)
         self._pipe: Any = None  # built on first use: no DALI work until iteration
         self._mid_epoch = False  # DALI may still hold batches of an unfinished epoch
@@ -347,7 +349,8 @@ class DaliLoader(BatchLoader):
                     if (problem := _host_decode_problem(self._reader.image_bytes(index))) is not None}
         if not culprits:
             shown = ", ".join(str(i) for i in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
-            raise RuntimeError(f"{self._reader.path}: DALI failed on a batch with pack images {shown}: {reason}") from exc
+            raise RuntimeError(f"{self._reader.path}: DALI failed on a batch with pack images {shown}: "
+                               f"{reason}") from exc
         for index, problem in culprits.items():
             self._skips.add(SkippedSample(index, self._reader.paths[index], f"{problem} (DALI: {reason})"))
         bad = np.fromiter(culprits, dtype=np.int64)
@@ -379,8 +382,9 @@ def _host_decode_problem(data: np.ndarray) -> str | None:
     return None
 
 
-def make_loader(reader: PackReader, request: LoaderRequest, *, decode: str = "mixed", geometry: str = "fused") -> DaliLoader:
-    """Backend entry point (see `dali_pipes.loader.BACKENDS`); `request.num_workers` becomes DALI's num_threads.
+def make_loader(reader: PackReader, request: LoaderRequest, *, decode: str = "mixed",
+                geometry: str = "fused") -> DaliLoader:
+    """Backend entry point (see `backends.BACKENDS`); `request.num_workers` becomes DALI's num_threads.
 
     `decode` ("mixed": nvJPEG on the GPU, "cpu": libjpeg-turbo on the host, then the GPU)
     and `geometry` ("fused" warp or "separate" resize/flip/rotate) matter on CUDA and for

@@ -65,5 +65,5 @@ def hand_over(tensors: Iterable[torch.Tensor], marker: Any) -> None:
 
 @functools.lru_cache(maxsize=None)
 def decode_stream(device: torch.device) -> Any:
-    """The one CUDA stream of `device` that JPEG decoding allocates its outputs on (see `torch_backend`)."""
+    """The one CUDA stream of `device` that JPEG decoding allocates its outputs on (see `torch_gpu._decode_jpegs`)."""
     return torch.cuda.Stream(device=device)

@@ -3,7 +3,7 @@
 `preprocess` is what `trainer predict` runs on the user's files, and `resize_cpu` is
 the same eval resize the torch backend's CPU path applies to every eval sample of a
 pack, so a file predicted alone and the same image evaluated from a pack get the same
-pixels (the packer stores a file as `packing.load_rgb` reads it).
+pixels (the packer stores a file as `pack_sources.load_rgb` reads it).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .base import to_model_input
-from .packing import load_rgb
+from .loader import to_model_input
+from .pack_sources import load_rgb
 from .spec import PipelineSpec
 
 ImageOrPath = Union[np.ndarray, str, os.PathLike]
@@ -26,7 +26,8 @@ def resize_cpu(image: np.ndarray, spec: PipelineSpec, out: torch.Tensor) -> None
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2.functional import resize
 
-    modes = {"linear": InterpolationMode.BILINEAR, "cubic": InterpolationMode.BICUBIC, "nearest": InterpolationMode.NEAREST}
+    modes = {"linear": InterpolationMode.BILINEAR, "cubic": InterpolationMode.BICUBIC,
+             "nearest": InterpolationMode.NEAREST}
     size = spec.image_size
     # torchvision's uint8 kernel is PIL's filter (triangle widened by the scale), ~3x faster than PIL here.
     resized = resize(torch.from_numpy(image).permute(2, 0, 1), [size, size], interpolation=modes[spec.interpolation],

@@ -1,80 +1,349 @@
-"""`build_loader`: pick a backend by name, make the request, return the backend's `BatchLoader`."""
+"""What a loader is: the request, the epoch cursor, shards, the skipped-sample record, one base.
+
+A backend only turns encoded bytes into uint8 NHWC pixel batches; everything else every
+backend shares is written once here:
+
+* `LoaderRequest`: the frozen request `build_loader` hands to a backend's
+  `make_loader(reader, request)`, and the one place a request is checked.
+* `samples_per_rank`, `plan_epoch`, `EpochPlan`, `EpochCursor`: the order of samples,
+  their sharding across ranks and their cutting into batches.
+* `ImageDecodeError` and `SkippedSample`: one unreadable-sample concept, as an error
+  (raised where one image is decoded) and as a record (what a loader left out), and
+  `SkipLog`, the bookkeeping of those records.
+* `BatchLoader`: the base every backend's loader extends; it owns the cursor and the
+  skip log, so `set_epoch`, `len()`, `num_samples` and `skipped` mean the same thing
+  everywhere, and a backend writes only `_batches()`.
+* `to_model_input`: the final normalization on the device.
+
+Augmentation parameters come from `geometry`.
+"""
 from __future__ import annotations
 
-import importlib
+import abc
+import functools
 import logging
+import math
 import os
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
+import numpy as np
 import torch
 
-from .base import BatchLoader, LoaderError, LoaderRequest
-from .pack import PackReader
 from .spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from .pack_format import PackReader
 
 log = logging.getLogger("dali_pipes")
 
-# name -> module defining `make_loader(reader: PackReader, request: LoaderRequest) -> BatchLoader`.
-# Modules import lazily.
-BACKENDS = {
-    "dali": "dali_pipes.dali_backend",
-    "torch": "dali_pipes.torch_backend",
-    "synthetic": "dali_pipes.synthetic_backend",
-}
-DALI_INSTALL_HINT = "pip install 'nvidia-dali-cuda120' (or: pip install -e '.[dali]')"
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 
-def dali_available() -> bool:
-    """True when nvidia.dali imports."""
-    try:
-        importlib.import_module("nvidia.dali")
-    except Exception:  # a broken install raises more than ImportError
-        return False
-    return True
+class LoaderError(Exception):
+    """A loader cannot be built as asked; the message is one line for the user."""
 
 
-def available_backends() -> list[str]:
-    """Backends that can run on this machine."""
-    return [name for name in BACKENDS if name != "dali" or dali_available()]
+def samples_per_rank(total: int, *, train: bool, world_size: int) -> int:
+    """Samples one rank sees per epoch out of `total` (the most any rank sees, for eval).
 
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for `backend` ("auto": dali on CUDA when it imports, else torch)."""
-    if backend not in (*BACKENDS, "auto"):
-        raise LoaderError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
-    if backend == "auto":
-        chosen = "dali" if device.type == "cuda" and dali_available() else "torch"
-        # DEBUG: a caller building several loaders says the choice once (trainer run does, from rank 0).
-        log.debug("backend auto -> %s (device %s, DALI %s)", chosen, device, "available" if dali_available() else "not installed")
-        return chosen
-    if backend == "dali" and not dali_available():
-        raise LoaderError(f"backend 'dali' needs NVIDIA DALI, which is not installed: {DALI_INSTALL_HINT}")
-    return backend
-
-
-def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backend: str = "auto", batch_size: int,
-                 train: bool, image_size: int = 224, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, num_workers: int | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool | None = None, spec: PipelineSpec | None = None) -> BatchLoader:
-    """An iterable of `(images, labels)` batches of `split` of `pack`.
-
-    images: N x 3 x S x S, channels_last, normalized by `spec` (or raw pixels when
-    `dtype` is torch.uint8), on `device`; labels: int64 on `device`. The loader has an
-    exact `len()` (batches this rank yields per epoch) and `set_epoch(epoch)`. Train
-    mode reshuffles each epoch and drops the last partial batch unless `drop_last` is
-    False; eval mode yields every sample of the split exactly once across ranks.
-    `spec` overrides `image_size` (a checkpoint's spec, say).
+    Train: equal disjoint shards, the remainder left out (as DistributedSampler does).
+    Eval: every sample exactly once, sample i on rank i % world_size, so rank 0 has
+    the ceiling.
     """
-    reader = pack if isinstance(pack, PackReader) else PackReader(Path(pack))
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    split_indices = reader.split_indices(split)
-    if len(split_indices) == 0:
-        raise LoaderError(f"{reader.path}: split {split!r} is empty")
-    request = LoaderRequest(split_indices, spec or PipelineSpec(image_size=image_size), train=train, batch_size=batch_size,
-                            device=device, dtype=dtype, num_workers=default_workers() if num_workers is None else num_workers,
-                            seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, split=split)
-    module = importlib.import_module(BACKENDS[resolve_backend(backend, device)])
-    return module.make_loader(reader, request)
+    return total // world_size if train else -(-total // world_size)
+
+
+@dataclass(frozen=True)
+class LoaderRequest:
+    """What a backend is asked to load: one split of one pack, for one rank.
+
+    Checked when made, and nowhere else: whatever holds a request may trust it.
+    `drop_last=None` means "drop the last partial batch when training".
+    """
+
+    split_indices: np.ndarray
+    spec: PipelineSpec
+    train: bool
+    batch_size: int
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    num_workers: int = 0
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool | None = None
+    split: str = "requested"  # the split's name, for messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split_indices", np.asarray(self.split_indices, dtype=np.int64))
+        object.__setattr__(self, "device", torch.device(self.device))
+        object.__setattr__(self, "drop_last", self.train if self.drop_last is None else bool(self.drop_last))
+        self._check()
+
+    def _check(self) -> None:
+        if self.dtype not in MODEL_DTYPES:
+            raise LoaderError(f"dtype must be float32, float16, bfloat16 or uint8, got {self.dtype}")
+        if self.batch_size < 1:
+            raise LoaderError(f"batch size must be positive, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise LoaderError(f"rank {self.rank} outside world of size {self.world_size}")
+        if self.num_workers < 0:
+            raise LoaderError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if len(self.split_indices) == 0:
+            raise LoaderError(f"split {self.split!r} is empty")
+        if self.drop_last and self.batch_size > self.per_rank:
+            raise LoaderError(f"batch size {self.batch_size} is larger than the {self.per_rank} {self.split} images "
+                              "per rank; lower --batch-size")
+
+    @property
+    def per_rank(self) -> int:
+        """Samples this rank sees per epoch (see `samples_per_rank`)."""
+        return samples_per_rank(len(self.split_indices), train=self.train, world_size=self.world_size)
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample a loader left out: its pack index, source path, and why it could not be read."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class ImageDecodeError(RuntimeError):
+    """An image in the pack cannot be decoded; the message names the pack, its index and source path."""
+
+    def __init__(self, pack: object, index: int, path: str, reason: str) -> None:
+        super().__init__(f"{pack}: image {index} ({path}) cannot be decoded: {reason}")
+        self.pack, self.index, self.path, self.reason = pack, int(index), path, reason
+
+    @classmethod
+    def of(cls, reader: PackReader, index: int, reason: str) -> "ImageDecodeError":
+        """The error for image `index` of `reader`."""
+        return cls(reader.path, index, reader.paths[index], reason)
+
+    def __reduce__(self) -> tuple[type, tuple[object, int, str, str]]:
+        return type(self), (self.pack, self.index, self.path, self.reason)  # picklable across worker processes
+
+    @property
+    def sample(self) -> SkippedSample:
+        """The record a loader keeps when it leaves this image out."""
+        return SkippedSample(self.index, self.path, self.reason)
+
+
+class SkipLog:
+    """The unreadable samples a loader has found: every one so far (`bad`) and this epoch's (`skipped`).
+
+    A sample found bad is remembered, so later epochs leave it out without trying it
+    again (`drop_known`), yet it is counted in each epoch's `skipped`. The WARNING that
+    names it is logged once per loader, not once per epoch.
+    """
+
+    def __init__(self, pack: object) -> None:
+        self._pack = pack
+        self.bad: dict[int, SkippedSample] = {}
+        self.skipped: list[SkippedSample] = []
+
+    def new_epoch(self) -> None:
+        """Start counting a new epoch (a fresh list: one held from the last epoch stays as it was)."""
+        self.skipped = []
+
+    def add(self, sample: SkippedSample) -> None:
+        """Record `sample` as unreadable: remembered, counted in this epoch, logged once."""
+        if sample.index not in self.bad:
+            self.bad[sample.index] = sample
+            error = ImageDecodeError(self._pack, sample.index, sample.path, sample.reason)
+            log.warning("%s; sample skipped", error)
+        self.skipped.append(self.bad[sample.index])
+
+    def drop_known(self, indices: np.ndarray) -> np.ndarray:
+        """`indices` without the samples already known bad, which are counted in this epoch."""
+        if not self.bad:
+            return indices
+        known = np.isin(indices, np.fromiter(self.bad, dtype=np.int64, count=len(self.bad)))
+        for index in indices[known]:
+            self.skipped.append(self.bad[int(index)])
+        return indices[~known]
+
+    def known_good(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """`batches` without the samples already known bad; a batch left empty is dropped."""
+        for batch in batches:
+            batch = self.drop_known(batch)
+            if len(batch):
+                yield batch
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The samples one rank sees in one epoch, cut into batches.
+
+    Train: a permutation seeded by (seed, epoch), the same on every rank, split into
+    `world_size` equal disjoint shards (the remainder left out, as DistributedSampler
+    does), then into batches (the last partial one dropped when `drop_last`).
+    Eval: the split in pack order, sample i going to rank i % world_size, every sample
+    exactly once, the last partial batch kept.
+    """
+
+    indices: np.ndarray  # pack indices for this rank, in visiting order
+    batch_size: int
+    drop_last: bool
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.indices) // self.batch_size
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields in the epoch."""
+        return len(self) * self.batch_size if self.drop_last else len(self.indices)
+
+    def batch(self, b: int) -> np.ndarray:
+        """Pack indices of batch `b`."""
+        return self.indices[b * self.batch_size : min((b + 1) * self.batch_size, len(self.indices))]
+
+    def batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """Batches from `start` (to resume mid-epoch) to the end."""
+        for b in range(start, len(self)):
+            yield self.batch(b)
+
+
+def plan_epoch(split_indices: np.ndarray, *, train: bool, seed: int, epoch: int, batch_size: int,
+               rank: int = 0, world_size: int = 1, drop_last: bool | None = None) -> EpochPlan:
+    """The `EpochPlan` for one rank; see its docstring for the rules.
+
+    The arguments are those of a `LoaderRequest`, which has checked them.
+    """
+    drop_last = train if drop_last is None else drop_last
+    split_indices = np.asarray(split_indices, dtype=np.int64)
+    if train:
+        order = split_indices[np.random.default_rng((seed, epoch)).permutation(len(split_indices))]
+        per_rank = samples_per_rank(len(order), train=True, world_size=world_size)
+        mine = order[rank * per_rank : (rank + 1) * per_rank]
+    else:
+        mine = split_indices[rank::world_size]
+    return EpochPlan(mine, batch_size, drop_last)
+
+
+class EpochCursor:
+    """The epoch a loader is on, its plan, and the batch it starts from.
+
+    `len()` is a whole epoch's batches, also when resumed mid-epoch.
+    """
+
+    def __init__(self, request: LoaderRequest) -> None:
+        self._request = request
+        self.epoch = 0
+        self.start_batch = 0
+        self.plan: EpochPlan = self._plan(0)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        r = self._request
+        return plan_epoch(r.split_indices, train=r.train, seed=r.seed, epoch=epoch, batch_size=r.batch_size,
+                          rank=r.rank, world_size=r.world_size, drop_last=r.drop_last)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Move to epoch `epoch`, starting at batch `start_batch` (earlier batches are skipped)."""
+        plan = self._plan(epoch)
+        if not 0 <= start_batch <= len(plan):
+            raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
+        self.epoch, self.start_batch, self.plan = epoch, start_batch, plan
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """The pack-index batches still to come in this epoch."""
+        return self.plan.batches(self.start_batch)
+
+
+@functools.lru_cache(maxsize=16)
+def normalization_constants(mean_255: tuple[float, ...], std_255: tuple[float, ...],
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) as 1 x 3 x 1 x 1 float32 on `device`, made once per (spec, device).
+
+    Built per batch, each would be a small synchronizing host-to-device copy: the host
+    would wait for the step queued before it, and book that wait as data wait.
+    """
+    mean = torch.tensor(mean_255, dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1.0 / s for s in std_255], dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(device), inv_std.to(device)
+
+
+def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 N x H x W x C pixels -> N x C x H x W channels_last, normalized, in `dtype`.
+
+    `torch.uint8` returns the raw pixels in the same layout. Runs wherever `images`
+    lives, so on a GPU the host ships uint8 and the device does the arithmetic.
+    """
+    nchw = images.permute(0, 3, 1, 2)  # a view: NHWC memory is exactly channels_last NCHW
+    if dtype == torch.uint8:
+        return nchw.contiguous(memory_format=torch.channels_last)
+    mean, inv_std = normalization_constants(spec.mean_255, spec.std_255, images.device)
+    out = nchw.float().sub_(mean).mul_(inv_std)  # in place: one full-size float buffer, not two
+    return out.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+class BatchLoader(abc.ABC):
+    """The batch contract every backend honours (see `dali_pipes.build_loader`), and what they share.
+
+    A backend subclass sets `backend` and writes `_batches()`, the epoch's
+    `(images, labels)` from `self._remaining()`; the base owns the epoch cursor and the
+    skip log.
+
+    Unreadable samples (bytes damaged after packing) do not stop an epoch. The sample is
+    left out of its batch, which is simply shorter; when every sample of a batch is bad,
+    that batch is not yielded at all and the epoch goes on with the next one, so `len()`
+    (and `num_samples`) are then upper bounds, exact for data without bad samples. Each
+    sample left out is in `skipped` (a list of `SkippedSample`, the samples left out so
+    far in the current epoch, emptied by `set_epoch` and when an iteration starts), and
+    is logged once per loader at WARNING on the "dali_pipes" logger with its index, path
+    and reason. A sample found bad is not tried again in later epochs, but is counted
+    in each epoch's `skipped`.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, reader: PackReader, request: LoaderRequest) -> None:
+        self.request = request
+        self.spec: PipelineSpec = request.spec
+        self.num_classes: int = reader.num_classes
+        self._cursor = EpochCursor(request)
+        self._skips = SkipLog(reader.path)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start epoch `epoch` at batch `start_batch` (resuming mid-epoch; earlier batches are skipped)."""
+        self._cursor.set_epoch(epoch, start_batch)
+        self._skips.new_epoch()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch `set_epoch` chose."""
+        return self._cursor.epoch
+
+    @property
+    def skipped(self) -> list[SkippedSample]:
+        """Samples left out so far in the current epoch."""
+        return self._skips.skipped
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (an upper bound once a whole batch was unreadable)."""
+        return len(self._cursor.plan)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields in a whole epoch."""
+        return self._cursor.plan.num_samples
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._skips.new_epoch()
+        yield from self._batches()
+
+    def _remaining(self) -> Iterator[np.ndarray]:
+        """Pack-index batches still to come this epoch, without the samples known bad (counted as skipped)."""
+        return self._skips.known_good(self._cursor.batches())
+
+    @abc.abstractmethod
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the epoch's `(images, labels)` batches."""
 
 
 def default_workers() -> int:

@@ -1,17 +1,14 @@
-"""The one preprocessing spec every backend reads, and the geometry derived from it.
+"""The one preprocessing spec every backend reads, and its constants.
 
 Nothing else in the project writes a mean, a std, an image size or a rotation range:
-backends, the trainer, checkpoints and `predict` all go through `PipelineSpec`.
+backends, the trainer, checkpoints and `predict` all go through `PipelineSpec`. The
+per-sample geometry derived from it lives in `geometry`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
-
-import numpy as np
-
-from .seeded import uniforms
+from typing import Any, Mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -19,6 +16,9 @@ DEFAULT_IMAGE_SIZE = 224
 
 INTERPOLATIONS = ("linear", "cubic", "nearest")
 LAYOUTS = ("NCHW_channels_last",)
+# Keys a stored spec may hold that the spec no longer has: accepted and ignored, so older checkpoints
+# load. "dtype" is the loader's `dtype` argument (the model's input type), not part of the pixels.
+IGNORED_KEYS = frozenset({"dtype"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class PipelineSpec:
     interpolation: str = "linear"
     eval_antialias: bool = True
     train_antialias: bool = False
-    dtype: str = "float32"
     layout: str = "NCHW_channels_last"
 
     def __post_init__(self) -> None:
@@ -70,12 +69,12 @@ class PipelineSpec:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PipelineSpec":
-        """Inverse of `to_dict`; unknown keys are an error so a newer spec never half-loads."""
+        """Inverse of `to_dict`; unknown keys are an error so a newer spec never half-loads (`IGNORED_KEYS` aside)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - IGNORED_KEYS)
         if unknown:
             raise ValueError(f"unknown pipeline spec keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
 
     @property
     def mean_255(self) -> tuple[float, float, float]:
@@ -86,53 +85,3 @@ class PipelineSpec:
     def std_255(self) -> tuple[float, float, float]:
         """Std on the 0-255 pixel scale."""
         return tuple(255.0 * s for s in self.std)  # type: ignore[return-value]
-
-
-def sample_augmentation(spec: PipelineSpec, seed: int, epoch: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flip flags and rotation angles for `indices` (pack indices), from (seed, epoch, index) alone.
-
-    Every backend and every worker calls this, so a sample's augmentation does not
-    depend on worker scheduling, batch composition, rank or resumption. Sample `index`
-    gets the first two draws u_flip, u_angle of `np.random.default_rng((seed, epoch,
-    index))`: flip when u_flip < flip_prob, angle (2 u_angle - 1) * rotation_degrees.
-    The whole batch is drawn in one vectorized call (`seeded.uniforms`), same values.
-    """
-    draws = uniforms((seed, epoch), indices, 2)
-    flips = draws[:, 0] < spec.flip_prob
-    angles = ((2.0 * draws[:, 1] - 1.0) * spec.rotation_degrees).astype(np.float32)
-    return flips, angles
-
-
-def affine_matrix(height: int, width: int, size: int, flip: bool, angle_degrees: float) -> np.ndarray:
-    """2x3 matrix mapping source pixel coordinates to output coordinates.
-
-    Composes, in order: resize of the whole (height x width) image to (size x size),
-    horizontal flip, rotation by `angle_degrees` counter-clockwise about the output
-    centre. Coordinates are pixel centres at integer + 0.5 on both sides, the convention
-    of OpenCV's `warpAffine` after its half-pixel shift and of DALI's `warp_affine`,
-    so one matrix drives both backends.
-    """
-    return affine_matrices([height], [width], size, [flip], [angle_degrees])[0]
-
-
-def affine_matrices(heights: Sequence[int] | np.ndarray, widths: Sequence[int] | np.ndarray, size: int,
-                    flips: Sequence[bool] | np.ndarray, angles_degrees: Sequence[float] | np.ndarray) -> np.ndarray:
-    """N x 2 x 3 float64: `affine_matrix` of each (height, width, flip, angle), written out for a whole batch.
-
-    rotate @ flip @ resize multiplied by hand: [[a, b, tx], [c, d, ty]] with the resize
-    scales on the columns, the flip negating the first column and moving x by `size`.
-    """
-    sx = size / np.asarray(widths, dtype=np.float64)
-    sy = size / np.asarray(heights, dtype=np.float64)
-    theta = np.radians(np.asarray(angles_degrees, dtype=np.float64))
-    cos, sin = np.cos(theta), np.sin(theta)
-    sign = np.where(np.asarray(flips, dtype=bool), -1.0, 1.0)
-    shift = np.where(sign < 0, float(size), 0.0)  # the flip's x translation, before the rotation
-    c = size / 2.0
-    # Counter-clockwise on screen (y down) as torchvision's RandomRotation with positive angles.
-    out = np.empty((len(sx), 2, 3), dtype=np.float64)
-    out[:, 0, 0], out[:, 0, 1] = cos * sign * sx, sin * sy
-    out[:, 1, 0], out[:, 1, 1] = -sin * sign * sx, cos * sy
-    out[:, 0, 2] = cos * shift + c - cos * c - sin * c
-    out[:, 1, 2] = -sin * shift + c + sin * c - cos * c
-    return out

@@ -9,8 +9,8 @@ from typing import Iterator
 
 import torch
 
-from .base import BatchLoader, LoaderRequest, to_model_input
-from .pack import PackReader
+from .loader import BatchLoader, LoaderRequest, to_model_input
+from .pack_format import PackReader
 
 
 class SyntheticLoader(BatchLoader):
@@ -33,5 +33,5 @@ class SyntheticLoader(BatchLoader):
 
 
 def make_loader(reader: PackReader, request: LoaderRequest) -> SyntheticLoader:
-    """Backend entry point (see `dali_pipes.loader.BACKENDS`)."""
+    """Backend entry point (see `backends.BACKENDS`)."""
     return SyntheticLoader(reader, request)

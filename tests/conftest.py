@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dali_pipes.writer import PackOptions, pack_folder
+from dali_pipes import PackOptions, pack_folder
 from tools.make_demo_dataset import make_demo_dataset
 
 

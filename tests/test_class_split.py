@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dali_pipes.pack import PackReader
-from dali_pipes.packing import class_split, split_kind
+from dali_pipes import PackReader, class_split, split_kind
 from tools.make_demo_dataset import make_demo_dataset
 from tools.pack_dataset import main as pack_main
 from trainer.cli import main as trainer_main

@@ -125,8 +125,7 @@ def test_torch_train_skips_bad_images(pack: Path, tmp_path: Path, caplog: pytest
 def test_torch_gpu_path_skips_bad_images(pack: Path, tmp_path: Path, split: str, train: bool,
                                          caplog: pytest.LogCaptureFixture) -> None:
     """The GPU path's code (decode in the main process, torch geometry), run on the CPU."""
-    from dali_pipes.base import LoaderRequest
-    from dali_pipes.spec import PipelineSpec
+    from dali_pipes import LoaderRequest, PipelineSpec
     from dali_pipes.torch_backend import TorchLoader
 
     def gpu_path(path: Path) -> TorchLoader:
@@ -145,13 +144,13 @@ def test_torch_gpu_path_skips_bad_images(pack: Path, tmp_path: Path, split: str,
 
 
 def test_torch_known_bad_images_are_not_decoded_again(pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dali_pipes import torch_backend
+    from dali_pipes import torch_cpu
 
     bad = val_victims(PackReader(pack))
     batches = loader(damage(pack, tmp_path / "d.h5", bad), "val", "torch")
     decoded: list[int] = []
-    real = torch_backend.decode_image
-    monkeypatch.setattr(torch_backend, "decode_image", lambda reader, index, channels: (decoded.append(index), real(reader, index, channels))[1])
+    real = torch_cpu.decode_image
+    monkeypatch.setattr(torch_cpu, "decode_image", lambda reader, index, channels: (decoded.append(index), real(reader, index, channels))[1])
     epoch(batches, 0)
     assert set(bad) <= set(decoded)
     decoded.clear()

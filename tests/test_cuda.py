@@ -110,7 +110,7 @@ def test_gpu_decode_never_writes_memory_that_queued_kernels_still_read(demo_pack
     import numpy as np
 
     from dali_pipes import PackReader
-    from dali_pipes.torch_backend import decode_on_device
+    from dali_pipes.torch_gpu import decode_on_device
 
     reader = PackReader(demo_pack)
     indices = reader.split_indices("train")[:8]

@@ -13,7 +13,7 @@ demo pack (48-160 px images, S = 32 and 48; DALI 2.4 CPU, Pillow, OpenCV 5):
   mean/std >= 0.2 mean, BGR >= 0.10 mean, one-pixel shift >= 0.064 mean and >= 0.9
   interior max.
 * Train vs `cv2.warpAffine` with a matrix composed here in OpenCV's integer-centre
-  convention (not `spec.affine_matrix`): at most 1 level anywhere (rounding), mean
+  convention (not `geometry.affine_matrix`): at most 1 level anywhere (rounding), mean
   <= 0.0013 levels, over 3 epochs at S = 32 and 48. Chosen: max <= 2 levels, mean
   <= 0.1 level. A missing flip measures >= 13.8 levels mean, a mirrored rotation
   (|angle| > 2) >= 8.1.
@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from dali_pipes import LoaderError, PackReader, build_loader, plan_epoch
-from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec, sample_augmentation
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec, sample_augmentation
 
 pytestmark = pytest.mark.dali
 
@@ -70,7 +70,7 @@ def cv2_train(pixels: np.ndarray, size: int, flip: bool, angle: float) -> np.nda
     """Resize -> horizontal flip -> rotate (counter-clockwise, about the centre) in one cv2 warp.
 
     Built in OpenCV's convention (pixel centres at integers), independently of
-    `spec.affine_matrix`, which works in continuous coordinates.
+    `geometry.affine_matrix`, which works in continuous coordinates.
     """
     h, w = pixels.shape[:2]
     sx, sy = size / w, size / h
@@ -210,7 +210,7 @@ def test_train_flip_rate_and_rotation_range(demo_pack: Path) -> None:
 
 
 def test_fused_and_separate_geometry_agree(demo_pack: Path) -> None:
-    from dali_pipes.base import LoaderRequest
+    from dali_pipes import LoaderRequest
     from dali_pipes.dali_backend import make_loader
 
     reader = PackReader(demo_pack)
@@ -320,7 +320,7 @@ def test_zero_workers_means_one_thread(demo_pack: Path) -> None:
 
 
 def test_corrupt_jpeg_names_index_and_path(demo_pack: Path, tmp_path: Path) -> None:
-    from dali_pipes.dali_backend import ImageDecodeError
+    from dali_pipes import ImageDecodeError
 
     reader = PackReader(demo_pack)
     victim = int(reader.split_indices("val")[3])

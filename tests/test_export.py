@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import make_pack
 from dali_pipes import PackReader
-from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD
 from trainer.cli import main as trainer_main
 from trainer.errors import TrainerError
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from dali_pipes import PackReader, PipelineSpec
-from dali_pipes.base import normalization_constants, to_model_input
+from dali_pipes.geometry import affine_matrices, affine_matrix, sample_augmentation, train_matrices
+from dali_pipes.loader import normalization_constants, to_model_input
 from dali_pipes.prefetch import Prefetcher
 from dali_pipes.seeded import uniforms
-from dali_pipes.spec import affine_matrices, affine_matrix, sample_augmentation
-from dali_pipes.torch_backend import decode_on_device, render_batch_cpu, transform_images, warp_cpu
+from dali_pipes.torch_cpu import render_batch_cpu, warp_cpu
+from dali_pipes.torch_gpu import decode_on_device, transform_images
 from trainer.data_wait import DataWaitClock
 from trainer.loop import topk_credit
 
@@ -84,12 +85,13 @@ def test_batched_warp_of_mixed_sizes_matches_opencv_per_image(fill: int, interpo
     spec = PipelineSpec(image_size=size, fill=fill, interpolation=interpolation, rotation_degrees=30.0)
     shapes = [(40, 56), (61, 33), (32, 32), (50, 90), (40, 56)]
     images = [_textured(h, w, j) for j, (h, w) in enumerate(shapes)]
-    flips, angles = sample_augmentation(spec, 4, 0, np.arange(len(images)))
-    batch = transform_images([torch.from_numpy(im).permute(2, 0, 1) for im in images], spec, True, flips, angles)
+    heights, widths = np.array(shapes).T
+    matrices = train_matrices(spec, 4, 0, np.arange(len(images)), heights, widths)
+    batch = transform_images([torch.from_numpy(im).permute(2, 0, 1) for im in images], spec, matrices)
     assert batch.shape == (len(images), size, size, 3) and batch.dtype == torch.uint8
     for j, image in enumerate(images):
         ref = np.empty((size, size, 4), np.uint8)
-        warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), spec, bool(flips[j]), float(angles[j]), ref)
+        warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), spec, matrices[j], ref)
         diff = np.abs(batch[j].numpy().astype(int) - ref[..., :3])
         # The canvas padding must be invisible: the border blends into `fill` as OpenCV's does.
         limit = 2 if interpolation == "linear" else 255
@@ -106,11 +108,11 @@ def test_gpu_path_on_cpu_tensors_matches_opencv_path(demo_pack: Path, train: boo
     reader = PackReader(demo_pack)
     spec = PipelineSpec(image_size=40)
     indices = reader.split_indices("train" if train else "val")[:12]
-    flips, angles = sample_augmentation(spec, 2, 1, indices) if train else (np.zeros(12, bool), np.zeros(12, np.float32))
+    matrices = train_matrices(spec, 2, 1, indices, reader.heights[indices], reader.widths[indices]) if train else None
     decoded, skipped = decode_on_device(reader, indices, _encoded(reader, indices), torch.device("cpu"))
     assert skipped == []
-    gpu_path = to_model_input(transform_images(decoded, spec, train, flips, angles), spec, torch.float32)
-    cpu_pixels, _ = render_batch_cpu(reader, indices, spec, train, flips, angles)
+    gpu_path = to_model_input(transform_images(decoded, spec, matrices), spec, torch.float32)
+    cpu_pixels, _ = render_batch_cpu(reader, indices, spec, matrices)
     cpu_path = to_model_input(cpu_pixels, spec, torch.float32)
     assert gpu_path.shape == (12, 3, 40, 40) and gpu_path.is_contiguous(memory_format=torch.channels_last)
     levels = ((gpu_path - cpu_path).abs() * torch.tensor(spec.std_255).view(1, 3, 1, 1)).numpy()

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from dali_pipes.pack import FORMAT_VERSION, PackError, PackReader
-from dali_pipes.packing import stratified_split
-from dali_pipes.writer import PackFailure, PackOptions, pack_folder
+from dali_pipes import PackError, PackFailure, PackOptions, PackReader, pack_folder
+from dali_pipes.pack_format import FORMAT_VERSION
+from dali_pipes.splits import stratified_split
 from tools.make_demo_dataset import make_demo_dataset
 from tools.pack_dataset import main as pack_main
 from trainer.cli import main as trainer_main
@@ -288,7 +288,7 @@ def test_info_on_a_non_pack_is_one_line(tmp_path: Path) -> None:
 def test_failure_while_writing_leaves_nothing(demo_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "p.h5"
     out.write_bytes(b"previous pack")
-    import dali_pipes.writer as tool
+    import dali_pipes.pack_writer as tool
 
     def broken_write(*args, **kwargs):
         Path(args[0]).write_bytes(b"half")
@@ -325,7 +325,7 @@ def test_kill_9_while_packing_leaves_old_state_or_a_valid_pack(tmp_path: Path) -
 
 def test_a_file_changed_after_verification_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_demo_dataset(tmp_path / "src", classes=2, per_class=3, min_size=20, max_size=30, png_every=0)
-    import dali_pipes.writer as tool
+    import dali_pipes.pack_writer as tool
 
     original = tool.encode_job
 
@@ -343,7 +343,7 @@ def test_a_file_changed_after_verification_is_rejected(tmp_path: Path, monkeypat
 
 def test_stale_temporaries_are_those_of_dead_processes_only(tmp_path: Path) -> None:
     from dali_pipes.atomic import temporary_name
-    from dali_pipes.writer import remove_stale_temporaries
+    from dali_pipes.pack_writer import remove_stale_temporaries
 
     out = tmp_path / "p.h5"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)

@@ -2,7 +2,7 @@
 
 `build_loader(backend="dali")` (DALI CPU operators here) against
 `build_loader(backend="torch")` (OpenCV decode; eval: torchvision's antialiased resize,
-PIL's BILINEAR filter; train: `cv2.warpAffine` with `spec.affine_matrix`), compared on
+PIL's BILINEAR filter; train: `cv2.warpAffine` with `geometry.affine_matrix`), compared on
 the normalized float32 output the trainer receives. Measured on the demo pack
 (48-160 px, S = 32 and 48, every split):
 
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from dali_pipes import PackReader, build_loader
-from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.dali
 

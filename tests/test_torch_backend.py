@@ -15,8 +15,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from dali_pipes import PackReader, PipelineSpec, build_loader, plan_epoch
-from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD, sample_augmentation
-from dali_pipes.torch_backend import ImageDecodeError, decode_image, render_batch_cpu, transform_images, warp_cpu
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, sample_augmentation
+from dali_pipes.geometry import affine_matrices, affine_matrix, train_matrices
+from dali_pipes.torch_cpu import decode_image, render_batch_cpu, warp_cpu
+from dali_pipes.torch_gpu import transform_images
 
 SIZE = 40
 
@@ -112,11 +114,11 @@ def test_positive_angle_rotates_like_torchvision(renderer: str) -> None:
     spec = PipelineSpec(image_size=size)
     if renderer == "opencv":
         out = np.empty((size, size, 4), np.uint8)
-        warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), spec, False, 20.0, out)
+        warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), spec, affine_matrix(size, size, size, False, 20.0), out)
         out = out[..., :3]
     else:
         chw = torch.from_numpy(image).permute(2, 0, 1)
-        out = transform_images([chw], spec, True, np.array([False]), np.array([20.0], np.float32))[0].numpy()
+        out = transform_images([chw], spec, affine_matrices([size], [size], size, [False], [20.0]))[0].numpy()
 
     def rotated(angle: float) -> np.ndarray:
         chw = torch.from_numpy(image).permute(2, 0, 1)
@@ -139,7 +141,8 @@ def test_flip_mirrors_columns() -> None:
     size = 32
     image = _asymmetric_image(size)
     out = np.empty((size, size, 4), np.uint8)
-    warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), PipelineSpec(image_size=size), True, 0.0, out)
+    warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), PipelineSpec(image_size=size), affine_matrix(size, size, size, True, 0.0),
+             out)
     np.testing.assert_array_equal(out[..., :3], image[:, ::-1])
 
 
@@ -195,13 +198,13 @@ def test_torch_geometry_matches_opencv_geometry(demo_pack: Path) -> None:
     reader = PackReader(demo_pack)
     spec = PipelineSpec(image_size=SIZE)
     indices = reader.split_indices("train")[:16]
-    flips, angles = sample_augmentation(spec, 0, 0, indices)
+    matrices = train_matrices(spec, 0, 0, indices, reader.heights[indices], reader.widths[indices])
     decoded = [torch.from_numpy(np.asarray(pil_rgb(reader, int(i))).copy()).permute(2, 0, 1) for i in indices]
     for train in (True, False):
-        cpu, skipped = render_batch_cpu(reader, indices, spec, train, flips, angles)
+        cpu, skipped = render_batch_cpu(reader, indices, spec, matrices if train else None)
         assert skipped == []
         cpu = cpu.numpy().astype(int)
-        gpu_path = transform_images(decoded, spec, train, flips, angles).numpy().astype(int)
+        gpu_path = transform_images(decoded, spec, matrices if train else None).numpy().astype(int)
         diff = np.abs(cpu - gpu_path)
         assert diff.max() <= 2 and diff.mean() < 0.2, (train, diff.max(), diff.mean())
 

@@ -3,8 +3,9 @@
     python tools/bench_host_overhead.py [--batch-size 512] [--image-size 224] [--repeat 5]
 
 Times, on synthetic decoded images (no pack, no decode), with torch on the CPU:
-  draw       `spec.sample_augmentation` for one batch (flip + angle per sample)
-  warp       `torch_backend.transform_images` train geometry (the GPU path's code) on tiny CPU images
+  draw       `geometry.sample_augmentation` for one batch (flip + angle per sample)
+  matrices   `geometry.train_matrices` for one batch (the draw and the per-sample affine matrices)
+  warp       `torch_gpu.transform_images` train geometry (the GPU path's code) on tiny CPU images
              (16-31 px to 16 px): next to no pixel work, so the time is what the host pays per batch
              to issue it (Python, matrices, dispatch), the part a GPU cannot take over; with the
              number of tensor operations (each a kernel launch on a GPU) it issues
@@ -12,6 +13,7 @@ Times, on synthetic decoded images (no pack, no decode), with torch on the CPU:
   dali feed  what the DALI backend's `_Feed` does per batch on the training thread
              (byte views, labels, augmentation draw, warp matrices); needs nvidia-dali to import
 Run it from a checkout (PYTHONPATH=.) to compare two versions of the code; best of `--repeat`.
+It times internals, so it imports the modules it measures, not only `dali_pipes`' public names.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import click
 import numpy as np
 import torch
 
-from dali_pipes.spec import PipelineSpec, sample_augmentation
-from dali_pipes.torch_backend import transform_images
+from dali_pipes import PipelineSpec, sample_augmentation
+from dali_pipes.geometry import affine_matrices, train_matrices
+from dali_pipes.torch_gpu import transform_images
 
 
 def best_ms(fn: Callable[[], object], repeat: int) -> float:
@@ -72,15 +75,21 @@ def main(batch_size: int, image_size: int, warp_batch: int, repeat: int) -> None
     spec = PipelineSpec(image_size=image_size)
     indices = rng.permutation(10**6)[:batch_size]
     print(f"draw      batch {batch_size}: {best_ms(lambda: sample_augmentation(spec, 0, 1, indices), repeat):8.2f} ms")
-    sizes = list(zip(rng.integers(300, 500, batch_size), rng.integers(300, 500, batch_size)))
+    heights, widths = rng.integers(300, 500, batch_size), rng.integers(300, 500, batch_size)
+    matrices_ms = best_ms(lambda: train_matrices(spec, 0, 1, indices, heights, widths), repeat)
+    print(f"matrices  batch {batch_size}: {matrices_ms:8.2f} ms")
     flips, angles = sample_augmentation(spec, 0, 1, np.arange(batch_size))
-    tiny = [torch.randint(0, 256, (3, int(h) // 16, int(w) // 16), dtype=torch.uint8) for h, w in sizes]
+    tiny = [torch.randint(0, 256, (3, int(h) // 16, int(w) // 16), dtype=torch.uint8) for h, w in zip(heights, widths)]
     small = PipelineSpec(image_size=16)
-    warp = best_ms(lambda: transform_images(tiny, small, True, flips, angles), repeat)
-    ops = count_ops(lambda: transform_images(tiny, small, True, flips, angles))
+    tiny_matrices = affine_matrices(heights // 16, widths // 16, small.image_size, flips, angles)
+    warp = best_ms(lambda: transform_images(tiny, small, tiny_matrices), repeat)
+    ops = count_ops(lambda: transform_images(tiny, small, tiny_matrices))
     print(f"warp      batch {batch_size}: {warp:8.2f} ms, {ops} tensor ops  (host cost: tiny images, mixed sizes)")
-    images = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8) for h, w in sizes[:warp_batch]]
-    warp = best_ms(lambda: transform_images(images, spec, True, flips[:warp_batch], angles[:warp_batch]), repeat)
+    images = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8)
+              for h, w in zip(heights[:warp_batch], widths[:warp_batch])]
+    matrices = affine_matrices(heights[:warp_batch], widths[:warp_batch], spec.image_size, flips[:warp_batch],
+                               angles[:warp_batch])
+    warp = best_ms(lambda: transform_images(images, spec, matrices), repeat)
     print(f"warp cpu  batch {warp_batch}: {warp:8.2f} ms  (CPU tensors, 1 thread, pixel work included)")
     try:
         from dali_pipes.dali_backend import _Feed

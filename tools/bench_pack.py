@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from make_demo_dataset import make_demo_dataset  # a script beside this one (its folder is on sys.path)
 from PIL import Image
 
-from dali_pipes.packing import encode_file
-from dali_pipes.writer import PackOptions, pack_folder
-from tools.make_demo_dataset import make_demo_dataset
+from dali_pipes import PackOptions, encode_file, pack_folder
 
 
 def _files(root: Path) -> list[Path]:
@@ -69,19 +68,25 @@ def main(images: int, min_size: int, max_size: int, workers: int, json_out: Path
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         click.echo(f"generating {images} images of {min_size}-{max_size} px ...")
-        make_demo_dataset(root / "jpeg", classes=10, per_class=max(1, images // 10), min_size=min_size, max_size=max_size, png_every=0)
+        make_demo_dataset(root / "jpeg", classes=10, per_class=max(1, images // 10), min_size=min_size,
+                          max_size=max_size, png_every=0)
         _png_tree(root / "jpeg", root / "png")
         encode_file(_files(root / "jpeg")[0], None, 95)  # import and warm PIL's codecs
         rows = []
-        for name, tree, work in (("byte copy (baseline JPEG)", root / "jpeg", "decode"), ("re-encode (PNG -> JPEG)", root / "png", "decode+encode")):
+        paths = (("byte copy (baseline JPEG)", root / "jpeg", "decode"),
+                 ("re-encode (PNG -> JPEG)", root / "png", "decode+encode"))
+        for name, tree, work in paths:
             files = _files(tree)
             one_core = single_core_rate(files, work)
             rate, detail = packer_rate(tree, root / "bench.h5", workers)
             rows.append({"path": name, "images": len(files), "one_core_rate": one_core, "workers": workers,
-                         "target_rate": one_core * workers, "packer_rate": rate, "ratio": rate / (one_core * workers), **detail})
-    click.echo(f"{'path':28} {'images':>6} {'1 core ' + 'decode(+enc)/s':>22} {'x workers':>10} {'packer/s':>9} {'ratio':>6}")
+                         "target_rate": one_core * workers, "packer_rate": rate, "ratio": rate / (one_core * workers),
+                         **detail})
+    click.echo(f"{'path':28} {'images':>6} {'1 core ' + 'decode(+enc)/s':>22} {'x workers':>10} {'packer/s':>9} "
+               f"{'ratio':>6}")
     for r in rows:
-        click.echo(f"{r['path']:28} {r['images']:6d} {r['one_core_rate']:22,.0f} {r['target_rate']:10,.0f} {r['packer_rate']:9,.0f} {r['ratio']:6.2f}")
+        click.echo(f"{r['path']:28} {r['images']:6d} {r['one_core_rate']:22,.0f} {r['target_rate']:10,.0f} "
+                   f"{r['packer_rate']:9,.0f} {r['ratio']:6.2f}")
     if json_out:
         json_out.write_text(json.dumps({"rows": rows, "cores": os.cpu_count()}, indent=2))
 

@@ -13,8 +13,9 @@ all cores, train mode, device cpu:
   (c) backends   `build_loader(backend=...)` with dtype uint8 and float32
 
 Each measurement warms up on one epoch, then times `--epochs` epochs' worth of images
-(capped by `--seconds`), keeping the best of `--repeat` runs. Memory is the peak growth of the proportional set size (PSS) of
-this process and its workers, sampled every 0.1 s: shared pages are counted once.
+(capped by `--seconds`), keeping the best of `--repeat` runs. Memory is the peak growth of
+the proportional set size (PSS) of this process and its workers, sampled every 0.1 s:
+shared pages are counted once.
 """
 from __future__ import annotations
 
@@ -30,11 +31,9 @@ from typing import Callable, Iterable, Iterator
 import click
 import numpy as np
 import torch
+from make_demo_dataset import make_demo_dataset  # a script beside this one (its folder is on sys.path)
 
-from dali_pipes import PackReader, build_loader
-from dali_pipes.spec import IMAGENET_MEAN, IMAGENET_STD
-from dali_pipes.writer import PackOptions, pack_folder
-from tools.make_demo_dataset import make_demo_dataset
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PackOptions, PackReader, build_loader, pack_folder
 
 
 @dataclass
@@ -215,7 +214,8 @@ def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int
 
 # ---------------------------------------------------------------------------- running it
 
-def prepare_pack(src: Path | None, workdir: Path, images: int, min_size: int, max_size: int, workers: int) -> tuple[Path, Path]:
+def prepare_pack(src: Path | None, workdir: Path, images: int, min_size: int, max_size: int,
+                 workers: int) -> tuple[Path, Path]:
     """The source tree (made unless given) and its pack in `workdir`."""
     if src is None:
         src = workdir / "src"
@@ -259,7 +259,8 @@ def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers
 
 def format_table(results: list[Result]) -> list[str]:
     """The printed table."""
-    lines = [f"{'pipeline':28s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'vs (a)':>7s} {'vs (b)':>7s} {'peak mem MB':>12s}"]
+    lines = [f"{'pipeline':28s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'vs (a)':>7s} {'vs (b)':>7s} "
+             f"{'peak mem MB':>12s}"]
     for r in results:
         lines.append(f"{r.name:28s} {r.images:7d} {r.seconds:8.2f} {r.images_per_s:9.0f} {_ratio(r.vs_notebook):>7s} "
                      f"{_ratio(r.vs_decode):>7s} {r.peak_mem_mb:12.0f}")
@@ -275,14 +276,20 @@ def _ratio(value: float | None) -> str:
 @click.option("--min-size", default=250, show_default=True, help="Smallest generated side (px).")
 @click.option("--max-size", default=450, show_default=True, help="Largest generated side (px).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1), help="Timed images: this many train epochs' worth.")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop each measurement after this long.")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Timed images: this many train epochs' worth.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop each measurement after this long.")
 @click.option("--backends", default="torch,dali", show_default=True, help="Comma-separated dali_pipes backends.")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1), help="Keep the best of this many runs of each (other load on the machine only slows runs down).")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Keep the best of this many runs of each (other load on the machine only slows runs down).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: all cores).")
-@click.option("--src", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Use this image folder instead of generating one.")
-@click.option("--device", default="cpu", show_default=True, help="Where the backends deliver batches (cpu, cuda); (a) and (b) stay on the CPU.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the results here.")
+@click.option("--src", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Use this image folder instead of generating one.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the backends deliver batches (cpu, cuda); (a) and (b) stay on the CPU.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results here.")
 def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int, seconds: float | None, backends: str,
          repeat: int, workers: int | None, src: Path | None, device: str, json_out: Path | None) -> None:
     """Time the notebook loader, a decode-only ceiling and the dali_pipes backends."""
@@ -297,8 +304,9 @@ def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int
         results = run_all(src, pack, names, batch_size, workers, epochs, seconds, click.echo, repeat, device)
     click.echo("\n".join(format_table(results)))
     if json_out is not None:
-        config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size, epochs=epochs, device=device,
-                      seconds=seconds, repeat=repeat, workers=workers, cores=os.cpu_count(), torch=torch.__version__)
+        config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size, epochs=epochs,
+                      device=device, seconds=seconds, repeat=repeat, workers=workers, cores=os.cpu_count(),
+                      torch=torch.__version__)
         json_out.write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
         click.echo(f"wrote {json_out}")
 

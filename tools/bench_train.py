@@ -37,7 +37,8 @@ def bare_loop(cfg: RunConfig, num_classes: int, device: torch.device, steps: int
     """images/s of forward + backward + step on one fixed batch: the ceiling for the trainer."""
     state = build_state(cfg, num_classes, device)
     model, optimizer = state.model, state.optimizer
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
     criterion = nn.CrossEntropyLoss()
     amp = resolve_amp(cfg.amp, device)
@@ -56,7 +57,8 @@ def bare_loop(cfg: RunConfig, num_classes: int, device: torch.device, steps: int
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
-def trainer_epoch(cfg: RunConfig, pack: Path, backend: str, device: torch.device, steps: int, warmup: int, workers: int | None) -> dict[str, float]:
+def trainer_epoch(cfg: RunConfig, pack: Path, backend: str, device: torch.device, steps: int, warmup: int,
+                  workers: int | None) -> dict[str, float]:
     """images/s and data-wait fraction of the trainer's epoch function over `steps` batches after `warmup`."""
     from dali_pipes import PackReader
 
@@ -65,7 +67,8 @@ def trainer_epoch(cfg: RunConfig, pack: Path, backend: str, device: torch.device
     loader = build_loader(reader, "train", backend=backend, batch_size=cfg.batch_size, train=True, device=device,
                           num_workers=workers, seed=0, spec=PipelineSpec(image_size=cfg.image_size))
     step = StepConfig(nn.CrossEntropyLoss(), resolve_amp(cfg.amp, device), state.scaler, log_every=cfg.log_every)
-    kwargs = dict(device=device, set_lr=lambda i: cfg.lr, set_train_mode=lambda: set_train_mode(state.model, state.frozen))
+    kwargs = dict(device=device, set_lr=lambda i: cfg.lr,
+                  set_train_mode=lambda: set_train_mode(state.model, state.frozen))
     limited = _Limited(loader, warmup)
     train_one_epoch(state.model, limited, state.optimizer, step, **kwargs)  # warm-up: workers, allocator, cudnn
     _sync(device)
@@ -94,17 +97,20 @@ class _Limited:
 
 def make_pack(folder: Path, images: int) -> Path:
     """A pack of `images` 250-450 px JPEGs in 10 classes."""
-    from tools.make_demo_dataset import make_demo_dataset
-    from dali_pipes.writer import PackOptions, pack_folder
+    from make_demo_dataset import make_demo_dataset  # a script beside this one (its folder is on sys.path)
 
-    make_demo_dataset(folder / "src", classes=10, per_class=max(1, images // 10), min_size=250, max_size=450, png_every=0)
+    from dali_pipes import PackOptions, pack_folder
+
+    make_demo_dataset(folder / "src", classes=10, per_class=max(1, images // 10), min_size=250, max_size=450,
+                      png_every=0)
     pack_folder(folder / "src", folder / "bench.h5", PackOptions(val_ratio=0.05, test_ratio=0.05), show_progress=False)
     return folder / "bench.h5"
 
 
 @click.command()
 @click.option("--archs", default="mobilenet_v2,resnet18,resnet50", show_default=True)
-@click.option("--backends", default=None, help="Real backends to run end to end (default: all available; 'none': compute only).")
+@click.option("--backends", default=None,
+              help="Real backends to run end to end (default: all available; 'none': compute only).")
 @click.option("--pack", type=click.Path(path_type=Path, exists=True), help="Use this pack instead of generating one.")
 @click.option("--images", default=600, show_default=True, help="Images in the generated pack.")
 @click.option("--image-size", default=224, show_default=True)
@@ -116,21 +122,22 @@ def make_pack(folder: Path, images: int) -> Path:
 @click.option("--compile", "compile_", is_flag=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
-def main(archs: str, backends: str | None, pack: Path | None, images: int, image_size: int, batch_size: int, steps: int, warmup: int,
-         workers: int | None, amp: str, compile_: bool, device: str, json_out: Path | None) -> None:
+def main(archs: str, backends: str | None, pack: Path | None, images: int, image_size: int, batch_size: int, steps: int,
+         warmup: int, workers: int | None, amp: str, compile_: bool, device: str, json_out: Path | None) -> None:
     """Print training images/s per architecture and backend, with ratios to a bare loop."""
     dev = resolve_device(device, DistContext())
-    real = [b for b in (backends.split(",") if backends else available_backends()) if b not in ("synthetic", "none", "")]
+    asked = backends.split(",") if backends else available_backends()
+    real = [b for b in asked if b not in ("synthetic", "none", "")]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pack = pack or make_pack(Path(tmp), images)
         for arch in archs.split(","):
-            cfg = RunConfig(pack=str(pack), arch=arch, weights="none", image_size=image_size, batch_size=batch_size, amp=amp,
-                            compile=compile_, log_every=10**9)
+            cfg = RunConfig(pack=str(pack), arch=arch, weights="none", image_size=image_size, batch_size=batch_size,
+                            amp=amp, compile=compile_, log_every=10**9)
             bare = bare_loop(cfg, 10, dev, steps, warmup)
             synthetic = trainer_epoch(cfg, pack, "synthetic", dev, steps, warmup, workers)
-            row = {"arch": arch, "device": str(dev), "batch_size": batch_size, "image_size": image_size, "bare_images_per_second": bare,
-                   "synthetic_images_per_second": synthetic["images_per_second"],
+            row = {"arch": arch, "device": str(dev), "batch_size": batch_size, "image_size": image_size,
+                   "bare_images_per_second": bare, "synthetic_images_per_second": synthetic["images_per_second"],
                    "synthetic_vs_bare": synthetic["images_per_second"] / bare, "backends": {}}
             for backend in real:
                 try:
@@ -144,8 +151,10 @@ def main(archs: str, backends: str | None, pack: Path | None, images: int, image
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    print(f"{row['arch']} on {row['device']} (batch {row['batch_size']}, {row['image_size']} px): bare loop {row['bare_images_per_second']:,.1f} img/s, "
-          f"trainer+synthetic {row['synthetic_images_per_second']:,.1f} img/s ({100 * row['synthetic_vs_bare']:.1f}% of bare)")
+    print(f"{row['arch']} on {row['device']} (batch {row['batch_size']}, {row['image_size']} px): "
+          f"bare loop {row['bare_images_per_second']:,.1f} img/s, "
+          f"trainer+synthetic {row['synthetic_images_per_second']:,.1f} img/s "
+          f"({100 * row['synthetic_vs_bare']:.1f}% of bare)")
     for backend, r in row["backends"].items():
         if "error" in r:
             print(f"  {backend}: failed: {r['error']}")

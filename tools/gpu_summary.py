@@ -35,7 +35,8 @@ def summarize(out: Path) -> dict[str, Any]:
             target = TARGETS.get(row["arch"])
             summary["end_to_end"].setdefault(row["arch"], {})[backend] = {
                 **result, "target": target,
-                "meets_target": bool(target and result["images_per_second"] >= target and result["data_wait_fraction"] < MAX_DATA_WAIT),
+                "meets_target": bool(target and result["images_per_second"] >= target
+                                     and result["data_wait_fraction"] < MAX_DATA_WAIT),
             }
     for row in (_load(out / "pipeline.json") or {}).get("results", []):
         summary["pipeline"][row["name"]] = row["images_per_s"]
@@ -44,8 +45,9 @@ def summarize(out: Path) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> list[str]:
     """Printed lines."""
-    lines = ["compute only (images/s): " + ", ".join(f"{a} {v.get('eager', 0):,.0f} eager / {v.get('compiled', 0):,.0f} compiled"
-                                              for a, v in summary["compute"].items())]
+    compute = (f"{a} {v.get('eager', 0):,.0f} eager / {v.get('compiled', 0):,.0f} compiled"
+               for a, v in summary["compute"].items())
+    lines = ["compute only (images/s): " + ", ".join(compute)]
     for arch, backends in summary["end_to_end"].items():
         for backend, r in backends.items():
             if "error" in r:

@@ -18,10 +18,12 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond", "hexagon", "crescent", "arrow", "checker")
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond", "hexagon", "crescent", "arrow",
+          "checker")
 
 
-def _polygon(cx: float, cy: float, radius: float, sides: int, rotation: float, star: bool = False) -> list[tuple[float, float]]:
+def _polygon(cx: float, cy: float, radius: float, sides: int, rotation: float,
+             star: bool = False) -> list[tuple[float, float]]:
     points = []
     count = sides * 2 if star else sides
     for k in range(count):
@@ -31,7 +33,8 @@ def _polygon(cx: float, cy: float, radius: float, sides: int, rotation: float, s
     return points
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, color: tuple[int, int, int]) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float,
+               color: tuple[int, int, int]) -> None:
     """Draw one class's shape centred at (cx, cy) with radius r and rotation rot (radians)."""
     if shape == "disc":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
@@ -52,7 +55,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(cx, cy, r, 5, rot, star=True), fill=color)
     elif shape == "bar":
         draw.polygon(_polygon(cx, cy, r, 4, rot)[:2] + [(cx, cy)], fill=color)
-        draw.line([(cx - r * math.cos(rot), cy - r * math.sin(rot)), (cx + r * math.cos(rot), cy + r * math.sin(rot))], fill=color, width=max(3, int(r / 3)))
+        draw.line([(cx - r * math.cos(rot), cy - r * math.sin(rot)), (cx + r * math.cos(rot), cy + r * math.sin(rot))],
+                  fill=color, width=max(3, int(r / 3)))
     elif shape == "diamond":
         pts = _polygon(cx, cy, r, 4, rot + math.pi / 4)
         draw.polygon([(x, cy + (y - cy) * 0.5) for x, y in pts], fill=color)
@@ -64,7 +68,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.ellipse([cx - r + off, cy - r, cx + r + off, cy + r], fill=(0, 0, 0))
     elif shape == "arrow":
         draw.polygon(_polygon(cx, cy, r, 3, rot), fill=color)
-        draw.line([(cx, cy), (cx - 1.6 * r * math.cos(rot), cy - 1.6 * r * math.sin(rot))], fill=color, width=max(3, int(r / 3)))
+        draw.line([(cx, cy), (cx - 1.6 * r * math.cos(rot), cy - 1.6 * r * math.sin(rot))], fill=color,
+                  width=max(3, int(r / 3)))
     elif shape == "checker":
         step = max(2, int(r / 2))
         for i in range(-2, 2):
@@ -86,7 +91,8 @@ def make_image(rng: np.random.Generator, shape: str, min_size: int, max_size: in
     width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     base = np.array(_hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.9)))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    gradient = (xx / width)[..., None] * rng.uniform(-60, 60, size=3) + (yy / height)[..., None] * rng.uniform(-60, 60, size=3)
+    gradient = ((xx / width)[..., None] * rng.uniform(-60, 60, size=3)
+                + (yy / height)[..., None] * rng.uniform(-60, 60, size=3))
     noise = rng.normal(0, 12, size=(height, width, 3))
     background = np.clip(base + gradient + noise, 0, 255).astype(np.uint8)
     image = Image.fromarray(background, "RGB")
@@ -140,10 +146,11 @@ def make_demo_dataset(out_dir: Path, classes: int = 10, per_class: int = 40, see
 @click.option("--min-size", default=100, show_default=True, help="Smallest side length in px.")
 @click.option("--max-size", default=400, show_default=True, help="Largest side length in px.")
 @click.option("--png-every", default=10, show_default=True, help="Every n-th image is a PNG (0: none).")
-@click.option("--workers", default=1, show_default=True, help="Processes drawing images (the output does not depend on it).")
+@click.option("--workers", default=1, show_default=True,
+              help="Processes drawing images (the output does not depend on it).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, max_size: int, png_every: int, workers: int,
-         force: bool) -> None:
+def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, max_size: int, png_every: int,
+         workers: int, force: bool) -> None:
     """Write the deterministic demo image-folder tree into OUT_DIR."""
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:

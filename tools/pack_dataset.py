@@ -7,19 +7,21 @@ SRC_DIR holds one folder per class (sorted names give the labels, as torchvision
 ImageFolder), or train/, val/ and test/ folders of class folders, whose split is kept.
 Every file is verified by decoding it; bad files are skipped and recorded in the pack.
 The pack is written beside OUT under a temporary name and renamed only when complete.
-The work is `dali_pipes.writer.pack_folder`; this script only parses and reports.
+The work is `dali_pipes.pack_folder`; this script only parses and reports.
 """
 from __future__ import annotations
 
 import json
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 
-from dali_pipes.cli_usage import OneLineUsageCommand
-from dali_pipes.writer import PackFailure, PackOptions, format_report, pack_folder
+from dali_pipes import PackFailure, PackOptions, format_report, pack_folder
+from trainer.cli_usage import OneLineUsageCommand
 
 
 def _handle_sigterm(signum: int, frame: object) -> None:
@@ -27,30 +29,47 @@ def _handle_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises SystemExit inside the block; the handler before it is back after it."""
+    previous = signal.signal(signal.SIGTERM, _handle_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @click.command(cls=OneLineUsageCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each class for validation (ignored with train/val/test folders).")
-@click.option("--test-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each class for test.")
+@click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of each class for validation (ignored with train/val/test folders).")
+@click.option("--test-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of each class for test.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split and of the stored order.")
-@click.option("--split-by", default="image", show_default=True, type=click.Choice(["image", "class"]), help="class: whole classes go to val and test (identity-disjoint, for verification); the ratios are then shares of classes.")
-@click.option("--max-side", type=click.IntRange(min=8), default=None, help="Downsize images whose longer side exceeds this (px).")
-@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality for re-encoded images.")
+@click.option("--split-by", default="image", show_default=True, type=click.Choice(["image", "class"]),
+              help="class: whole classes go to val and test (identity-disjoint, for verification); "
+                   "the ratios are then shares of classes.")
+@click.option("--max-side", type=click.IntRange(min=8), default=None,
+              help="Downsize images whose longer side exceeds this (px).")
+@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality for re-encoded images.")
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="Worker processes (default: all cores).")
 @click.option("--strict", is_flag=True, help="Fail on the first rejected file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: int, split_by: str, max_side: int | None, quality: int,
-         workers: int, strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: int, split_by: str, max_side: int | None,
+         quality: int, workers: int, strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
     """Pack the image folder SRC_DIR into the HDF5 file OUT."""
-    signal.signal(signal.SIGTERM, _handle_sigterm)
     if val_ratio + test_ratio >= 1:
         raise click.ClickException("--val-ratio + --test-ratio must be below 1")
-    options = PackOptions(val_ratio=val_ratio, test_ratio=test_ratio, seed=seed, max_side=max_side, quality=quality, split_by=split_by)
+    options = PackOptions(val_ratio=val_ratio, test_ratio=test_ratio, seed=seed, max_side=max_side, quality=quality,
+                          split_by=split_by)
     try:
-        report = pack_folder(src_dir, out, options, workers, strict, force, show_progress=not quiet and not as_json)
+        with _sigterm_exits():
+            report = pack_folder(src_dir, out, options, workers, strict, force, show_progress=not quiet and not as_json)
     except PackFailure as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -61,7 +80,8 @@ def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: in
             raise
         raise click.ClickException(f"{exc.filename or out}: {exc.strerror or exc}") from None
     if as_json:
-        click.echo(json.dumps({**report.__dict__, "rejects": [{"path": p, "reason": r} for p, r in report.rejects], "out": str(out)}))
+        rejects = [{"path": p, "reason": r} for p, r in report.rejects]
+        click.echo(json.dumps({**report.__dict__, "rejects": rejects, "out": str(out)}))
     else:
         click.echo("\n".join(format_report(report, out)))
 

@@ -28,7 +28,8 @@ def plot_pipeline(data: dict[str, Any], path: Path, title: str) -> None:
     colors = ["#999999" if n.startswith("(") else "#2a7ab9" for n in names]
     ax.barh(names[::-1], rates[::-1], color=colors[::-1])
     for y, (rate, row) in enumerate(zip(rates[::-1], rows[::-1])):
-        ax.text(rate, y, f" {rate:,.0f}  ({row['vs_notebook']:.2f}x notebook, {row['vs_decode']:.2f}x decode)", va="center", fontsize=8)
+        ax.text(rate, y, f" {rate:,.0f}  ({row['vs_notebook']:.2f}x notebook, {row['vs_decode']:.2f}x decode)",
+                va="center", fontsize=8)
     ax.set(xlabel="images/s", title=title, xlim=(0, max(rates) * 1.6))
     ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)
@@ -62,8 +63,10 @@ def plot_train(data: dict[str, Any], path: Path, title: str) -> None:
 
 
 @click.command()
-@click.option("--pipeline", "pipeline_json", type=click.Path(path_type=Path, exists=True), help="JSON of tools/bench_pipeline.py.")
-@click.option("--train", "train_json", type=click.Path(path_type=Path, exists=True), help="JSON of tools/bench_train.py.")
+@click.option("--pipeline", "pipeline_json", type=click.Path(path_type=Path, exists=True),
+              help="JSON of tools/bench_pipeline.py.")
+@click.option("--train", "train_json", type=click.Path(path_type=Path, exists=True),
+              help="JSON of tools/bench_train.py.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("docs/img"), show_default=True)
 @click.option("--label", default="", help="Machine description for the titles.")
 def main(pipeline_json: Path | None, train_json: Path | None, out: Path, label: str) -> None:
@@ -73,7 +76,8 @@ def main(pipeline_json: Path | None, train_json: Path | None, out: Path, label: 
     out.mkdir(parents=True, exist_ok=True)
     suffix = f" ({label})" if label else ""
     if pipeline_json:
-        plot_pipeline(json.loads(pipeline_json.read_text()), out / "pipeline_throughput.png", f"Train-mode pipelines, 224 px{suffix}")
+        plot_pipeline(json.loads(pipeline_json.read_text()), out / "pipeline_throughput.png",
+                      f"Train-mode pipelines, 224 px{suffix}")
         click.echo(f"wrote {out / 'pipeline_throughput.png'}")
     if train_json:
         plot_train(json.loads(train_json.read_text()), out / "train_throughput.png", f"Training images/s{suffix}")

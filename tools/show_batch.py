@@ -47,7 +47,8 @@ def grid_figure(blocks: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     fig = Figure(figsize=(1.6 * cols * len(blocks) + 0.4 * (len(blocks) - 1), 1.7 * rows + 0.5), layout="constrained")
-    for sub, (backend, (images, labels)) in zip(np.atleast_1d(fig.subfigures(1, len(blocks), wspace=0.04)), blocks.items()):
+    panels = np.atleast_1d(fig.subfigures(1, len(blocks), wspace=0.04))
+    for sub, (backend, (images, labels)) in zip(panels, blocks.items()):
         sub.suptitle(backend, fontsize=12, weight="bold")
         for k, ax in enumerate(sub.subplots(rows, cols, squeeze=False).flat):
             ax.set_axis_off()

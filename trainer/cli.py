@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from dali_pipes import LoaderError, PackError
-from dali_pipes import TrainerGroup
+from trainer.cli_usage import TrainerGroup
 from trainer.config import run_options
 from trainer.errors import RunInterrupted, TrainerError
 

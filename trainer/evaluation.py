@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_pipes import IMAGE_EXTENSIONS, PackReader, PipelineSpec, build_loader, load_rgb, preprocess
+from dali_pipes import IMAGE_EXTENSIONS, PackReader, PipelineSpec, build_loader, choose_backend, load_rgb, preprocess
 from trainer.checkpoint import first_difference, load_checkpoint, read_payload
 from trainer.errors import TrainerError
 from trainer.loop import evaluate
@@ -50,8 +50,6 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
                         backend: str = "auto", device: torch.device, workers: int | None = None,
                         out: Path | None = None, warn: Any = print) -> dict[str, Any]:
     """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`; plots with `out`."""
-    from trainer.run import choose_backend
-
     reader = PackReader(pack)
     loaded = load_model(checkpoint, device)
     if list(reader.classes) != loaded.classes:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dali_pipes import PackReader, PipelineSpec, Progress, available_backends, build_loader, resolve_backend, split_kind
+from dali_pipes import PackReader, PipelineSpec, Progress, build_loader, choose_backend, split_kind
 from trainer.checkpoint import (Checkpoint, Position, load_checkpoint, make_payload, read_payload, save_checkpoint,
                                 set_rng_state, unwrap)
 from trainer.checks import check_forward, check_freeze, check_pack, dropped_note
@@ -164,14 +164,6 @@ class RunContext:
         return build_loader(self.reader, split, train=train, backend=self.backend, batch_size=self.cfg.batch_size,
                             device=self.device, num_workers=self.cfg.workers, seed=self.cfg.seed, rank=self.ctx.rank,
                             world_size=self.ctx.world_size, spec=self.spec, dtype=torch.float32)
-
-
-def choose_backend(backend: str, device: torch.device) -> tuple[str, str | None]:
-    """The concrete backend for `backend`, and for "auto" the line that says what it chose."""
-    name = resolve_backend(backend, device)
-    if backend != "auto":
-        return name, None
-    return name, f"backend auto -> {name} (device {device}, DALI {'available' if 'dali' in available_backends() else 'not installed'})"
 
 
 def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool = False, reschedule: bool = False,

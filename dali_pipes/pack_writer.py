@@ -1,30 +1,34 @@
 """How a pack is written: `pack_folder` turns an image-folder tree into one pack file.
 
-Steps: scan the tree (`packing.scan_tree`), shuffle the file order with the seed,
-verify and encode every file in worker processes (`packing.encode_job`), stream the
-accepted bytes to a spool (a contiguous HDF5 dataset cannot grow, so the total size
-must be known before the bytes are written), split, then write the pack from the spool
-through `atomic.atomic_path`: the pack appears complete or not at all. Temporaries of
-a run that was killed are removed by the next run for the same output.
+Steps: scan the tree (`pack_sources.scan_tree`), shuffle the file order with the seed,
+verify and encode every file in worker processes (`pack_sources.encode_job`), stream
+the accepted bytes to a spool (a contiguous HDF5 dataset cannot grow, so the total size
+must be known before the bytes are written), split (`splits`), then write the pack from
+the spool (`write_pack`, the layout of `pack_format`) through `atomic.atomic_path`: the
+pack appears complete or not at all. Temporaries of a run that was killed are removed
+by the next run for the same output.
 
 `tools/pack_dataset.py` is a command-line shell over this module. Knows numpy, h5py
-(through `pack`) and PIL (through `packing`), never torch, DALI or `trainer`.
+and PIL (through `pack_sources`), never torch, DALI or `trainer`.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
+import h5py
 import numpy as np
 
 from .atomic import atomic_path, stale_temporary
-from .pack import FORMAT_VERSION, SPLITS, PackedImage, split_code, write_pack
-from .packing import Encoded, SourceFile, class_split, encode_job, ignore_sigint, scan_tree, source_bytes, stratified_split
+from .pack_format import FORMAT_VERSION, MAGIC, SPLITS, split_code
+from .pack_sources import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes
 from .progress import Progress
+from .splits import class_split, stratified_split
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,70 @@ class PackReport:
 
 class PackFailure(Exception):
     """A reason to stop packing, shown to the user as one line."""
+
+
+@dataclass(frozen=True)
+class PackedImage:
+    """One accepted image, as the writer records it (its bytes live in the spool)."""
+
+    path: str
+    class_name: str
+    split: str | None  # None: assigned later by the stratified split
+    height: int
+    width: int
+    nbytes: int
+
+
+def write_pack(
+    out_path: Path,
+    spool_path: Path,
+    images: Sequence[PackedImage],
+    labels: np.ndarray,
+    splits: np.ndarray,
+    classes: Sequence[str],
+    rejects: Sequence[tuple[str, str]],
+    options: dict[str, Any],
+    copy_chunk_bytes: int = 64 << 20,
+) -> None:
+    """Write the HDF5 file at `out_path` from a spool of concatenated image bytes.
+
+    `images` are in spool order, which is the pack order. The bytes are copied in
+    bounded chunks, so memory does not grow with the dataset. The caller owns atomicity
+    (it writes through `atomic.atomic_path`, which fsyncs and renames).
+    """
+    sizes = np.fromiter((im.nbytes for im in images), dtype=np.int64, count=len(images))
+    offsets = np.zeros(len(images) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    total = int(offsets[-1])
+    if os.path.getsize(spool_path) != total:
+        raise RuntimeError(f"spool holds {os.path.getsize(spool_path)} bytes, expected {total}")
+    text = h5py.string_dtype(encoding="utf-8")
+    counts = {name: int((splits == split_code(name)).sum()) for name in SPLITS}
+    with h5py.File(out_path, "w", libver="earliest") as f:
+        f.attrs["magic"] = MAGIC
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["options"] = json.dumps(options, sort_keys=True)
+        f.attrs["num_images"] = len(images)
+        f.attrs["num_classes"] = len(classes)
+        f.attrs["counts"] = json.dumps(counts)
+        # Contiguous layout (no chunks, no filters) is what makes memory-mapping possible.
+        dset = f.create_dataset("images", shape=(max(total, 1),), dtype=np.uint8)
+        with open(spool_path, "rb") as spool:
+            pos = 0
+            while pos < total:
+                chunk = spool.read(min(copy_chunk_bytes, total - pos))
+                dset[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                pos += len(chunk)
+        f.create_dataset("offsets", data=offsets)
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        f.create_dataset("splits", data=np.asarray(splits, dtype=np.uint8))
+        f.create_dataset("paths", data=[im.path for im in images], dtype=text)
+        f.create_dataset("heights", data=np.array([im.height for im in images], dtype=np.int32))
+        f.create_dataset("widths", data=np.array([im.width for im in images], dtype=np.int32))
+        f.create_dataset("classes", data=list(classes), dtype=text)
+        rej = f.create_group("rejects")
+        rej.create_dataset("paths", data=[p for p, _ in rejects], dtype=text, shape=(len(rejects),))
+        rej.create_dataset("reasons", data=[r for _, r in rejects], dtype=text, shape=(len(rejects),))
 
 
 def spool_path(out: Path) -> Path:
@@ -99,7 +167,7 @@ def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: in
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     context = mp.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["dali_pipes.packing"])  # imported once, not per worker
+        context.set_forkserver_preload(["dali_pipes.pack_sources"])  # imported once, not per worker
     with context.Pool(workers, initializer=ignore_sigint) as pool:
         yield from pool.imap(encode_job, jobs, chunksize=32)
 
@@ -120,9 +188,11 @@ def pack_folder(src: Path, out: Path, options: PackOptions, workers: int = 0, st
     try:
         accepted = _spool_images(files, options, workers or os.cpu_count() or 1, spool, report, strict, show_progress)
         if not accepted:
-            raise PackFailure(f"{src}: none of {len(files)} files could be packed (first: {report.rejects[0][0]}: {report.rejects[0][1]})")
+            first, reason = report.rejects[0]
+            raise PackFailure(f"{src}: none of {len(files)} files could be packed (first: {first}: {reason})")
         labels, splits, classes = _labels_and_splits(accepted, scan.presplit, options)
-        pack_options = {**options.__dict__, "source": str(src.resolve()), "presplit": scan.presplit, "format_version": FORMAT_VERSION}
+        pack_options = {**options.__dict__, "source": str(src.resolve()), "presplit": scan.presplit,
+                        "format_version": FORMAT_VERSION}
         with atomic_path(out) as tmp:
             write_pack(tmp, spool, accepted, labels, splits, classes, report.rejects, pack_options)
     finally:
@@ -156,13 +226,15 @@ def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, s
             report.total_bytes += len(data)
             report.copied += result.copied
             report.reencoded += not result.copied
-            accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width, len(data)))
+            accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width,
+                                        len(data)))
         # No fsync: the spool is a temporary; only the finished pack must reach the disk.
     progress.close()
     return accepted
 
 
-def _labels_and_splits(accepted: list[PackedImage], presplit: bool, options: PackOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _labels_and_splits(accepted: list[PackedImage], presplit: bool,
+                       options: PackOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
     classes = sorted({im.class_name for im in accepted})
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[im.class_name] for im in accepted], dtype=np.int64)

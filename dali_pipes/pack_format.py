@@ -1,4 +1,4 @@
-"""The pack format: one HDF5 file holding every encoded image of a dataset.
+"""The pack format: one HDF5 file holding every encoded image of a dataset, and its reader.
 
 Layout (format version 1)::
 
@@ -15,15 +15,15 @@ Layout (format version 1)::
 
 Because /images is contiguous and uncompressed, the reader memory-maps the file at the
 dataset's byte offset and hands out zero-copy views: no HDF5 call on the hot path.
-This module knows h5py and numpy only (no torch, no DALI).
+`pack_writer.write_pack` writes this layout. This module knows h5py and numpy only
+(no torch, no DALI).
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -43,70 +43,6 @@ def split_code(name: str) -> int:
         return SPLITS.index(name)
     except ValueError:
         raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}") from None
-
-
-@dataclass(frozen=True)
-class PackedImage:
-    """One accepted image, as the writer records it (its bytes live in the spool)."""
-
-    path: str
-    class_name: str
-    split: str | None  # None: assigned later by the stratified split
-    height: int
-    width: int
-    nbytes: int
-
-
-def write_pack(
-    out_path: Path,
-    spool_path: Path,
-    images: Sequence[PackedImage],
-    labels: np.ndarray,
-    splits: np.ndarray,
-    classes: Sequence[str],
-    rejects: Sequence[tuple[str, str]],
-    options: dict[str, Any],
-    copy_chunk_bytes: int = 64 << 20,
-) -> None:
-    """Write the HDF5 file at `out_path` from a spool of concatenated image bytes.
-
-    `images` are in spool order, which is the pack order. The bytes are copied in
-    bounded chunks, so memory does not grow with the dataset. The caller owns atomicity
-    (it writes through `atomic.atomic_path`, which fsyncs and renames).
-    """
-    sizes = np.fromiter((im.nbytes for im in images), dtype=np.int64, count=len(images))
-    offsets = np.zeros(len(images) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    total = int(offsets[-1])
-    if os.path.getsize(spool_path) != total:
-        raise RuntimeError(f"spool holds {os.path.getsize(spool_path)} bytes, expected {total}")
-    text = h5py.string_dtype(encoding="utf-8")
-    counts = {name: int((splits == split_code(name)).sum()) for name in SPLITS}
-    with h5py.File(out_path, "w", libver="earliest") as f:
-        f.attrs["magic"] = MAGIC
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["options"] = json.dumps(options, sort_keys=True)
-        f.attrs["num_images"] = len(images)
-        f.attrs["num_classes"] = len(classes)
-        f.attrs["counts"] = json.dumps(counts)
-        # Contiguous layout (no chunks, no filters) is what makes memory-mapping possible.
-        dset = f.create_dataset("images", shape=(max(total, 1),), dtype=np.uint8)
-        with open(spool_path, "rb") as spool:
-            pos = 0
-            while pos < total:
-                chunk = spool.read(min(copy_chunk_bytes, total - pos))
-                dset[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-                pos += len(chunk)
-        f.create_dataset("offsets", data=offsets)
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-        f.create_dataset("splits", data=np.asarray(splits, dtype=np.uint8))
-        f.create_dataset("paths", data=[im.path for im in images], dtype=text)
-        f.create_dataset("heights", data=np.array([im.height for im in images], dtype=np.int32))
-        f.create_dataset("widths", data=np.array([im.width for im in images], dtype=np.int32))
-        f.create_dataset("classes", data=list(classes), dtype=text)
-        rej = f.create_group("rejects")
-        rej.create_dataset("paths", data=[p for p, _ in rejects], dtype=text, shape=(len(rejects),))
-        rej.create_dataset("reasons", data=[r for _, r in rejects], dtype=text, shape=(len(rejects),))
 
 
 class PackReader:
@@ -170,7 +106,8 @@ class PackReader:
         # none: open per process.
         if self._mmap is None or self._mmap_pid != os.getpid():
             total = int(self.offsets[-1])
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_offset, shape=(max(total, 1),))
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_offset,
+                                   shape=(max(total, 1),))
             self._mmap_pid = os.getpid()
         return self._mmap
 
@@ -184,11 +121,6 @@ class PackReader:
         state["_mmap"] = None
         state["_mmap_pid"] = None
         return state
-
-    def close(self) -> None:
-        """Drop the memory map (it reopens on the next read)."""
-        self._mmap = None
-        self._mmap_pid = None
 
 
 def _text(value: Any) -> str:
@@ -205,14 +137,16 @@ def _open_h5(path: Path) -> h5py.File:
         # lock support would otherwise refuse to open it ("unable to lock file").
         return h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise PackError(f"{path}: not a readable HDF5 pack ({_short(exc)}); make one with tools/pack_dataset.py") from None
+        raise PackError(f"{path}: not a readable HDF5 pack ({_short(exc)}); "
+                        "make one with tools/pack_dataset.py") from None
 
 
 def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0][:120]
 
 
-_REQUIRED = ("images", "offsets", "labels", "splits", "paths", "heights", "widths", "classes", "rejects/paths", "rejects/reasons")
+_REQUIRED = ("images", "offsets", "labels", "splits", "paths", "heights", "widths", "classes", "rejects/paths",
+             "rejects/reasons")
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -221,7 +155,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             raise PackError(f"{path}: not a dali-trainer pack (no pack header); make one with tools/pack_dataset.py")
         version = int(f.attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
-            raise PackError(f"{path}: pack format version {version}, this program reads version {FORMAT_VERSION}; repack it with tools/pack_dataset.py")
+            raise PackError(f"{path}: pack format version {version}, this program reads version {FORMAT_VERSION}; "
+                            "repack it with tools/pack_dataset.py")
         missing = [name for name in _REQUIRED if name not in f]
         if missing:
             raise PackError(f"{path}: damaged pack, missing {', '.join(missing)}; repack it")

@@ -1,7 +1,7 @@
 """click command classes whose usage errors are one line (exit status 2).
 
-Kept apart from `trainer.cli` so scripts such as tools/pack_dataset.py use them without
-importing torch (their worker processes re-import the script).
+Kept apart from `trainer.cli` and free of torch, so scripts such as tools/pack_dataset.py
+use them without importing torch (their worker processes re-import the script).
 """
 from __future__ import annotations
 
