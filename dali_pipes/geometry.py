@@ -15,10 +15,11 @@ A sample's matrix is a product of factors, applied right to left::
 
 with the flip and the angle drawn from (seed, epoch, index) alone (`sample_augmentation`),
 and the source box the whole image. More geometry is more factors of the same product,
-so no backend changes for it: a random-resized crop is a drawn box in place of the
-whole image in `_box_to_output`; an integer pre-shrink with area averaging is a factor
-on the right, exactly what `on_resized_source` applies for the `train_antialias`
-pre-shrink (`prefilter_size`).
+built in `train_matrices`, so no backend changes for it: a random-resized crop is a box
+drawn per sample (from further draws of the same generator, which leave the first two
+as they are) given to `_box_to_output` in place of the whole image; an integer
+pre-shrink with area averaging is a factor on the right, as `on_resized_source` applies
+for the `train_antialias` pre-shrink (`prefilter_size`), and its factor belongs here too.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def sample_augmentation(spec: PipelineSpec, seed: int, epoch: int,
                         indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flip flags and rotation angles for `indices` (pack indices), from (seed, epoch, index) alone.
 
-    Every backend and every worker calls this, so a sample's augmentation does not
+    Every backend draws through this (most via `train_matrices`), so a sample's augmentation does not
     depend on worker scheduling, batch composition, rank or resumption. Sample `index`
     gets the first two draws u_flip, u_angle of `np.random.default_rng((seed, epoch,
     index))`: flip when u_flip < flip_prob, angle (2 u_angle - 1) * rotation_degrees.

@@ -16,8 +16,8 @@ DEFAULT_IMAGE_SIZE = 224
 
 INTERPOLATIONS = ("linear", "cubic", "nearest")
 LAYOUTS = ("NCHW_channels_last",)
-# Keys a stored spec may hold that the spec no longer has: accepted and ignored, so older checkpoints
-# load. "dtype" is the loader's `dtype` argument (the model's input type), not part of the pixels.
+# Keys a stored spec may hold that `PipelineSpec` does not: accepted and ignored, so every checkpoint
+# loads. "dtype" is the loader's `dtype` argument (the model's input type), not part of the pixels.
 IGNORED_KEYS = frozenset({"dtype"})
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_pack
 
 from dali_pipes import PackReader, build_loader, plan_epoch
-from conftest import make_pack
 from trainer.cli import main as trainer_main
 
 BATCH = 2

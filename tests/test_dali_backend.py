@@ -37,8 +37,16 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_pipes import LoaderError, PackReader, build_loader, plan_epoch
-from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec, sample_augmentation
+from dali_pipes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoaderError,
+    PackReader,
+    PipelineSpec,
+    build_loader,
+    plan_epoch,
+    sample_augmentation,
+)
 
 pytestmark = pytest.mark.dali
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-
 from conftest import make_pack
-from dali_pipes import PackReader
-from dali_pipes import IMAGENET_MEAN, IMAGENET_STD
+
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PackReader
 from trainer.cli import main as trainer_main
 from trainer.errors import TrainerError
 
@@ -206,6 +205,20 @@ def test_embedding_export_serves_the_margin_heads_embedding(pack: Path, tmp_path
 
 
 @pytest.mark.slow
+def test_a_checkpoint_whose_spec_holds_dtype_still_predicts(runs: dict, pack: Path, tmp_path: Path) -> None:
+    # The spec once had a `dtype` field ("float32"), so older checkpoints store it; it is ignored on loading.
+    payload = torch.load(runs["resnet18"] / "best.pt", map_location="cpu", weights_only=True)
+    assert "dtype" not in payload["spec"]
+    payload["spec"]["dtype"] = "float32"
+    older = tmp_path / "older.pt"
+    torch.save(payload, older)
+    images = pack.parent / "src" / "00_disc"
+    outputs = [_run("predict", "--checkpoint", path, images, "--topk", "2", "--json")
+               for path in (runs["resnet18"] / "best.pt", older)]
+    assert [code for code, _ in outputs] == [0, 0], outputs
+    assert outputs[0][1] == outputs[1][1] and len(outputs[1][1].splitlines()) == 8
+
+
 def test_no_tensorboard_folder_without_the_flag(runs: dict) -> None:
     assert not (runs["resnet18"] / "tb").exists()
 

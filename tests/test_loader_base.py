@@ -1,4 +1,4 @@
-"""What every loader shares (dali_pipes/base.py): the checked request, the base class's cursor and
+"""What every loader shares (dali_pipes/loader.py): the checked request, the base class's cursor and
 skip log on all three backends, the one unreadable-sample type, and `dali_pipes.preprocess`."""
 from __future__ import annotations
 

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipes import (IMAGENET_MEAN, IMAGENET_STD, LoaderError, PackOptions, PackReader, PipelineSpec, build_loader,
-                        pack_folder, plan_epoch, to_model_input)
+from dali_pipes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoaderError,
+    PackOptions,
+    PackReader,
+    PipelineSpec,
+    build_loader,
+    pack_folder,
+    plan_epoch,
+    to_model_input,
+)
 from tools.make_demo_dataset import make_demo_dataset
 
 SIZE = 32

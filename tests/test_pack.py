@@ -157,6 +157,27 @@ def test_cli_reports_empty_classes_and_rejects(kinds_tree: Path, tmp_path: Path)
     assert "empty class folders (no class made): empty_class" in result.output
 
 
+def test_pack_tool_holds_its_sigterm_handler_only_while_packing(kinds_tree: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import tools.pack_dataset as tool
+
+    during = []
+    real = tool.pack_folder
+
+    def watched(*args, **kwargs):
+        during.append(signal.getsignal(signal.SIGTERM))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tool, "pack_folder", watched)
+    before = signal.getsignal(signal.SIGTERM)
+    args = [str(kinds_tree), str(tmp_path / "p.h5"), "--workers", "1", "--quiet"]
+    packed = CliRunner().invoke(pack_main, args)
+    refused = CliRunner().invoke(pack_main, args)  # OUT exists now: fails inside pack_folder
+    assert packed.exit_code == 0 and refused.exit_code == 1 and "exists" in refused.output
+    assert len(during) == 2 and all(handler not in (before, None) and callable(handler) for handler in during)
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after success and after failure
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing_dir", "out.h5"], "no such directory"),
     (["empty_dir", "out.h5"], "no images found"),

@@ -26,8 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipes import PackReader, build_loader
-from dali_pipes import IMAGENET_MEAN, IMAGENET_STD
+from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PackReader, build_loader
 
 pytestmark = pytest.mark.dali
 

@@ -14,8 +14,16 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from dali_pipes import PackReader, PipelineSpec, build_loader, plan_epoch
-from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, sample_augmentation
+from dali_pipes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDecodeError,
+    PackReader,
+    PipelineSpec,
+    build_loader,
+    plan_epoch,
+    sample_augmentation,
+)
 from dali_pipes.geometry import affine_matrices, affine_matrix, train_matrices
 from dali_pipes.torch_cpu import decode_image, render_batch_cpu, warp_cpu
 from dali_pipes.torch_gpu import transform_images

@@ -5,9 +5,9 @@
 Two generated trees of the same pictures: baseline JPEGs (stored byte for byte, each
 verified by a full decode) and PNGs (decoded and re-encoded as JPEG). The baselines are
 one core's rate of exactly that per-file work (read + PIL decode; read + decode + JPEG
-encode), times the number of workers. The ratios are what the issue's targets (70%)
-are about: everything else the packer does (scheduling, the spool, HDF5, the progress
-line) is overhead.
+encode), times the number of workers. The ratio (packer rate over that baseline; the
+target is 70%) is what matters: everything else the packer does (scheduling, the spool,
+HDF5, the progress line) is overhead.
 """
 from __future__ import annotations
 
