@@ -77,8 +77,7 @@ def _resize_torch_batch(images: list[torch.Tensor], spec: PipelineSpec) -> torch
 
 def _prefilter(images: list[torch.Tensor], matrices: np.ndarray,
                size: int) -> tuple[list[torch.Tensor], np.ndarray]:
-    """`train_antialias`: images larger than `size` first shrunk with antialiasing (float, not rounded),
-    and their matrices for the shrunk images."""
+    """`train_antialias`: images larger than `size` shrunk first (antialiased, float), and their matrices."""
     out = [image.float() for image in images]
     matrices = np.array(matrices, dtype=np.float64)
     for shape, rows in _by_shape(images).items():

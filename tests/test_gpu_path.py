@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from dali_pipes import PackReader, PipelineSpec
 from dali_pipes.geometry import affine_matrices, affine_matrix, sample_augmentation, train_matrices
@@ -96,6 +97,26 @@ def test_batched_warp_of_mixed_sizes_matches_opencv_per_image(fill: int, interpo
         # The canvas padding must be invisible: the border blends into `fill` as OpenCV's does.
         limit = 2 if interpolation == "linear" else 255
         assert diff[1:-1, 1:-1].max() <= limit and diff.mean() < 0.5, (j, diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_train_antialias_shrinks_before_the_warp_on_both_paths(flip: bool) -> None:
+    # Both sides above S: the shrink alone makes S x S, and the warp, its matrix moved onto the
+    # shrunk image, only flips. So the output is the plain antialiased resize, mirrored or not.
+    # Measured: 0 levels apart (OpenCV path vs INTER_AREA), 1 (torch path vs torchvision); mirrored: ~90 mean.
+    size, height, width = 32, 96, 160
+    spec = PipelineSpec(image_size=size, train_antialias=True)
+    image = _textured(height, width, 3)
+    matrix = affine_matrix(height, width, size, flip, 0.0)
+    opencv = np.empty((size, size, 4), np.uint8)
+    warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), spec, matrix, opencv)
+    area = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    torch_path = transform_images([torch.from_numpy(image).permute(2, 0, 1)], spec, matrix[None])[0].numpy()
+    antialiased = TF.resize(torch.from_numpy(image).permute(2, 0, 1), [size, size], antialias=True).permute(1, 2, 0)
+    for out, reference in ((opencv[..., :3], area), (torch_path, antialiased.numpy())):
+        reference = reference[:, ::-1] if flip else reference
+        assert np.abs(out.astype(int) - reference).max() <= 1
+        assert np.abs(out.astype(int) - reference[:, ::-1]).mean() > 10  # a lost (or extra) flip shows
 
 
 def _encoded(reader: PackReader, indices: np.ndarray) -> list[torch.Tensor]:
