@@ -8,9 +8,9 @@ number computed from the update count, so an update queues kernels and never wai
 
 Warm-up (timm's, after @crowsonkb): at the k-th update the decay is
 1 - (1 + (k - 1) / gamma) ** -power, clamped to [min_decay, decay]; the first update
-copies the model (decay 0). With gamma 1 and power 2/3 the decay passes 0.9 after 31
-updates, 0.99 after 1,000 and 0.999 after 31,623: early averages forget the random
-initialization quickly, late ones average over many steps.
+copies the model (decay 0). With gamma 1 and power 2/3 it is 1 - k ** (-2/3): 0.9 from
+the 32nd update, 0.99 from the 1,000th, 0.999 from the 31,623rd. Early averages forget
+the random initialization quickly; late ones average over many steps.
 """
 from __future__ import annotations
 
