@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from trainer.cli import main as trainer_main
 from trainer.config import RunConfig, build_config, config_fields, load_config_file, option_name
 from trainer.errors import TrainerError
-from trainer.loop import EarlyStopping, evaluate, resolve_amp, topk_correct
+from trainer.loop import evaluate, resolve_amp, topk_credit
+from trainer.monitor import EarlyStopping
 from trainer.optim import Plateau, lr_factor
 
 
@@ -25,7 +26,7 @@ def test_topk_on_known_logits() -> None:
         [0.9, 0.9, 0.1, 0.0],   # label 0: tied with one other at the top -> top1 credit 1/2
     ])
     labels = torch.tensor([1, 2, 0, 3, 0])
-    got = topk_correct(logits, labels, [1, 2, 3, 4]).tolist()
+    got = topk_credit(logits, labels, [1, 2, 3, 4]).sum(1).tolist()
     # Direct: per sample credit at k = clamp((k - above) / (tied + 1), 0, 1).
     expected_per_sample = [
         [1, 1, 1, 1],
@@ -41,7 +42,7 @@ def test_topk_on_known_logits() -> None:
 def test_topk_constant_model_scores_chance() -> None:
     logits = torch.zeros(1000, 10)
     labels = torch.randint(0, 10, (1000,))
-    assert (topk_correct(logits, labels, [1, 5]) / 1000).tolist() == pytest.approx([0.1, 0.5])
+    assert (topk_credit(logits, labels, [1, 5]).sum(1) / 1000).tolist() == pytest.approx([0.1, 0.5])
 
 
 class _Fixed(torch.nn.Module):
@@ -110,6 +111,38 @@ def test_early_stopping_min_and_max() -> None:
     for e in range(5):
         never.update(1.0, e)
     assert not never.should_stop
+
+
+@pytest.mark.parametrize("monitor, values, best, bad", [
+    ("val_loss", (1.0, 0.95, 0.96, 0.9, 0.91, 0.92), 0.9, 2),
+    ("val_top1", (0.2, 0.4, 0.3, 0.4, 0.5, 0.45), 0.5, 1),
+])
+def test_early_stopping_and_plateau_follow_one_improvement_rule(monitor: str, values: tuple, best: float,
+                                                                bad: int) -> None:
+    stop = EarlyStopping(monitor, patience=10)
+    plateau = Plateau("min" if monitor == "val_loss" else "max", patience=10, gamma=0.5)
+    for epoch, value in enumerate(values):
+        stop.update(value, epoch)
+        plateau.step(value)
+    # By hand: the best value, and the epochs after it that were no better (ties are not improvements).
+    assert stop.best == plateau.tracker.best == best
+    assert stop.tracker.bad_epochs == plateau.tracker.bad_epochs == bad
+    assert stop.best_epoch == values.index(best)
+
+
+def test_stopping_state_written_by_earlier_versions_loads() -> None:
+    stop = EarlyStopping("val_top1", patience=3)
+    stop.load_state_dict({"monitor": "val_top1", "patience": 3, "min_delta": 0.01, "best": 0.5, "best_epoch": 2,
+                          "bad_epochs": 1})
+    assert stop.tracker.mode == "max" and stop.best == 0.5
+    assert not stop.update(0.505, 4) and stop.tracker.bad_epochs == 2  # within min_delta
+    plateau = Plateau()
+    plateau.load_state_dict({"mode": "max", "patience": 2, "gamma": 0.5, "scale": 0.5, "best": 0.7, "bad_epochs": 1})
+    plateau.step(0.6)
+    assert plateau.scale == 0.25 and plateau.tracker.bad_epochs == 0
+    again = Plateau()
+    again.load_state_dict(plateau.state_dict())
+    assert again.state_dict() == plateau.state_dict()
 
 
 def test_amp_resolution() -> None:

@@ -18,7 +18,7 @@ from tools.make_demo_dataset import make_demo_dataset
 from tools.pack_dataset import main as pack_main
 from trainer.checkpoint import save_checkpoint
 from trainer.cli import main as trainer_main
-from trainer.models import build_model
+from trainer.models import HeadConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = ["--backend", "torch", "--workers", "0"]
@@ -38,7 +38,7 @@ def _checkpoint(path: Path, pack: Path, head: str) -> Path:
     torch.manual_seed(0)
     classes = PackReader(pack).classes
     options = {"embedding_dim": 16, "margin": None, "scale": 30.0}
-    model = build_model("resnet18", len(classes), head=head, **options)
+    model = build_model("resnet18", len(classes), head=HeadConfig(type=head, **options))
     save_checkpoint(path, {"model": model.state_dict(), "classes": classes, "arch": "resnet18", "epoch": 0, "config": {},
                            "head": {"type": head, "hidden": 512, "dropout": 0.2, "activation": "relu", **options},
                            "spec": PipelineSpec(image_size=32).to_dict()})

@@ -10,7 +10,16 @@ from torch import nn
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.loop import StepConfig, train_step
-from trainer.models import MarginHead, MarginModel, build_model, embed, freeze_blocks, margin_logits, takes_labels
+from trainer.models import (
+    HeadConfig,
+    MarginHead,
+    MarginModel,
+    build_model,
+    embed,
+    freeze_blocks,
+    margin_logits,
+    takes_labels,
+)
 
 COS = torch.tensor([[0.5, 0.2, -0.3], [0.0, 0.1, 0.9], [-0.95, 0.3, 0.1]])
 LABELS = torch.tensor([0, 0, 0])
@@ -66,9 +75,9 @@ def test_margin_only_in_training_with_labels(kind: str) -> None:
 
 
 def test_margin_model_structure_and_checkpoint(tmp_path: Path) -> None:
-    model = build_model("resnet18", 5, head="arcface", embedding_dim=16, scale=30.0)
+    model = build_model("resnet18", 5, head=HeadConfig(type="arcface", embedding_dim=16, scale=30.0))
     assert isinstance(model, MarginModel) and takes_labels(model) and not takes_labels(build_model("resnet18", 5))
-    assert model.head.margin == 0.5 and build_model("resnet18", 5, head="cosface").head.margin == 0.35
+    assert model.head.margin == 0.5 and build_model("resnet18", 5, head=HeadConfig(type="cosface")).head.margin == 0.35
     keys = list(model.state_dict())
     assert "head.centres" in keys and "head.embedding.0.weight" in keys and "head.embedding.1.running_var" in keys
     assert not any(k.startswith("backbone.fc.") for k in keys)  # the old classifier is an identity now
@@ -78,7 +87,7 @@ def test_margin_model_structure_and_checkpoint(tmp_path: Path) -> None:
     logits = model(images)
     assert logits.shape == (2, 5) and logits.abs().max() <= 30.0 + 1e-4
     save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict()})
-    fresh = build_model("resnet18", 5, head="arcface", embedding_dim=16, scale=30.0).eval()
+    fresh = build_model("resnet18", 5, head=HeadConfig(type="arcface", embedding_dim=16, scale=30.0)).eval()
     fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model"])  # weights_only=True inside, strict here
     assert torch.allclose(fresh(images), logits)
     # A margin checkpoint's backbone serves as --weights for another model.
@@ -95,10 +104,10 @@ def test_embed_is_the_penultimate_features() -> None:
     features = embed(linear, images)
     assert features.shape == (3, 512)
     assert torch.allclose(features @ linear.fc.weight.T + linear.fc.bias, linear(images), atol=1e-5)
-    mlp = build_model("mobilenet_v2", 4, head="mlp", hidden=24).eval()
+    mlp = build_model("mobilenet_v2", 4, head=HeadConfig(type="mlp", hidden=24)).eval()
     hidden = embed(mlp, images)
     assert hidden.shape == (3, 24) and torch.allclose(mlp.classifier[-1](hidden), mlp(images), atol=1e-5)
-    arc = build_model("mobilenet_v2", 4, head="arcface", embedding_dim=8).eval()
+    arc = build_model("mobilenet_v2", 4, head=HeadConfig(type="arcface", embedding_dim=8)).eval()
     emb = embed(arc, images)
     assert emb.shape == (3, 8)
     assert torch.allclose(arc.head.scale * arc.head.cosines(emb), arc(images), atol=1e-4)
@@ -106,7 +115,7 @@ def test_embed_is_the_penultimate_features() -> None:
 
 def test_train_step_passes_labels_to_margin_heads() -> None:
     torch.manual_seed(0)
-    model = build_model("resnet18", 3, head="cosface", embedding_dim=8, scale=16.0)
+    model = build_model("resnet18", 3, head=HeadConfig(type="cosface", embedding_dim=8, scale=16.0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     step = StepConfig(nn.CrossEntropyLoss(), None, torch.amp.GradScaler("cpu", enabled=False), with_labels=True)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])

@@ -1,6 +1,7 @@
 """Models: heads, frozen blocks, decay groups, weights loading; checked against torchvision itself."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,21 @@ import torch
 import torchvision
 from torch import nn
 
+from dali_pipes import PipelineSpec
 from trainer.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, unwrap
+from trainer.config import RunConfig, build_config
 from trainer.errors import TrainerError
-from trainer.models import backbone_blocks, build_model, freeze_blocks, parameter_groups, set_train_mode
+from trainer.inference import load_model
+from trainer.models import (
+    HeadConfig,
+    MarginHead,
+    MarginModel,
+    backbone_blocks,
+    build_model,
+    freeze_blocks,
+    parameter_groups,
+    set_train_mode,
+)
 from trainer.optim import build_optimizer
 
 CPU = torch.device("cpu")
@@ -25,12 +38,12 @@ def test_linear_head_keeps_torchvision_keys(arch: str) -> None:
 
 
 def test_mlp_head_structure() -> None:
-    model = build_model("mobilenet_v2", 5, head="mlp", hidden=64, dropout=0.3, activation="leaky_relu")
+    model = build_model("mobilenet_v2", 5, head=HeadConfig(type="mlp", hidden=64, dropout=0.3, activation="leaky_relu"))
     layers = list(model.classifier)
     assert [type(m) for m in layers] == [nn.Dropout, nn.Linear, nn.BatchNorm1d, nn.LeakyReLU, nn.Dropout, nn.Linear]
     assert layers[1].in_features == 1280 and layers[1].out_features == 64 and layers[5].out_features == 5
     assert layers[0].p == 0.3 and layers[4].p == 0.3
-    resnet = build_model("resnet18", 3, head="mlp", hidden=32)
+    resnet = build_model("resnet18", 3, head=HeadConfig(type="mlp", hidden=32))
     assert isinstance(resnet.fc, nn.Sequential) and resnet.fc[1].in_features == 512
     assert resnet(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
@@ -145,7 +158,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     (tmp_path / "text.pt").write_text("hello")
-    for name, message in (("truncated.pt", "not a readable checkpoint"), ("foreign.pt", "not a dali-trainer checkpoint"),
+    for name, message in (("truncated.pt", "not a readable checkpoint"),
+                          ("foreign.pt", "not a dali-trainer checkpoint"),
                           ("text.pt", "not a readable checkpoint"), ("missing.pt", "no such checkpoint")):
         with pytest.raises(TrainerError, match=message):
             load_checkpoint(tmp_path / name)
@@ -173,3 +187,45 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
+
+
+def _old_checkpoint(path: Path, model: nn.Module, head: dict) -> Path:
+    """A checkpoint dict as earlier versions wrote it: the head's keys listed by hand, no newer keys."""
+    save_checkpoint(path, {"model": model.state_dict(), "classes": ["a", "b", "c"], "arch": "resnet18", "epoch": 4,
+                           "config": {}, "head": head, "spec": PipelineSpec(image_size=32).to_dict()})
+    return path
+
+
+@pytest.mark.parametrize("head", [
+    {"type": "mlp", "hidden": 16, "dropout": 0.1, "activation": "leaky_relu"},  # before margin heads: 4 keys
+    {"type": "arcface", "hidden": 512, "dropout": 0.2, "activation": "relu", "embedding_dim": 8, "margin": None,
+     "scale": 16.0},  # margin None: the head's default, as the run config held it
+])
+def test_checkpoints_written_the_old_way_still_load(tmp_path: Path, head: dict) -> None:
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=3)
+    if head["type"] == "mlp":  # the same module tree the old code built, by hand
+        original.fc = nn.Sequential(nn.Dropout(0.1), nn.Linear(512, 16), nn.BatchNorm1d(16), nn.LeakyReLU(0.01),
+                                    nn.Dropout(0.1), nn.Linear(16, 3))
+    else:
+        original.fc = nn.Identity()
+        original = MarginModel(original, MarginHead(512, 3, "arcface", embedding_dim=8, margin=0.5, scale=16.0))
+    loaded = load_model(_old_checkpoint(tmp_path / "old.pt", original.eval(), head), torch.device("cpu"))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(images), original(images), atol=1e-5)
+    assert loaded.classes == ["a", "b", "c"] and loaded.epoch == 4
+    assert HeadConfig.from_dict(head).margin == (0.5 if head["type"] == "arcface" else None)
+
+
+def test_head_config_is_what_the_checkpoint_stores() -> None:
+    cfg = build_config({"pack": "p.h5", "head": "cosface", "embedding_dim": 32, "scale": 30.0, "hidden": 7})
+    head = HeadConfig.from_run(cfg)
+    assert head == HeadConfig(type="cosface", hidden=7, embedding_dim=32, scale=30.0, margin=0.35)
+    assert HeadConfig.from_dict(head.to_dict()) == head
+    assert set(head.to_dict()) == {"type", "hidden", "dropout", "activation", "embedding_dim", "margin", "scale"}
+    # Every field but `type` is a `trainer run` option of the same name, so a new field cannot be left out of a run.
+    options = {f.name for f in dataclasses.fields(RunConfig)}
+    assert {f.name for f in dataclasses.fields(HeadConfig)} - {"type"} <= options and "head" in options
+    with pytest.raises(TrainerError, match="unknown head 'softmax'"):
+        HeadConfig(type="softmax")

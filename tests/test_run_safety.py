@@ -1,6 +1,7 @@
 """What a new user tripped on (issue 12): defaults, safe resume, progress in logs, epochs from 1, nothing left behind."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -10,16 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_pack
 from torch import nn
 
 import trainer.loop as loop
 import trainer.run as run_module
-from conftest import make_pack
+from dali_pipes import Progress
+from trainer.checkpoint import read_payload
 from trainer.cli import main as trainer_main
 from trainer.config import build_config
 from trainer.loop import StepConfig, progress_postfix, train_one_epoch
+from trainer.models import HeadConfig
 from trainer.plots import plot_curves
-from dali_pipes import Progress
+from trainer.resume import incompatibility, schedule
 from trainer.signals import StopSignals
 
 # 3 classes x 20 images, 20% val and test: 36 train images, 4 steps of 8 an epoch.
@@ -250,10 +254,43 @@ def test_epochs_count_from_one_everywhere(finished: Path) -> None:
     (["--arch", "mobilenet_v2"], "--arch mobilenet_v2 differs from the checkpoint's resnet18"),
     (["--head", "mlp"], "--head mlp differs from the checkpoint's linear"),
     (["--hidden", "64", "--head", "mlp"], "--head mlp differs"),
+    (["--monitor", "val_top1"], "--monitor val_top1 differs from the checkpoint's val_loss"),
 ])
 def test_resume_with_another_model_names_the_difference(finished: Path, args: list[str], names: str) -> None:
     code, output = _run("run", "--resume", str(finished), "--epochs", "3", *args)
     assert code == 1 and names in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_a_resume_says_what_another_epoch_count_does_to_the_schedule() -> None:
+    cfg = lambda epochs, scheduler="cosine": build_config({"pack": "p.h5", "epochs": epochs, "lr": 0.1,  # noqa: E731
+                                                          "scheduler": scheduler})
+    assert schedule(cfg(4), 4, reschedule=False) == (4, None)
+    assert schedule(cfg(6, "step"), 4, reschedule=False) == (4, None)  # a step schedule has no length
+    assert schedule(cfg(6), 4, reschedule=True) == (6, None)
+    length, longer = schedule(cfg(6), 4, reschedule=False)
+    assert length == 4
+    assert longer.startswith("the cosine schedule keeps its planned 4 epochs (lr 0.00e+00 after epoch 4)")
+    length, shorter = schedule(cfg(2), 4, reschedule=False)
+    # Cosine at epoch 2 of 4: lr 0.1 * (1 + cos(pi / 2)) / 2 = 0.05.
+    assert length == 4 and "--reschedule" in shorter
+    assert shorter.startswith("the run stops after epoch 2, before its cosine schedule of 4 epochs ends "
+                              "(lr 5.00e-02 there)")
+
+
+def test_every_head_field_is_compared_on_resume() -> None:
+    cfg = build_config({"pack": "p.h5", "arch": "resnet18", "head": "arcface"})
+    head = HeadConfig.from_run(cfg)
+    ckpt = read_payload({"model": {}, "arch": "resnet18", "head": head.to_dict(), "spec": {}, "classes": ["a", "b"],
+                         "epoch": 0, "early_stopping": {"monitor": "val_loss"}})
+    assert incompatibility(ckpt, cfg, head, ["a", "b"]) is None
+    changed = {"type": "cosface", "hidden": 8, "dropout": 0.5, "activation": "leaky_relu", "embedding_dim": 8,
+               "margin": 0.25, "scale": 8.0}
+    assert set(changed) == {f.name for f in dataclasses.fields(HeadConfig)}  # a new field needs a line here
+    for name, value in changed.items():
+        option = "--head" if name == "type" else "--" + name.replace("_", "-")
+        other = dataclasses.replace(head, **{name: value})
+        assert incompatibility(ckpt, cfg, other, ["a", "b"]) == (
+            f"{option} {value} differs from the checkpoint's {getattr(head, name)}")
 
 
 @pytest.mark.slow

@@ -102,8 +102,17 @@ def test_predict_files_and_folders(trained: Path, learn_pack: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert len(lines) == 3 and all(len(r["top"]) == 2 for r in lines)
-    assert all(abs(sum(t["probability"] for t in r["top"]) - 1) < 1 for r in lines)
     assert "skipped" in result.output and "broken.jpg" in result.output
+    # --topk above the 4 classes lists them all: a distribution, whose first two are the top-2 above.
+    result = CliRunner().invoke(trainer_main, ["predict", "--checkpoint", str(trained / "best.pt"),
+                                               str(tmp_path / "imgs"), "--topk", "9", "--json"])
+    full = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r["path"] for r in full] == [r["path"] for r in lines]
+    for top2, every in zip(lines, full):
+        probabilities = [t["probability"] for t in every["top"]]
+        assert len(probabilities) == 4 and sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
+        assert top2["top"] == every["top"][:2]
 
 
 @pytest.mark.slow
@@ -161,6 +170,39 @@ def test_one_class_pack_is_refused(tmp_path: Path) -> None:
     pack_folder(tmp_path / "src", tmp_path / "p.h5", PackOptions(), workers=1, show_progress=False)
     code, output = _run("run", "--pack", str(tmp_path / "p.h5"), *FAST, "--out", str(tmp_path / "r"))
     assert code == 1 and "at least 2" in output
+
+
+def _help(command: str) -> dict[str, str]:
+    """Option -> its help text, from `trainer COMMAND --help` (continuation lines joined)."""
+    code, output = _run(command, "--help")
+    assert code == 0, output
+    options: dict[str, str] = {}
+    current = None
+    for line in output.split("Options:", 1)[1].splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--"):
+            current = stripped.split()[0]
+            options[current] = stripped[len(current):].strip()
+        elif current and stripped:
+            options[current] += " " + stripped
+    return {name: " ".join(text.split()) for name, text in options.items()}
+
+
+def test_loader_options_read_the_same_in_every_command() -> None:
+    helps = {command: _help(command) for command in ("eval", "embed", "verify")}
+    for option in ("--split", "--batch-size", "--workers", "--device"):
+        texts = {command: h[option] for command, h in helps.items()}
+        assert len(set(texts.values())) == 1, (option, texts)
+    for h in helps.values():
+        assert "one per core" not in h["--workers"] and "usable cores // LOCAL_WORLD_SIZE" in h["--workers"]
+        assert h["--split"].startswith("[train|val|test]") and "Split of the pack" in h["--split"]
+        assert "Images per batch" in h["--batch-size"]
+    assert "synthetic: random images" in helps["eval"]["--backend"]
+    assert "[required]" in helps["eval"]["--pack"] and "[required]" in helps["verify"]["--pack"]
+    run_help = _help("run")
+    assert "[required, unless --config or --resume gives it]" in run_help["--pack"]
+    assert run_help["--workers"] == helps["eval"]["--workers"] and run_help["--device"].startswith(
+        helps["eval"]["--device"].split("[")[0])
 
 
 def test_python_dash_m_trainer_works() -> None:

@@ -25,7 +25,7 @@ from trainer.config import RunConfig
 from trainer.distributed import DistContext, resolve_device
 from trainer.loop import StepConfig, resolve_amp, train_one_epoch
 from trainer.models import set_train_mode
-from trainer.run import build_state
+from trainer.state import build_state
 
 
 def _sync(device: torch.device) -> None:

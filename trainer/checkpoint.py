@@ -4,7 +4,6 @@ Checkpoints load with plain `torch.load(weights_only=True)` too.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import io
 import os
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from dali_pipes import atomic_write_bytes  # re-exported: metrics and plots write through it too
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, first_line
 
 CHECKPOINT_FORMAT = "dali-trainer-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -60,7 +59,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         atomic_write_bytes(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise TrainerError(f"cannot write {path} ({os.strerror(exc.errno)}); the previous checkpoint is intact") from None
+            raise TrainerError(f"cannot write {path} ({os.strerror(exc.errno)}); "
+                               "the previous checkpoint is intact") from None
         raise
 
 
@@ -74,38 +74,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a zip, foreign pickles...
-        raise TrainerError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:100]})") from None
+        raise TrainerError(f"{path}: not a readable checkpoint ({first_line(exc, 100)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainerError(f"{path}: not a dali-trainer checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise TrainerError(f"{path}: checkpoint version {ckpt.get('version')}, this program reads {CHECKPOINT_VERSION}")
+        raise TrainerError(f"{path}: checkpoint version {ckpt.get('version')}, "
+                           f"this program reads {CHECKPOINT_VERSION}")
     return ckpt
 
 
 # What a checkpoint holds. Written by `make_payload`, read by `read_payload`, and nowhere
-# else: `trainer run` (save, resume) and `trainer eval/predict` (rebuild) both go through them.
+# else: `trainer run` (save, resume) and the inference commands (rebuild) both go through them.
 # Keys are only ever added: a checkpoint written by an older version still loads.
 METRICS_EPOCH_BASE = 1  # metrics.jsonl and summary.json count epochs from 1 (before this key: from 0)
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a mid-epoch checkpoint stopped: `epoch` (0-based index), after `samples` training images of all ranks.
-
-    `step`, `batch_size` and `world_size` are the run's own figures when it stopped;
-    a resume with another batch size or process count starts from `samples`.
-    """
-
-    epoch: int
-    step: int
-    samples: int
-    batch_size: int
-    world_size: int
-    partial: dict[str, Any]
-
-    def start_step(self, batch_size: int, world_size: int) -> int:
-        """The first step for a run with `batch_size` per process on `world_size` processes (rounded down)."""
-        return self.samples // (batch_size * world_size)
 
 
 @dataclass(frozen=True)
@@ -114,7 +95,7 @@ class Checkpoint:
 
     model: dict[str, Any]
     arch: str
-    head: dict[str, Any]  # type, hidden, dropout, activation
+    head: dict[str, Any]  # `models.HeadConfig.to_dict()`
     spec: dict[str, Any]
     classes: list[str]
     config: dict[str, Any]
@@ -125,21 +106,8 @@ class Checkpoint:
     early_stopping: dict[str, Any]
     rng: dict[str, Any]
     metrics: dict[str, Any]
-    position: Position | None
+    position: dict[str, Any] | None  # where a mid-epoch checkpoint stopped (read by `trainer.resume.read_position`)
     metrics_epoch_base: int  # how the run's metrics.jsonl counts epochs
-
-    def mismatch(self, config: dict[str, Any], classes: list[str]) -> str | None:
-        """What differs between this checkpoint and a run of `config` on a pack with `classes`, in words (None: fits)."""
-        if config["arch"] != self.arch:
-            return f"--arch {config['arch']} differs from the checkpoint's {self.arch}"
-        for key, value in self.head.items():
-            option = "--head" if key == "type" else f"--{key.replace('_', '-')}"
-            if config.get("head" if key == "type" else key) != value:
-                return f"{option} {config.get('head' if key == 'type' else key)} differs from the checkpoint's {value}"
-        if list(classes) != self.classes:
-            return (f"the pack's {len(classes)} classes differ from the checkpoint's {len(self.classes)} "
-                    f"({first_difference(list(classes), self.classes)})")
-        return None
 
     @property
     def schedule_epochs(self) -> int:
@@ -147,10 +115,11 @@ class Checkpoint:
         return int(self.scheduler.get("epochs", self.config.get("epochs", 0)))
 
 
-def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: dict[str, Any],
-                 early_stopping: dict[str, Any], epoch: int, config: dict[str, Any], classes: list[str], spec: dict[str, Any],
-                 metrics: dict[str, Any], position: Position | None = None) -> dict[str, Any]:
-    """The checkpoint after epoch index `epoch` completed (and `position` into the next): plain containers and tensors."""
+def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 scheduler: dict[str, Any], early_stopping: dict[str, Any], epoch: int, config: dict[str, Any],
+                 head: dict[str, Any], classes: list[str], spec: dict[str, Any], metrics: dict[str, Any],
+                 position: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and tensors."""
     payload = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -162,40 +131,24 @@ def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         "config": dict(config),
         "classes": list(classes),
         "arch": config["arch"],
-        "head": {"type": config["head"], "hidden": config["hidden"], "dropout": config["dropout"], "activation": config["activation"],
-                 "embedding_dim": config["embedding_dim"], "margin": config["margin"], "scale": config["scale"]},
+        "head": dict(head),
         "spec": dict(spec),
         "metrics": dict(metrics),
         "metrics_epoch_base": METRICS_EPOCH_BASE,
     }
     if position is not None:
-        payload["position"] = dataclasses.asdict(position)
+        payload["position"] = dict(position)
     return payload
 
 
-def read_payload(ckpt: dict[str, Any], *, world_size: int = 1) -> Checkpoint:
-    """`load_checkpoint`'s dict as a `Checkpoint`, filling what older versions did not write.
-
-    `world_size` (the resuming run's) is assumed for mid-epoch positions of older
-    checkpoints, which did not record theirs and could only resume with the same.
-    """
-    config = dict(ckpt.get("config", {}))
+def read_payload(ckpt: dict[str, Any]) -> Checkpoint:
+    """`load_checkpoint`'s dict as a `Checkpoint`, filling what older versions did not write."""
     return Checkpoint(
-        model=ckpt["model"], arch=ckpt["arch"], head=dict(ckpt["head"]), spec=dict(ckpt["spec"]), classes=list(ckpt["classes"]),
-        config=config, epoch=int(ckpt["epoch"]), optimizer=ckpt.get("optimizer", {}), scheduler=dict(ckpt.get("scheduler", {})),
-        scaler=ckpt.get("scaler", {}), early_stopping=ckpt.get("early_stopping", {}), rng=ckpt.get("rng", {}),
-        metrics=ckpt.get("metrics", {}), position=_read_position(ckpt.get("position"), config, world_size),
-        metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)))
-
-
-def _read_position(raw: dict[str, Any] | None, config: dict[str, Any], world_size: int) -> Position | None:
-    if not raw:
-        return None
-    if "samples" in raw:
-        return Position(**{f.name: raw[f.name] for f in dataclasses.fields(Position)})
-    batch_size = int(config.get("batch_size", 1))
-    return Position(int(raw["epoch"]), int(raw["step"]), int(raw["step"]) * batch_size * world_size, batch_size, world_size,
-                    raw["partial"])
+        model=ckpt["model"], arch=ckpt["arch"], head=dict(ckpt["head"]), spec=dict(ckpt["spec"]),
+        classes=list(ckpt["classes"]), config=dict(ckpt.get("config", {})), epoch=int(ckpt["epoch"]),
+        optimizer=ckpt.get("optimizer", {}), scheduler=dict(ckpt.get("scheduler", {})), scaler=ckpt.get("scaler", {}),
+        early_stopping=ckpt.get("early_stopping", {}), rng=ckpt.get("rng", {}), metrics=ckpt.get("metrics", {}),
+        position=ckpt.get("position") or None, metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)))
 
 
 def first_difference(ours: list[str], theirs: list[str]) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from dali_pipes import PackReader, samples_per_rank, split_kind
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
-from trainer.models import build_model, freeze_blocks
+from trainer.models import HeadConfig, build_model, freeze_blocks
 
 
 def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
@@ -27,15 +27,18 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: 
                            "repack with --val-ratio above 0 (or give a val/ folder)")
     train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
     missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
-    if missing and split_kind(reader.labels, reader.splits) != "class":  # a class-split pack holds unseen identities on purpose
-        raise TrainerError(f"{reader.path}: class {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
-                           "has no training image; add images to its train folder or repack without given splits")
+    # A pack split by class holds identities without training images on purpose.
+    if missing and split_kind(reader.labels, reader.splits) != "class":
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise TrainerError(f"{reader.path}: class {missing[0]!r}{more} has no training image; add images to its train "
+                           "folder or repack without given splits")
     if counts["val"] == 0 and scheduler == "plateau":
-        raise TrainerError(f"{reader.path}: --scheduler plateau needs a val split, and this pack has none; choose another "
-                           "--scheduler or repack with --val-ratio above 0")
+        raise TrainerError(f"{reader.path}: --scheduler plateau needs a val split, and this pack has none; choose "
+                           "another --scheduler or repack with --val-ratio above 0")
     per_rank = samples_per_rank(counts["train"], train=True, world_size=world_size)
     if batch_size > per_rank:
-        raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; lower it")
+        raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; "
+                           "lower it")
 
 
 def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
@@ -50,7 +53,8 @@ def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> Non
     model.eval()  # no batch-norm statistics change
     try:
         with torch.no_grad():
-            model(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last))
+            blank = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device)
+            model(blank.contiguous(memory_format=torch.channels_last))
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} "
                            f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
@@ -58,11 +62,14 @@ def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> Non
 
 
 def preflight(cfg: RunConfig, world_size: int) -> None:
-    """The checks that need no process group (pack, splits, batch size, classes, architecture, size), before launching torchrun."""
+    """The checks that need no process group (pack, splits, batch size, classes, architecture, size).
+
+    Run before `--nproc` launches torchrun, so a mistake is one line instead of one per process.
+    """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
-    model = build_model(cfg.arch, reader.num_classes, weights="none", head=cfg.head, hidden=cfg.hidden, dropout=cfg.dropout,
-                        activation=cfg.activation)  # the real weights are loaded by each process
+    # The real weights are loaded by each process.
+    model = build_model(cfg.arch, reader.num_classes, weights="none", head=HeadConfig.from_run(cfg))
     check_freeze(cfg, freeze_blocks(model, cfg.freeze))
     check_forward(model, cfg, torch.device("cpu"))
 
@@ -72,7 +79,7 @@ def dropped_note(split_size: int, used: int, batch_size: int, world_size: int) -
     left = split_size - used
     if left * 100 <= split_size:
         return None
-    return (f"each epoch leaves out {left} of the {split_size} training images ({100 * left / split_size:.0f}%; a new random "
-            f"choice each epoch): only whole batches of {batch_size} are trained"
+    return (f"each epoch leaves out {left} of the {split_size} training images ({100 * left / split_size:.0f}%; "
+            f"a new random choice each epoch): only whole batches of {batch_size} are trained"
             + (f" on each of {world_size} processes" if world_size > 1 else "") + "; a --batch-size dividing "
             f"{split_size // world_size} leaves out fewer")

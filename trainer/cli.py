@@ -15,7 +15,7 @@ import click
 
 from dali_pipes import LoaderError, PackError
 from trainer.cli_usage import TrainerGroup
-from trainer.config import run_options
+from trainer.config import BACKEND_HELP, DEVICE_HELP, WORKERS_HELP, run_options
 from trainer.errors import RunInterrupted, TrainerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,7 +49,8 @@ def one_line_errors(func: F) -> F:
             elif isinstance(exc, OSError) and exc.strerror:
                 message = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}"
             else:
-                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (run with --debug for the traceback)"
+                text = str(exc).splitlines()[0] if str(exc) else ""
+                message = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper  # type: ignore[return-value]
@@ -92,10 +93,16 @@ def info(pack: Path, as_json: bool) -> None:
 
 @main.command(context_settings={"show_default": False})
 @run_options
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or JSON file of option names to values; command-line options win.")
-@click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this folder from its last.pt (its config.json, overridden by options given here).")
-@click.option("--reschedule", is_flag=True, help="With --resume and another --epochs: plan the learning-rate schedule over the new --epochs (by default it keeps its planned length).")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, help="Processes on this machine: launches torchrun with DDP (one per GPU; gloo on the CPU).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML or JSON file of option names to values; command-line options win.")
+@click.option("--resume", type=click.Path(path_type=Path),
+              help="Continue the run in this folder from its last.pt (its config.json, overridden by options given "
+                   "here).")
+@click.option("--reschedule", is_flag=True,
+              help="With --resume and another --epochs: plan the learning-rate schedule over the new --epochs (by "
+                   "default it keeps its planned length).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="Processes on this machine: launches torchrun with DDP (one per GPU; gloo on the CPU).")
 @one_line_errors
 def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: int, **options: Any) -> None:
     """Train a classifier on a pack: fine-tuning, frozen blocks, early stopping, top-k metrics.
@@ -106,15 +113,13 @@ def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: 
     """
     from trainer.config import build_config, load_config_file
     from trainer.distributed import destroy_process_group, env_context, init_process_group, resolve_device
+    from trainer.resume import resume_values
     from trainer.run import fit
     from trainer.run_folder import default_out_dir, discard_untrained, prepare_out_dir
 
     file_values = load_config_file(config_file) if config_file else {}
     if resume is not None:
-        saved = resume / "config.json"
-        if not saved.is_file():
-            raise TrainerError(f"--resume {resume}: nothing to resume (no config.json there)")
-        file_values = {**json.loads(saved.read_text()), **file_values, "out": str(resume)}
+        file_values = resume_values(resume, file_values)
     cfg = build_config(options, file_values)
     if nproc > 1 and "RANK" not in os.environ:
         from trainer.checks import preflight
@@ -169,40 +174,66 @@ def _eval_device(choice: str) -> Any:
     return resolve_device(choice, env_context())
 
 
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def loader_options(backends: tuple[str, ...] = ("auto", "dali", "torch")) -> Callable[[F], F]:
+    """--split, --batch-size, --backend (one of `backends`), --workers, --device: how a command reads a pack split."""
+    synthetic = " synthetic: random images, to time the model alone." if "synthetic" in backends else ""
+    options = [
+        click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+                     help="Split of the pack to read."),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="Images per batch."),
+        click.option("--backend", default="auto", show_default=True, type=click.Choice(backends),
+                     help=BACKEND_HELP + synthetic),
+        click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP),
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP),
+    ]
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
-@click.option("--pack", required=True, type=click.Path(path_type=Path), help="Pack with the same classes as the checkpoint.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Report top-1 .. top-k accuracy.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch", "synthetic"]), help="synthetic measures the model alone.")
-@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, at least 1).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--pack", required=True, type=click.Path(path_type=Path),
+              help="Pack with the same classes as the checkpoint.")
+@loader_options(backends=("auto", "dali", "torch", "synthetic"))
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Report top-1 .. top-k accuracy.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the confusion-matrix PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
-def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size: int, backend: str, workers: int | None,
-                 device: str, out: Path | None, as_json: bool) -> None:
+def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size: int, backend: str,
+                 workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
     """Top-1..top-k accuracy, loss and per-class accuracy of a checkpoint on a pack split."""
     from trainer.evaluation import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(checkpoint, pack, split=split, topk=topk, batch_size=batch_size, backend=backend,
-                                 device=_eval_device(device), workers=workers, out=out, warn=lambda m: click.echo(m, err=True))
+                                 device=_eval_device(device), workers=workers, out=out, warn=_warn)
     click.echo(json.dumps(result) if as_json else "\n".join(format_eval(result)))
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run, or a .onnx file from `trainer export` (run by onnxruntime on the CPU).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="best.pt or last.pt of a run, or a .onnx file from `trainer export` (run by onnxruntime on the "
+                   "CPU).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to list per image.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
 @one_line_errors
 def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, as_json: bool) -> None:
     """Top-k classes with probabilities for each IMAGE_OR_DIR, with the checkpoint's own preprocessing."""
     from trainer.evaluation import predict_files
 
-    results = predict_files(checkpoint, inputs, topk=topk, device=_eval_device(device), warn=lambda m: click.echo(m, err=True))
+    results = predict_files(checkpoint, inputs, topk=topk, device=_eval_device(device), warn=_warn)
     for r in results:
         if as_json:
             click.echo(json.dumps(r))
@@ -213,18 +244,16 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, 
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run (any head).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="best.pt or last.pt of a run (any head).")
 @click.option("--pack", type=click.Path(path_type=Path), help="Embed a split of this pack (with labels and paths).")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="FILE.h5 (HDF5), or FILE.npy with FILE.json beside it.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch"]))
-@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: one per core).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="FILE.h5 (HDF5), or FILE.npy with FILE.json beside it.")
+@loader_options()
 @one_line_errors
-def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, ...], out: Path, batch_size: int, backend: str,
-          workers: int | None, device: str) -> None:
+def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, ...], out: Path, batch_size: int,
+          backend: str, workers: int | None, device: str) -> None:
     """L2-normalized embeddings of a pack split (--pack P --split S) or of image PATHS, written to --out.
 
     Margin heads give their embedding; linear and mlp heads their penultimate features.
@@ -233,31 +262,33 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
 
     result = embed_command(checkpoint, out, pack=pack, split=split if pack is not None else None, inputs=inputs,
                            device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
-                           warn=lambda m: click.echo(m, err=True))
-    click.echo(f"wrote {result['num_embeddings']} embeddings of dimension {result['dim']} to {', '.join(result['files'])}")
+                           warn=_warn)
+    click.echo(f"wrote {result['num_embeddings']} embeddings of dimension {result['dim']} "
+               f"to {', '.join(result['files'])}")
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run (any head).")
-@click.option("--pack", required=True, type=click.Path(path_type=Path), help="Pack whose split holds the identities to verify.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), help="File of path_a,path_b,same lines (paths as in the pack); default: drawn pairs.")
-@click.option("--num-pairs", default=3000, show_default=True, type=click.IntRange(min=1), help="Genuine and as many impostor pairs to draw.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="best.pt or last.pt of a run (any head).")
+@click.option("--pack", required=True, type=click.Path(path_type=Path),
+              help="Pack whose split holds the identities to verify.")
+@loader_options()
+@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path),
+              help="File of path_a,path_b,same lines (paths as in the pack); default: drawn pairs.")
+@click.option("--num-pairs", default=3000, show_default=True, type=click.IntRange(min=1),
+              help="Genuine and as many impostor pairs to draw.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the drawn pairs and of the 10 folds.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "dali", "torch"]))
-@click.option("--workers", type=click.IntRange(min=0), help="Loader workers or DALI threads (default: one per core).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for roc.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
-def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int, batch_size: int,
-           backend: str, workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
+def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int,
+           batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
     """Face verification (AUC, EER, 10-fold accuracy, TAR@FAR) and rank-1/5 identification on a pack split."""
     from trainer.embedding import format_verification, verify_command
 
     figures = verify_command(checkpoint, pack, split=split, pairs_file=pairs_file, num_pairs=num_pairs, seed=seed,
-                             device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers, out=out)
+                             device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
+                             out=out)
     click.echo(json.dumps(figures) if as_json else "\n".join(format_verification(figures)))
 
 
@@ -271,21 +302,28 @@ def _batch_choice(value: str) -> int | None:
 
 @main.command("export")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
-@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="onnx (opset 18, torch.export-based exporter) or torchscript (traced).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model file to write; its sidecar is FILE.json (preprocessing spec, classes, verification).")
-@click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed batch size N (ONNX's input shape; TorchScript traces with N).")
-@click.option("--embedding", is_flag=True, help="Export the embedding output of a margin-head (arcface/cosface) model instead of logits.")
-@click.option("--pack", type=click.Path(path_type=Path), help="Verify on a few of this pack's images (default: a seeded random batch).")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]),
+              help="onnx (opset 18, torch.export-based exporter) or torchscript (traced).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Model file to write; its sidecar is FILE.json (preprocessing spec, classes, verification).")
+@click.option("--batch", default="dynamic", show_default=True,
+              help="dynamic, or a fixed batch size N (ONNX's input shape; TorchScript traces with N).")
+@click.option("--embedding", is_flag=True,
+              help="Export the embedding output of a margin-head (arcface/cosface) model instead of logits.")
+@click.option("--pack", type=click.Path(path_type=Path),
+              help="Verify on a few of this pack's images (default: a seeded random batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as one JSON object.")
 @one_line_errors
-def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding: bool, pack: Path | None, as_json: bool) -> None:
+def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding: bool, pack: Path | None,
+                   as_json: bool) -> None:
     """Export a checkpoint to ONNX or TorchScript, in eval mode, checked against PyTorch's outputs.
 
     \b
     Example:
       trainer export --checkpoint runs/r/best.pt --format onnx --out model.onnx --pack pack.h5
     """
-    from trainer.export import export_checkpoint, sidecar_path
+    from trainer.export import export_checkpoint
+    from trainer.inference import sidecar_path
 
     result = export_checkpoint(checkpoint, out, fmt=fmt, batch=_batch_choice(batch), embedding=embedding, pack=pack)
     if as_json:
@@ -293,8 +331,9 @@ def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding:
         return
     check = result["verification"]
     shape = "dynamic batch" if result["input"]["shape"][0] == "batch" else f"batch {result['input']['shape'][0]}"
-    click.echo(f"wrote {out} ({fmt}, {result['output']}, {shape}) and {sidecar_path(out)}; outputs match PyTorch within "
-               f"{check['max_abs_diff']:.1e} (max abs diff, tolerance {check['tolerance']:g}) on {check['inputs']} via {check['runtime']}")
+    click.echo(f"wrote {out} ({fmt}, {result['output']}, {shape}) and {sidecar_path(out)}; outputs match PyTorch "
+               f"within {check['max_abs_diff']:.1e} (max abs diff, tolerance {check['tolerance']:g}) on "
+               f"{check['inputs']} via {check['runtime']}")
 
 
 if __name__ == "__main__":

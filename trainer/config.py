@@ -15,72 +15,106 @@ from typing import Any, Callable, Mapping
 import click
 
 from trainer.errors import TrainerError
+from trainer.monitor import MONITORS
 
 # Adam applies weight decay as an L2 term inside its adaptive step, where 0.05 costs accuracy,
 # so it gets PyTorch's 0; AdamW's decoupled decay keeps the usual 0.05; SGD gets torchvision's 1e-4.
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 1e-4}
 ARCH_HELP = "mobilenet_v2, resnet18, resnet50, or any torchvision classification model name"
+MARGIN_HEADS = ("arcface", "cosface")
+HEAD_TYPES = ("linear", "mlp", *MARGIN_HEADS)  # what --head takes (trainer.models builds each)
+# Help of the options `trainer run` shares with eval, embed, verify and predict (cli.loader_options).
+BACKEND_HELP = "Data backend (auto: dali on CUDA when installed, else torch)."
+WORKERS_HELP = ("Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, the processes torchrun "
+                "starts on this node, at least 1).")
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
 
-def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None, flag: bool = False,
-         cli: bool = True) -> dict[str, Any]:
-    return {"help": help, "choices": choices, "min": minimum, "flag": flag, "cli": cli}
+def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
+         flag: bool = False) -> dict[str, Any]:
+    return {"help": help, "choices": choices, "min": minimum, "flag": flag}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a training run; saved as config.json beside the run."""
+    """Everything that defines a training run; saved as config.json beside the run.
 
-    pack: str = field(default="", metadata=_opt("Pack file made by tools/pack_dataset.py."))
+    Fields are grouped as `trainer run --help` lists them: data, model and head, optimization
+    and schedule, precision and placement, validation and stopping, logging and output.
+    """
+
+    # Data
+    pack: str = field(default="", metadata=_opt(
+        "Pack file made by tools/pack_dataset.py. [required, unless --config or --resume gives it]"))
+    image_size: int = field(default=224, metadata=_opt("Square input size in pixels.", minimum=8))
+    batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
+    backend: str = field(default="auto", metadata=_opt(BACKEND_HELP, choices=("auto", "dali", "torch", "synthetic")))
+    workers: int | None = field(default=None, metadata=_opt(WORKERS_HELP, minimum=0))
+    seed: int = field(default=0, metadata=_opt("Seed of initialization, data order and augmentation."))
+    # Model and head
     arch: str = field(default="mobilenet_v2", metadata=_opt(f"Model: {ARCH_HELP}."))
-    weights: str = field(default="imagenet", metadata=_opt("imagenet (torchvision's weights), none, or a PATH to a state dict or checkpoint."))
-    freeze: int = field(default=0, metadata=_opt("Freeze the first N backbone blocks (MobileNetV2: features[0:N]; ResNet: stem, layer1..4).", minimum=0))
-    head: str = field(default="linear", metadata=_opt("Classifier head (arcface, cosface: margin heads for face verification).", choices=("linear", "mlp", "arcface", "cosface")))
+    weights: str = field(default="imagenet", metadata=_opt(
+        "imagenet (torchvision's weights), none, or a PATH to a state dict or checkpoint."))
+    freeze: int = field(default=0, metadata=_opt(
+        "Freeze the first N backbone blocks (MobileNetV2: features[0:N]; ResNet: stem, layer1..4).", minimum=0))
+    head: str = field(default="linear", metadata=_opt(
+        "Classifier head (arcface, cosface: margin heads for face verification).",
+        choices=HEAD_TYPES))
     hidden: int = field(default=512, metadata=_opt("Hidden units of the mlp head.", minimum=1))
     dropout: float = field(default=0.2, metadata=_opt("Dropout of the mlp head.", minimum=0.0))
-    activation: str = field(default="relu", metadata=_opt("Activation of the mlp head.", choices=("relu", "leaky_relu")))
+    activation: str = field(default="relu", metadata=_opt(
+        "Activation of the mlp head.", choices=("relu", "leaky_relu")))
+    embedding_dim: int = field(default=512, metadata=_opt("Embedding size of the arcface/cosface head.", minimum=1))
+    margin: float | None = field(default=None, metadata=_opt(
+        "Margin of the arcface (angle, radians; default 0.5) or cosface (cosine; default 0.35) head.", minimum=0.0))
+    scale: float = field(default=64.0, metadata=_opt("Scale of the arcface/cosface logits.", minimum=0.0))
+    # Optimization and schedule
     optimizer: str = field(default="adamw", metadata=_opt("Optimizer.", choices=("adam", "adamw", "sgd")))
     lr: float = field(default=1e-3, metadata=_opt("Learning rate for the global batch.", minimum=0.0))
     weight_decay: float | None = field(default=None, metadata=_opt(
-        "Weight decay (never on biases and normalization weights). [default: adam 0 as PyTorch, adamw 0.05, sgd 1e-4 as "
-        "torchvision's references]", minimum=0.0))
+        "Weight decay (never on biases and normalization weights). [default: adam 0 as PyTorch, adamw 0.05, "
+        "sgd 1e-4 as torchvision's references]", minimum=0.0))
     momentum: float = field(default=0.9, metadata=_opt("SGD momentum.", minimum=0.0))
-    scheduler: str = field(default="cosine", metadata=_opt("Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
-    step_size: int = field(default=10, metadata=_opt("Epochs between decays (step), or patience epochs (plateau).", minimum=1))
+    label_smoothing: float = field(default=0.0, metadata=_opt("Label smoothing of the loss.", minimum=0.0))
+    grad_clip: float | None = field(default=None, metadata=_opt(
+        "Clip the gradients' global norm to this value (default: no clipping).", minimum=0.0))
+    epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
+    scheduler: str = field(default="cosine", metadata=_opt(
+        "Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
+    step_size: int = field(default=10, metadata=_opt(
+        "Epochs between decays (step), or patience epochs (plateau).", minimum=1))
     gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))
     warmup_epochs: float = field(default=0.0, metadata=_opt("Linear warm-up length in epochs.", minimum=0.0))
-    grad_clip: float | None = field(default=None, metadata=_opt("Clip the gradients' global norm to this value (default: no clipping).", minimum=0.0))
-    label_smoothing: float = field(default=0.0, metadata=_opt("Label smoothing of the loss.", minimum=0.0))
-    epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
-    batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
-    image_size: int = field(default=224, metadata=_opt("Square input size in pixels.", minimum=8))
-    backend: str = field(default="auto", metadata=_opt("Data backend (auto: dali on CUDA when installed, else torch).", choices=("auto", "dali", "torch", "synthetic")))
-    workers: int | None = field(default=None, metadata=_opt("Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, the processes torchrun starts on this node, at least 1).", minimum=0))
-    seed: int = field(default=0, metadata=_opt("Seed of initialization, data order and augmentation."))
-    amp: str = field(default="auto", metadata=_opt("Mixed precision (auto: bf16 where supported, fp16 otherwise, off on CPU).", choices=("auto", "bf16", "fp16", "off")))
+    # Precision and placement
+    device: str = field(default="auto", metadata=_opt(DEVICE_HELP))
+    amp: str = field(default="auto", metadata=_opt(
+        "Mixed precision (auto: bf16 where supported, fp16 otherwise, off on CPU).",
+        choices=("auto", "bf16", "fp16", "off")))
     channels_last: bool = field(default=True, metadata=_opt("Use channels_last memory format.", flag=True))
     compile: bool = field(default=False, metadata=_opt("torch.compile the model.", flag=True))
-    sync_bn: bool = field(default=False, metadata=_opt("Under DDP, synchronize batch-norm statistics across processes.", flag=True))
-    monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=("val_loss", "val_top1", "val_auc")))
-    patience: int = field(default=5, metadata=_opt("Epochs without improvement before stopping (0: never stop early).", minimum=0))
+    sync_bn: bool = field(default=False, metadata=_opt(
+        "Under DDP, synchronize batch-norm statistics across processes.", flag=True))
+    skip_nonfinite: bool = field(default=False, metadata=_opt(
+        "Skip (and count) steps whose loss or gradients are not finite, instead of stopping; costs one host sync per "
+        "step.", flag=True))
+    # Validation and stopping
+    monitor: str = field(default="val_loss", metadata=_opt("Metric for best.pt and early stopping.", choices=MONITORS))
+    patience: int = field(default=5, metadata=_opt(
+        "Epochs without improvement before stopping (0: never stop early).", minimum=0))
     min_delta: float = field(default=0.0, metadata=_opt("Smallest change that counts as an improvement.", minimum=0.0))
-    skip_nonfinite: bool = field(default=False, metadata=_opt("Skip (and count) steps whose loss or gradients are not finite, instead of stopping; costs one host sync per step.", flag=True))
-    log_every: int = field(default=20, metadata=_opt("Steps between host syncs for the progress line.", minimum=1))
-    log_seconds: float = field(default=30.0, metadata=_opt("Seconds between progress lines when the output is not a terminal (a log file); 0: every step.", minimum=0.0))
     topk: int = field(default=5, metadata=_opt("k of the top-k accuracy reported.", minimum=1))
-    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda or cuda:N."))
+    # Logging and output
+    log_every: int = field(default=20, metadata=_opt("Steps between host syncs for the progress line.", minimum=1))
+    log_seconds: float = field(default=30.0, metadata=_opt(
+        "Seconds between progress lines when the output is not a terminal (a log file); 0: every step.", minimum=0.0))
+    tensorboard: bool = field(default=False, metadata=_opt(
+        "Write TensorBoard logs into OUT/tb/: loss and lr every --log-every steps, the epoch metrics, one training "
+        "batch (needs the tb extra).", flag=True))
     out: str = field(default="", metadata=_opt("Run folder (default: runs/<arch>-<timestamp>)."))
-    # Margin heads (issue 13): features -> linear -> batch norm = embedding; scaled cosines to class centres.
-    embedding_dim: int = field(default=512, metadata=_opt("Embedding size of the arcface/cosface head.", minimum=1))
-    margin: float | None = field(default=None, metadata=_opt("Margin of the arcface (angle, radians; default 0.5) or cosface (cosine; default 0.35) head.", minimum=0.0))
-    scale: float = field(default=64.0, metadata=_opt("Scale of the arcface/cosface logits.", minimum=0.0))
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:  # resolved here, so config.json and checkpoints hold the value used
             object.__setattr__(self, "weight_decay", DEFAULT_WEIGHT_DECAY[self.optimizer])
-
-    # Monitoring (issue 14): TensorBoard event files beside the run.
-    tensorboard: bool = field(default=False, metadata=_opt("Write TensorBoard logs into OUT/tb/: loss and lr every --log-every steps, the epoch metrics, one training batch (needs the tb extra).", flag=True))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to config.json and checkpoints."""
@@ -91,9 +125,9 @@ class RunConfig:
         return validate(dataclasses.replace(self, **changes))
 
 
-def config_fields() -> list[dataclasses.Field[Any]]:
-    """The dataclass fields that are options of `trainer run`."""
-    return [f for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)]
+def config_fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The dataclass fields, each an option of `trainer run`."""
+    return dataclasses.fields(RunConfig)
 
 
 def option_name(name: str) -> str:
@@ -155,7 +189,8 @@ def _parse_error(exc: Exception) -> str:
     """A parser's message in one line, with the line and column where it found the problem."""
     mark = getattr(exc, "problem_mark", None)  # YAML: the location is on a later line of its message
     if mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
     return str(exc).splitlines()[0]  # JSON names line and column in its first line
 
 
@@ -187,7 +222,8 @@ def _coerce(name: str, value: Any) -> Any:
         kind = _click_type(f)
         return kind.convert(value, None, None)
     except (ValueError, click.BadParameter) as exc:
-        detail = exc.format_message() if isinstance(exc, click.BadParameter) else f"expected {'true/false' if f.metadata['flag'] else f.type}"
+        expected = "true/false" if f.metadata["flag"] else f.type
+        detail = exc.format_message() if isinstance(exc, click.BadParameter) else f"expected {expected}"
         raise TrainerError(f"config key {name!r}: invalid value {value!r} ({detail})") from None
 
 

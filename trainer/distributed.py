@@ -1,4 +1,4 @@
-"""torch.distributed glue: who am I, which device is mine, sums across ranks.
+"""torch.distributed glue: who am I, which device is mine, sums across ranks, and stopping together.
 
 Launch with `torchrun --nproc_per_node=N -m trainer run ...`; torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK. Without them everything here is a single-process no-op.
@@ -8,11 +8,13 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from trainer.errors import TrainerError
+from trainer.signals import StopSignals
 
 
 @dataclass(frozen=True)
@@ -52,24 +54,49 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    @property
+    def collective_device(self) -> torch.device:
+        """The device collectives run on: the rank's GPU under NCCL, else the CPU."""
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Copy rank 0's buffers (batch-norm statistics) to every rank, so all ranks evaluate one model."""
         if self.enabled:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
 
-
     def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Copy rank 0's parameters and buffers to every rank (the best weights, which only rank 0 may be able to read)."""
+        """Copy rank 0's parameters and buffers to every rank (the best weights, which perhaps only rank 0 can read)."""
         if self.enabled:
             for tensor in module.state_dict().values():
                 dist.broadcast(tensor, src=0)
 
 
+def stop_check(ctx: DistContext, signals: StopSignals, every: int) -> Callable[[int], bool]:
+    """`stop_requested(step)` for the training loop: whether a stop signal arrived, the same answer on every rank.
+
+    Ranks must stop at the same step, so under DDP they agree every `every` steps (one tiny
+    all-reduce); one process answers at once.
+    """
+    if not ctx.enabled:
+        return lambda _step: signals.received is not None
+
+    def agreed(step_index: int) -> bool:
+        if (step_index + 1) % every:
+            return False
+        flag = torch.tensor([1.0 if signals.received is not None else 0.0])
+        return bool(ctx.all_reduce(flag.to(ctx.collective_device)).item() > 0)
+
+    return agreed
+
+
 def env_context() -> DistContext:
     """Rank, world size and local rank from torchrun's environment (single process without it)."""
     try:
-        return DistContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                           int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
         raise TrainerError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
 

@@ -1,4 +1,4 @@
-"""`trainer embed` and `trainer verify`, and verification during training: models turned into embeddings.
+"""`trainer embed` and `trainer verify`, and the embeddings verification during training uses.
 
 Embeddings are L2-normalized: a margin head's own, the penultimate features of linear
 and mlp heads (`models.embed`). Under torchrun every rank embeds its shard and the
@@ -20,7 +20,7 @@ from dali_pipes import BatchLoader, PackReader, build_loader
 from trainer.checkpoint import atomic_write_bytes
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
-from trainer.evaluation import image_batches, load_model
+from trainer.inference import image_batches, load_model
 from trainer.models import embed
 from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, read_pairs, verification_report
 
@@ -90,15 +90,6 @@ def verification_figures(embeddings: np.ndarray, labels: np.ndarray, *, num_pair
         return verification_report(embeddings, labels, pairs, seed=seed)
     except ValueError as exc:
         raise TrainerError(f"cannot verify: {exc}") from None
-
-
-def validation_by_verification(model: nn.Module, reader: PackReader, split: str, *, ctx: DistContext, seed: int,
-                               amp_dtype: torch.dtype | None, loader: BatchLoader, prefix: str) -> dict[str, Any]:
-    """prefix_auc, prefix_accuracy, prefix_eer (and, for test, the rest) of `model` on `split` read through this rank's
-    eval `loader`: the metrics a class-split run logs."""
-    embeddings, labels = split_embeddings(model, reader, split, ctx=ctx, amp_dtype=amp_dtype, loader=loader)
-    figures, _ = verification_figures(embeddings, labels, seed=seed)
-    return {f"{prefix}_{key}": value for key, value in figures.items()}
 
 
 def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) -> list[Path]:

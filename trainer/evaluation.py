@@ -1,49 +1,23 @@
-"""`trainer eval` and `trainer predict`: a checkpoint, and nothing else, rebuilds model and preprocessing."""
+"""`trainer eval` and `trainer predict`: closed-set figures and top-k classes of a model `trainer.inference` loads.
+
+A checkpoint, and nothing else, rebuilds the model and its preprocessing.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch import nn
 
-from dali_pipes import IMAGE_EXTENSIONS, PackReader, PipelineSpec, build_loader, choose_backend, load_rgb, preprocess
-from trainer.checkpoint import first_difference, load_checkpoint, read_payload
+from dali_pipes import PackReader, build_loader, choose_backend
+from trainer.checkpoint import first_difference
 from trainer.errors import TrainerError
+from trainer.inference import image_batches, load_model, load_predictor
 from trainer.loop import evaluate
-from trainer.models import build_model
 from trainer.plots import confusion_matrix, most_confused, plot_confusion
 
 CONFUSION_PLOT_MAX_CLASSES = 50
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model rebuilt from a checkpoint, with what it needs to preprocess and name classes."""
-
-    model: nn.Module
-    classes: list[str]
-    spec: PipelineSpec
-    arch: str
-    epoch: int  # 0-based index of the checkpoint's last completed epoch
-
-
-def load_model(path: Path, device: torch.device) -> LoadedModel:
-    """Rebuild the checkpoint's architecture and head, load its weights, move to `device` in eval mode."""
-    ckpt = read_payload(load_checkpoint(path))
-    head = ckpt.head
-    margin_options = {k: head[k] for k in ("embedding_dim", "margin", "scale") if k in head}  # absent before margin heads
-    model = build_model(ckpt.arch, len(ckpt.classes), weights="none", head=head["type"], hidden=head["hidden"],
-                        dropout=head["dropout"], activation=head["activation"], **margin_options)
-    try:
-        model.load_state_dict(ckpt.model)
-    except RuntimeError as exc:
-        raise TrainerError(f"{path}: weights do not fit {ckpt.arch} ({str(exc).splitlines()[0][:100]})") from None
-    channels_last = ckpt.config.get("channels_last", True)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch)
 
 
 def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", topk: int = 5, batch_size: int = 64,
@@ -53,8 +27,9 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
     reader = PackReader(pack)
     loaded = load_model(checkpoint, device)
     if list(reader.classes) != loaded.classes:
-        raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's {len(loaded.classes)} "
-                           f"(first difference: {first_difference(reader.classes, loaded.classes)}); evaluate on the pack it was trained for")
+        raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's "
+                           f"{len(loaded.classes)} ({first_difference(reader.classes, loaded.classes)}); "
+                           "evaluate on the pack it was trained for")
     refuse_unseen_classes(reader, split)
     if topk > reader.num_classes:
         warn(f"warning: --topk {topk} is above the {reader.num_classes} classes; using {reader.num_classes}")
@@ -64,7 +39,8 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
         warn(note)
     loader = build_loader(reader, split, backend=backend, batch_size=batch_size, train=False, device=device,
                           num_workers=workers, spec=loaded.spec)
-    result = evaluate(loaded.model, loader, device=device, num_classes=reader.num_classes, topk=topk, keep_predictions=True)
+    result = evaluate(loaded.model, loader, device=device, num_classes=reader.num_classes, topk=topk,
+                      keep_predictions=True)
     targets, predictions = result.pop("targets").numpy(), result.pop("predictions").numpy()
     correct, count = result.pop("per_class_correct"), result.pop("per_class_count")
     result["per_class"] = {name: {"top1": correct[i] / count[i] if count[i] else None, "num_samples": count[i]}
@@ -76,7 +52,8 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
         out.mkdir(parents=True, exist_ok=True)
         if reader.num_classes <= CONFUSION_PLOT_MAX_CLASSES:
             matrix = confusion_matrix(targets, predictions, reader.num_classes)
-            plot_confusion(matrix, reader.classes, out / f"confusion_{split}.png", title=f"{loaded.arch} on {split} ({len(targets)} images)")
+            plot_confusion(matrix, reader.classes, out / f"confusion_{split}.png",
+                           title=f"{loaded.arch} on {split} ({len(targets)} images)")
             result["confusion_png"] = str(out / f"confusion_{split}.png")
     return result
 
@@ -86,15 +63,16 @@ def refuse_unseen_classes(reader: PackReader, split: str) -> None:
     trained = np.unique(reader.labels[reader.split_indices("train")])
     unseen = np.setdiff1d(np.unique(reader.labels[reader.split_indices(split)]), trained)
     if len(unseen):
-        raise TrainerError(f"{reader.path}: {len(unseen)} classes of the {split} split have no training image (the pack is split "
-                           f"by class), so closed-set accuracy cannot be measured there; use trainer verify")
+        raise TrainerError(f"{reader.path}: {len(unseen)} classes of the {split} split have no training image (the "
+                           "pack is split by class), so closed-set accuracy cannot be measured there; "
+                           "use trainer verify")
 
 
 def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     """Human-readable lines for `evaluate_checkpoint`'s result."""
-    ks = [k for k in range(1, result["topk"] + 1)]
-    accs = "  ".join(f"top{k} {result[f'top{k}']:.4f}" for k in ks)
-    lines = [f"{result['checkpoint']} (epoch {result['epoch']}, {result['arch']}) on {result['split']} of {result['pack']}:",
+    accs = "  ".join(f"top{k} {result[f'top{k}']:.4f}" for k in range(1, result["topk"] + 1))
+    lines = [f"{result['checkpoint']} (epoch {result['epoch']}, {result['arch']}) on {result['split']} of "
+             f"{result['pack']}:",
              f"  {result['num_samples']} images  loss {result['loss']:.4f}  {accs}"]
     if result.get("skipped_samples"):
         lines.append(f"  skipped {result['skipped_samples']} unreadable images (the log names them)")
@@ -113,15 +91,6 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
     return lines
 
 
-def load_predictor(path: Path, device: torch.device) -> LoadedModel:
-    """A checkpoint, or an ONNX file from `trainer export` (by its .onnx suffix; run by onnxruntime on the CPU)."""
-    if Path(path).suffix.lower() == ".onnx":
-        from trainer.export import load_onnx
-
-        return load_onnx(path)
-    return load_model(path, device)
-
-
 def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, device: torch.device,
                   batch_size: int = 32, warn: Any = print) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file (folders are walked), with the checkpoint's preprocessing.
@@ -138,32 +107,6 @@ def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, de
             probs = torch.softmax(loaded.model(images).float(), dim=1)
         top_p, top_i = probs.topk(k, dim=1)
         for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
-            results.append({"path": str(path), "top": [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]})
+            top = [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]
+            results.append({"path": str(path), "top": top})
     return results
-
-
-def image_batches(inputs: Iterable[Path], spec: PipelineSpec, device: torch.device, batch_size: int,
-                  warn: Any = print) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """(paths, model-ready images) batches of the image files in `inputs` (folders walked); unreadable files warned and skipped."""
-    paths = list(_expand(inputs))
-    if not paths:
-        raise TrainerError("no image files given (folders are searched for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")")
-    for start in range(0, len(paths), batch_size):
-        batch_paths, pixels = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                pixels.append(load_rgb(path))
-            except ValueError as exc:
-                warn(f"skipped: {exc}")
-                continue
-            batch_paths.append(path)
-        if pixels:
-            yield batch_paths, preprocess(pixels, spec, device)
-
-
-def _expand(inputs: Iterable[Path]) -> Iterable[Path]:
-    for path in inputs:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-        else:
-            yield path

@@ -4,43 +4,40 @@ The exported model takes what the checkpoint's model takes: float32 N x 3 x S x 
 images, resized to S x S and normalized with the spec's mean and std. The sidecar
 (`<FILE>.json`, e.g. `model.onnx.json`) records that spec, the class names and how the
 export was verified, so a server (or `trainer predict`) preprocesses exactly as training
-did. This module also runs exported ONNX files, through onnxruntime on the CPU.
+did; `trainer.inference` loads and runs the exported files.
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import json
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from dali_pipes import PipelineSpec
 from trainer.checkpoint import atomic_write_bytes
-from trainer.errors import TrainerError
-from trainer.evaluation import LoadedModel, load_model
+from trainer.errors import TrainerError, first_line
 from trainer.extras import require
+from trainer.inference import (
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    LoadedModel,
+    OnnxModel,
+    load_model,
+    load_torchscript,
+    quiet_jit,
+    sidecar_path,
+)
 from trainer.metrics import write_json
 from trainer.models import embed, takes_labels
 
 FORMATS = ("onnx", "torchscript")
-SIDECAR_FORMAT = "dali-trainer-export"
-SIDECAR_VERSION = 1
 # 18 is the lowest opset torch's torch.export-based exporter (the default since torch 2.9) targets.
 ONNX_OPSET = 18
 TOLERANCE = 1e-3  # largest accepted |exported - PyTorch| on fp32 outputs
 VERIFY_IMAGES = 4
 EXAMPLE_BATCH = 2  # batch 1 would let torch.export specialize the batch dimension to a constant
-
-
-def sidecar_path(model_file: Path) -> Path:
-    """Where the sidecar of `model_file` lives: the same name plus `.json` (model.onnx -> model.onnx.json)."""
-    model_file = Path(model_file)
-    return model_file.with_name(model_file.name + ".json")
 
 
 class EmbeddingOutput(nn.Module):
@@ -72,10 +69,11 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | Non
     images, source = verification_batch(loaded.spec, pack, batch or VERIFY_IMAGES)
     with torch.no_grad():
         expected = model(images).float()
-    got = OnnxModel(data)(images) if fmt == "onnx" else _torchscript_outputs(data, images)
+    got = OnnxModel(data)(images) if fmt == "onnx" else _run_torchscript(data, images)
     diff = float((got.float() - expected).abs().max())
     if not diff <= TOLERANCE:
-        raise TrainerError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (over {TOLERANCE:g}) on {source}; nothing written")
+        raise TrainerError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (over {TOLERANCE:g}) on {source}; "
+                           "nothing written")
     sidecar = _sidecar(loaded, checkpoint, out, fmt, batch, embedding)
     sidecar["verification"] = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": source,
                                "runtime": _runtime_name(fmt)}
@@ -91,7 +89,8 @@ def _exportable(model: nn.Module, embedding: bool) -> nn.Module:
     if not embedding:
         return model
     if not takes_labels(model):  # only margin heads have an embedding of their own
-        raise TrainerError("--embedding needs a checkpoint with a margin head (arcface or cosface); this model only has logits")
+        raise TrainerError("--embedding needs a checkpoint with a margin head (arcface or cosface); "
+                           "this model only has logits")
     return EmbeddingOutput(model).eval()
 
 
@@ -108,35 +107,26 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, dynamic: bool) -> bytes:
     except (TrainerError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types; the user gets one line
-        raise TrainerError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}); try --format torchscript") from None
+        raise TrainerError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}); "
+                           "try --format torchscript") from None
 
 
 def _to_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
     """A traced TorchScript module's bytes (traced conv nets accept any batch size)."""
     buffer = io.BytesIO()
-    with _quiet_jit():
+    with quiet_jit():
         try:
             traced = torch.jit.trace(model, example, check_trace=False)
         except Exception as exc:  # noqa: BLE001
-            raise TrainerError(f"TorchScript trace failed ({type(exc).__name__}: {_first_line(exc)}); try --format onnx") from None
+            raise TrainerError(f"TorchScript trace failed ({type(exc).__name__}: {first_line(exc)}); "
+                               "try --format onnx") from None
         torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
 
-def _torchscript_outputs(data: bytes, images: torch.Tensor) -> torch.Tensor:
-    with _quiet_jit():
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+def _run_torchscript(data: bytes, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return module(images)
-
-
-@contextlib.contextmanager
-def _quiet_jit() -> Iterator[None]:
-    # Recent torch releases warn that torch.jit is deprecated; TorchScript files are still what TorchScript servers load.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
+        return load_torchscript(data)(images)
 
 
 def verification_batch(spec: PipelineSpec, pack: Path | None, count: int) -> tuple[torch.Tensor, str]:
@@ -160,7 +150,8 @@ def verification_batch(spec: PipelineSpec, pack: Path | None, count: int) -> tup
     return images, f"{found} images of the {split} split of {pack}"
 
 
-def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: int | None, embedding: bool) -> dict[str, Any]:
+def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: int | None,
+             embedding: bool) -> dict[str, Any]:
     size = loaded.spec.image_size
     sidecar: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
@@ -169,8 +160,9 @@ def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: 
         "model_format": fmt,
         "output": "embedding" if embedding else "logits",
         "input": {"name": "images", "shape": [batch or "batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
-                  "channels": "RGB", "values": "pixels / 255, then (x - mean) / std per channel, after resizing the whole "
-                                                "image to image_size x image_size (aspect ratio not kept)"},
+                  "channels": "RGB",
+                  "values": "pixels / 255, then (x - mean) / std per channel, after resizing the whole image to "
+                            "image_size x image_size (aspect ratio not kept)"},
         "spec": loaded.spec.to_dict(),
         "classes": list(loaded.classes),
         "arch": loaded.arch,
@@ -189,61 +181,3 @@ def _runtime_name(fmt: str) -> str:
     if fmt == "torchscript":
         return f"torch.jit.load (torch {torch.__version__})"
     return f"onnxruntime {require('onnxruntime', 'export', 'ONNX verification').__version__} (CPU)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else "no message"
-
-
-class OnnxModel(nn.Module):
-    """An ONNX model run by onnxruntime on the CPU, called like the PyTorch model it came from.
-
-    A fixed-batch model is fed in chunks of its batch size (the last one padded), so
-    callers may pass any number of images.
-    """
-
-    def __init__(self, source: str | bytes) -> None:
-        super().__init__()
-        ort = require("onnxruntime", "export", "running ONNX models")
-        try:
-            self.session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
-            where = source if isinstance(source, str) else "exported model"
-            raise TrainerError(f"{where}: onnxruntime cannot load it ({_first_line(exc)})") from None
-        model_input = self.session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        n = len(array)
-        chunk = self.fixed_batch or max(n, 1)
-        outputs = []
-        for start in range(0, n, chunk):
-            part = array[start : start + chunk]
-            if len(part) < chunk:
-                part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
-            outputs.append(self.session.run(None, {self.input_name: part})[0][: min(chunk, n - start)])
-        return torch.from_numpy(np.concatenate(outputs)).to(images.device)
-
-
-def load_onnx(path: Path) -> LoadedModel:
-    """An exported ONNX file and its sidecar, as `trainer predict` uses a checkpoint (runs on the CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainerError(f"{path}: no such ONNX file")
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise TrainerError(f"{path}: its sidecar {side.name} is missing (trainer export writes it next to the model)")
-    try:
-        meta = json.loads(side.read_text())
-        spec = PipelineSpec.from_dict(meta["spec"])
-        classes = [str(c) for c in meta["classes"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TrainerError(f"{side}: not a dali-trainer export sidecar ({_first_line(exc)})") from None
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise TrainerError(f"{side}: not a dali-trainer export sidecar")
-    if meta.get("output") != "logits":
-        raise TrainerError(f"{path}: exported with --embedding; predict needs a model exported with logits")
-    return LoadedModel(OnnxModel(str(path)).eval(), classes, spec, str(meta.get("arch", "onnx")), int(meta.get("epoch", 0)))

@@ -11,7 +11,8 @@ from dali_pipes import PackReader, split_kind
 def _stats(values: np.ndarray) -> dict[str, float]:
     if len(values) == 0:
         return {"min": 0, "median": 0, "mean": 0.0, "max": 0}
-    return {"min": int(values.min()), "median": float(np.median(values)), "mean": round(float(values.mean()), 1), "max": int(values.max())}
+    return {"min": int(values.min()), "median": float(np.median(values)), "mean": round(float(values.mean()), 1),
+            "max": int(values.max())}
 
 
 def pack_summary(reader: PackReader) -> dict[str, Any]:
@@ -30,11 +31,14 @@ def pack_summary(reader: PackReader) -> dict[str, Any]:
         "classes": list(reader.classes),
         "splits": reader.split_counts(),
         "split_by": split_kind(reader.labels, reader.splits),
-        "images_per_class": {"min": int(counts.min()) if len(counts) else 0, "max": int(counts.max()) if len(counts) else 0},
-        "class_counts": {name: {"total": int(counts[i]), **{s: per_split_class[s][i] for s in per_split_class}} for i, name in enumerate(reader.classes)},
+        "images_per_class": {"min": int(counts.min()) if len(counts) else 0,
+                             "max": int(counts.max()) if len(counts) else 0},
+        "class_counts": {name: {"total": int(counts[i]), **{s: per_split_class[s][i] for s in per_split_class}}
+                         for i, name in enumerate(reader.classes)},
         "height": _stats(reader.heights),
         "width": _stats(reader.widths),
-        "bytes": {"total": int(reader.offsets[-1]), "mean_per_image": round(float(sizes.mean()), 1) if len(sizes) else 0.0},
+        "bytes": {"total": int(reader.offsets[-1]),
+                  "mean_per_image": round(float(sizes.mean()), 1) if len(sizes) else 0.0},
         "rejects": reader.rejects(),
         "options": reader.options,
     }
@@ -44,13 +48,15 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
     """Human-readable lines for `pack_summary`."""
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
     h, w = summary["height"], summary["width"]
+    unseen = ": val and test hold classes train never saw" if summary["split_by"] == "class" else ""
     lines = [
         f"{summary['path']}: pack format {summary['format_version']}",
         f"  {summary['num_images']} images ({splits}), {summary['num_classes']} classes, "
         f"{summary['images_per_class']['min']}-{summary['images_per_class']['max']} images per class",
-        f"  split by {summary['split_by']}" + (": val and test hold classes train never saw" if summary["split_by"] == "class" else ""),
-        f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px (median {w['median']:g}), "
-        f"{summary['bytes']['total'] / 1e6:.1f} MB of JPEG ({summary['bytes']['mean_per_image'] / 1e3:.1f} kB per image)",
+        f"  split by {summary['split_by']}{unseen}",
+        f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px "
+        f"(median {w['median']:g}), {summary['bytes']['total'] / 1e6:.1f} MB of JPEG "
+        f"({summary['bytes']['mean_per_image'] / 1e3:.1f} kB per image)",
         "  classes:",
     ]
     for name, count in list(summary["class_counts"].items())[:max_classes]:

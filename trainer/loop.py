@@ -1,4 +1,4 @@
-"""The engine: one train step path, `train_one_epoch`, `evaluate`, top-k, early stopping.
+"""The engine: one train step path, `train_one_epoch`, `evaluate`, top-k.
 
 The loop receives an iterable of `(images, labels)` already on the device and never
 learns which backend made it. Host-device syncs (`.item()`) happen only every
@@ -7,7 +7,7 @@ learns which backend made it. Host-device syncs (`.item()`) happen only every
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -52,54 +52,6 @@ def topk_credit(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] | 
     return ((ks_t - above.view(1, -1)) / (tied.view(1, -1) + 1.0)).clamp_(0.0, 1.0)
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """Per-k number of correct samples (see `topk_credit` for ties)."""
-    return topk_credit(logits, labels, ks).sum(1)
-
-
-@dataclass
-class EarlyStopping:
-    """Tracks the best value of the monitored metric and when to stop."""
-
-    monitor: str = "val_loss"
-    patience: int = 5
-    min_delta: float = 0.0
-    best: float | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-
-    @property
-    def mode(self) -> str:
-        """'min' for losses, 'max' for accuracies."""
-        return "min" if self.monitor.endswith("loss") else "max"
-
-    def update(self, value: float, epoch: int) -> bool:
-        """Record one epoch's value; True when it is a new best."""
-        if self.best is None or (value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta):
-            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        """True once `patience` epochs in a row brought no improvement (patience 0: never)."""
-        return self.patience > 0 and self.bad_epochs >= self.patience
-
-    def reason(self) -> str:
-        """Why training stopped, in words."""
-        return f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.patience} epochs (best {self.best:.4f} at epoch {self.best_epoch + 1})"
-
-    def state_dict(self) -> dict[str, Any]:
-        """State for checkpoints."""
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict`."""
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
 @dataclass
 class StepConfig:
     """What every train step needs besides the batch."""
@@ -136,8 +88,9 @@ class EpochState:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values for a mid-epoch checkpoint."""
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "samples": self.samples, "steps": self.steps,
-                "skipped_steps": self.skipped_steps, "data_wait": self.data_wait, "seconds": self.seconds}
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "samples": self.samples,
+                "steps": self.steps, "skipped_steps": self.skipped_steps, "data_wait": self.data_wait,
+                "seconds": self.seconds}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> "EpochState":
@@ -216,7 +169,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     clock = DataWaitClock(device, state.data_wait)
     running: dict[str, float | None] = {"loss": None, "top1": None}  # shown as `-` until the first sync
     if progress is not None:
-        progress.set_postfix(lambda: progress_postfix(running, state.data_wait, prior_seconds + time.perf_counter() - start))
+        progress.set_postfix(
+            lambda: progress_postfix(running, state.data_wait, prior_seconds + time.perf_counter() - start))
     i = first_step - 1
     interrupted = False
     for i, (images, labels) in enumerate(loader, start=first_step):
@@ -228,7 +182,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         if skipped:
             state.skipped_steps += 1
         else:
-            state.first_bad_step = torch.where((state.first_bad_step < 0) & ~torch.isfinite(loss), i, state.first_bad_step)
+            first_bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
+            state.first_bad_step = torch.where(first_bad, i, state.first_bad_step)
             state.loss_sum += loss.double() * n
             state.correct += (logits.argmax(1) == labels).sum()
             state.samples += n
@@ -293,7 +248,7 @@ def _running(state: EpochState, step_loss: torch.Tensor | None = None) -> dict[s
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device, num_classes: int, topk: int = 5,
-             amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
+             amp_dtype: torch.dtype | None = None,
              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
              keep_predictions: bool = False) -> dict[str, Any]:
     """Loss and top-1..top-k accuracy over every sample `loader` yields.
@@ -309,7 +264,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
     k = max(1, min(topk, num_classes))
     ks = list(range(1, k + 1))
     ks_t = torch.arange(1, k + 1, device=device, dtype=torch.float32)  # made on the device once, not per batch
-    criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros(len(ks), device=device, dtype=torch.float64)
     class_correct = torch.zeros(num_classes, device=device, dtype=torch.float64)

@@ -1,28 +1,31 @@
 """Building torchvision classifiers: weights, a head that fits the pack, frozen blocks.
 
-With `head="linear"` the model's state-dict keys stay exactly torchvision's, so a
-checkpoint's `model` loads into `torchvision.models.<arch>(num_classes=K)` directly.
+`HeadConfig` describes the head once: `build_model` builds it, a checkpoint stores it under
+`head`, and a resume compares it. With a linear head the model's state-dict keys stay
+exactly torchvision's, so a checkpoint's `model` loads into
+`torchvision.models.<arch>(num_classes=K)` directly.
 A margin head (`arcface`, `cosface`) wraps the torchvision model, its last linear layer
 made an identity, as `MarginModel`: keys `backbone.*` (torchvision's, less that layer),
 `head.embedding.0.*` (linear), `head.embedding.1.*` (batch norm), `head.centres` (K x D).
 """
 from __future__ import annotations
 
-import urllib.error
-from pathlib import Path
-from typing import Any
-
+import dataclasses
 import math
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from trainer.config import HEAD_TYPES, MARGIN_HEADS, RunConfig
 from trainer.errors import TrainerError
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads")
-MARGIN_HEADS = ("arcface", "cosface")
 DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35}  # insightface's: additive angle (radians), subtracted cosine
 
 
@@ -31,27 +34,63 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(arch: str, num_classes: int, *, weights: str = "none", head: str = "linear", hidden: int = 512,
-                dropout: float = 0.2, activation: str = "relu", embedding_dim: int = 512, margin: float | None = None,
-                scale: float = 64.0) -> nn.Module:
-    """A torchvision `arch` with `weights` loaded and its classifier replaced for `num_classes`.
+@dataclass(frozen=True)
+class HeadConfig:
+    """The classifier head `build_model` puts on a backbone, stored as `to_dict()` under a checkpoint's `head` key.
+
+    Fields share the names of `trainer run`'s options (`type` is `--head`), so a field added
+    here with a default, beside the `RunConfig` field of the same name, reaches the model, the
+    checkpoint and the resume check at once, and checkpoints written without it still load.
+    """
+
+    type: str = "linear"  # linear, mlp, or a margin head (MARGIN_HEADS)
+    hidden: int = 512  # mlp: hidden units
+    dropout: float = 0.2  # mlp
+    activation: str = "relu"  # mlp: relu or leaky_relu
+    embedding_dim: int = 512  # margin heads
+    margin: float | None = None  # margin heads; None: the type's DEFAULT_MARGIN (resolved on creation)
+    scale: float = 64.0  # margin heads: logits are scale * cosine
+
+    def __post_init__(self) -> None:
+        if self.type not in HEAD_TYPES:
+            raise TrainerError(f"unknown head {self.type!r}; use one of {', '.join(HEAD_TYPES)}")
+        if self.type in MARGIN_HEADS and self.margin is None:  # resolved here, so a checkpoint holds the margin used
+            object.__setattr__(self, "margin", DEFAULT_MARGIN[self.type])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, as a checkpoint stores it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "HeadConfig":
+        """A checkpoint's `head` dict; keys it lacks (written before the field existed) take their defaults."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> "HeadConfig":
+        """The head `cfg` describes: `--head` names the type, the other fields share their option's name."""
+        return cls.from_dict({**cfg.to_dict(), "type": cfg.head})
+
+
+def build_model(arch: str, num_classes: int, *, weights: str = "none", head: HeadConfig = HeadConfig()) -> nn.Module:
+    """A torchvision `arch` with `weights` loaded and its classifier replaced by `head` for `num_classes`.
 
     weights: "imagenet" (torchvision's default weights, downloaded into the torch cache),
     "none" (random init), or a path to a state dict or one of our checkpoints whose
     backbone keys match (its classifier is dropped when the class count differs).
-    head: linear, mlp, or a margin head (arcface, cosface: `embedding_dim`, `margin`
-    (None: the head's usual one), `scale`), which makes a `MarginModel`.
+    A margin head (arcface, cosface) makes a `MarginModel`.
     """
     if arch not in classification_models():
-        raise TrainerError(f"unknown architecture {arch!r}; try mobilenet_v2, resnet18, resnet50 (any of: {', '.join(classification_models()[:8])}, ...)")
+        raise TrainerError(f"unknown architecture {arch!r}; try mobilenet_v2, resnet18, resnet50 "
+                           f"(any of: {', '.join(classification_models()[:8])}, ...)")
     model = torchvision.models.get_model(arch, weights=None)
     if weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
     elif weights != "none":
         _load_backbone(model, Path(weights))
-    if head in MARGIN_HEADS:
-        return margin_model(model, num_classes, head, embedding_dim, DEFAULT_MARGIN[head] if margin is None else margin, scale)
-    replace_head(model, num_classes, head=head, hidden=hidden, dropout=dropout, activation=activation)
+    if head.type in MARGIN_HEADS:
+        return margin_model(model, num_classes, head)
+    replace_head(model, num_classes, head)
     return model
 
 
@@ -61,16 +100,19 @@ def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=False, check_hash=False)
     except (urllib.error.URLError, OSError, RuntimeError, ConnectionError) as exc:
         reason = str(getattr(exc, "reason", exc)).splitlines()[0][:80]
-        raise TrainerError(f"cannot download ImageNet weights for {arch} ({reason}); pass --weights none, or --weights PATH to a local file") from None
+        raise TrainerError(f"cannot download ImageNet weights for {arch} ({reason}); pass --weights none, "
+                           "or --weights PATH to a local file") from None
 
 
 def _load_backbone(model: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise TrainerError(f"--weights {path}: no such file (use imagenet, none, or a path to a state dict or checkpoint)")
+        raise TrainerError(f"--weights {path}: no such file (use imagenet, none, or a path to a state dict or "
+                           "checkpoint)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything unreadable gets one line
-        raise TrainerError(f"--weights {path}: not a readable state dict or checkpoint ({str(exc).splitlines()[0][:80]})") from None
+        raise TrainerError(f"--weights {path}: not a readable state dict or checkpoint "
+                           f"({str(exc).splitlines()[0][:80]})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if isinstance(state, dict) and any(str(k).startswith("backbone.") for k in state):
@@ -83,7 +125,8 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
     backbone = [k for k in own if not _is_head_key(k)]
     missing = [k for k in backbone if k not in matching]
     if missing:
-        raise TrainerError(f"--weights {path}: does not fit {type(model).__name__} ({len(missing)} backbone tensors missing or of another shape, e.g. {missing[0]})")
+        raise TrainerError(f"--weights {path}: does not fit {type(model).__name__} ({len(missing)} backbone tensors "
+                           f"missing or of another shape, e.g. {missing[0]})")
     model.load_state_dict(matching, strict=False)
 
 
@@ -117,8 +160,7 @@ def mlp_head(in_features: int, num_classes: int, hidden: int, dropout: float, ac
                          nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
-def replace_head(model: nn.Module, num_classes: int, *, head: str = "linear", hidden: int = 512, dropout: float = 0.2,
-                 activation: str = "relu") -> None:
+def replace_head(model: nn.Module, num_classes: int, head: HeadConfig) -> None:
     """Fit the classifier to `num_classes`: a new last Linear (linear) or a new MLP (mlp)."""
     attr = _head_attribute(model)
     classifier = getattr(model, attr)
@@ -126,11 +168,11 @@ def replace_head(model: nn.Module, num_classes: int, *, head: str = "linear", hi
         parent, name, linear = model, attr, classifier
     else:
         parent, name, linear = _last_linear(classifier)
-    if head == "linear":
+    if head.type == "linear":
         setattr(parent, name, nn.Linear(linear.in_features, num_classes))
         return
     in_features = next(m for m in classifier.modules() if isinstance(m, nn.Linear)).in_features
-    setattr(model, attr, mlp_head(in_features, num_classes, hidden, dropout, activation))
+    setattr(model, attr, mlp_head(in_features, num_classes, head.hidden, head.dropout, head.activation))
 
 
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:
@@ -143,7 +185,8 @@ def backbone_blocks(model: nn.Module) -> list[nn.Module]:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         return list(features)
-    raise TrainerError(f"--freeze is supported for models with `features` blocks or ResNet layers, not {type(model).__name__}")
+    raise TrainerError("--freeze is supported for models with `features` blocks or ResNet layers, "
+                       f"not {type(model).__name__}")
 
 
 def freeze_blocks(model: nn.Module, count: int) -> list[nn.Module]:
@@ -152,7 +195,8 @@ def freeze_blocks(model: nn.Module, count: int) -> list[nn.Module]:
         return []
     blocks = backbone_blocks(model)
     if count > len(blocks):
-        raise TrainerError(f"--freeze {count} is beyond the {len(blocks)} blocks of this backbone; use 0..{len(blocks)}")
+        raise TrainerError(f"--freeze {count} is beyond the {len(blocks)} blocks of this backbone; "
+                           f"use 0..{len(blocks)}")
     frozen = blocks[:count]
     for block in frozen:
         for p in block.parameters():
@@ -171,7 +215,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     """Trainable parameters: decayed (matrices, kernels) and not decayed (biases, norm weights: ndim <= 1)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
 
 def margin_logits(cosines: torch.Tensor, labels: torch.Tensor, kind: str, margin: float, scale: float) -> torch.Tensor:
@@ -183,7 +228,8 @@ def margin_logits(cosines: torch.Tensor, labels: torch.Tensor, kind: str, margin
     true = cosines.gather(1, labels.view(-1, 1))
     if kind == "arcface":
         sine = (1.0 - true * true).clamp_min(0.0).sqrt()
-        shifted = true * math.cos(margin) - sine * math.sin(margin)  # cos(theta + m) without acos's infinite gradient at +-1
+        # cos(theta + m), without acos's infinite gradient at +-1
+        shifted = true * math.cos(margin) - sine * math.sin(margin)
         shifted = torch.where(true > math.cos(math.pi - margin), shifted, true - margin * math.sin(margin))
     elif kind == "cosface":
         shifted = true - margin
@@ -206,8 +252,8 @@ class MarginHead(nn.Module):
         self.kind, self.margin, self.scale = kind, margin, scale
         self.embedding = nn.Sequential(nn.Linear(in_features, embedding_dim), nn.BatchNorm1d(embedding_dim))
         self.centres = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        # Unit-scale centres: they are normalized anyway, and at a tiny scale Adam's steps (about lr per coordinate) would
-        # swing their directions wildly.
+        # Unit-scale centres: they are normalized anyway, and at a tiny scale Adam's steps (about lr per
+        # coordinate) would swing their directions wildly.
         nn.init.normal_(self.centres, std=1.0)
 
     def cosines(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -223,7 +269,7 @@ class MarginHead(nn.Module):
 
 
 class MarginModel(nn.Module):
-    """A torchvision backbone (its last linear layer an identity) followed by a `MarginHead`; called as model(images, labels)."""
+    """A torchvision backbone (last linear layer an identity), then a `MarginHead`; called as model(images, labels)."""
 
     def __init__(self, backbone: nn.Module, head: MarginHead) -> None:
         super().__init__()
@@ -234,13 +280,14 @@ class MarginModel(nn.Module):
         return self.head(self.backbone(images), labels)
 
 
-def margin_model(model: nn.Module, num_classes: int, kind: str, embedding_dim: int, margin: float, scale: float) -> MarginModel:
+def margin_model(model: nn.Module, num_classes: int, head: HeadConfig) -> MarginModel:
     """Wrap torchvision `model` with a margin head fed by the features its last linear layer used to take."""
     attr = _head_attribute(model)
     classifier = getattr(model, attr)
     parent, name, linear = (model, attr, classifier) if isinstance(classifier, nn.Linear) else _last_linear(classifier)
     setattr(parent, name, nn.Identity())
-    return MarginModel(model, MarginHead(linear.in_features, num_classes, kind, embedding_dim, margin, scale))
+    return MarginModel(model, MarginHead(linear.in_features, num_classes, head.type, head.embedding_dim, head.margin,
+                                         head.scale))
 
 
 def takes_labels(model: nn.Module) -> bool:

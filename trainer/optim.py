@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from trainer.models import parameter_groups
+from trainer.monitor import Improvement
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
@@ -54,35 +54,27 @@ def lr_factor(scheduler: str, epoch: float, *, epochs: int, step_size: int, gamm
     return warm * decay
 
 
-@dataclass
 class Plateau:
     """Reduce-on-plateau: multiply the scale by `gamma` after `patience` epochs without improvement."""
 
-    mode: str = "min"
-    patience: int = 10
-    gamma: float = 0.1
-    scale: float = 1.0
-    best: float | None = None
-    bad_epochs: int = 0
+    def __init__(self, mode: str = "min", patience: int = 10, gamma: float = 0.1) -> None:
+        self.patience, self.gamma, self.scale = patience, gamma, 1.0
+        self.tracker = Improvement(mode)
 
     def step(self, value: float) -> None:
         """Record one epoch's monitored value."""
-        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-            self.best, self.bad_epochs = value, 0
-            return
-        self.bad_epochs += 1
-        if self.bad_epochs >= self.patience:
+        if not self.tracker.update(value) and self.tracker.bad_epochs >= self.patience:
             self.scale *= self.gamma
-            self.bad_epochs = 0
+            self.tracker.bad_epochs = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """State for checkpoints."""
-        return asdict(self)
+        """State for checkpoints: patience, gamma, scale and the tracker's mode, min_delta, best, bad_epochs."""
+        return {"patience": self.patience, "gamma": self.gamma, "scale": self.scale, **self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict`."""
-        for key, value in state.items():
-            setattr(self, key, value)
+        self.patience, self.gamma, self.scale = state["patience"], state["gamma"], state["scale"]
+        self.tracker.load_state_dict(state)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

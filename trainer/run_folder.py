@@ -36,7 +36,7 @@ def prepare_out_dir(out: Path, resume: bool) -> Path:
 
 
 def discard_untrained(out: Path) -> None:
-    """Remove a run folder this run made, when it holds no checkpoint: only the files a run writes, then the folder if empty."""
+    """Remove a run folder this run made while it holds no checkpoint: the files a run writes, then the empty folder."""
     if (out / "last.pt").exists():
         return
     for name in ("config.json", "metrics.jsonl"):

@@ -44,7 +44,8 @@ class TensorBoardLogger:
             for key, value in values.items():
                 self.writer.add_scalar(f"step/{key}", value, global_step)
             if epoch == 0 and not self.batch_written:
-                self.writer.add_images("train/batch", unnormalize(images[:IMAGES_SHOWN], self.spec), global_step, dataformats="NCHW")
+                shown = unnormalize(images[:IMAGES_SHOWN], self.spec)
+                self.writer.add_images("train/batch", shown, global_step, dataformats="NCHW")
                 self.batch_written = True
 
         return on_log
@@ -52,7 +53,8 @@ class TensorBoardLogger:
     def log_epoch(self, number: int, record: dict[str, Any]) -> None:
         """Every number of an epoch record (the metrics.jsonl line) as `epoch/<key>` at x = `number`; then flush."""
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if key != "epoch" and is_number and math.isfinite(value):
                 self.writer.add_scalar(f"epoch/{key}", value, number)
         self.writer.flush()
 
@@ -64,6 +66,7 @@ def unnormalize(images: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
     return (images.float() * std + mean).clamp_(0.0, 1.0).contiguous().cpu()
 
 
-def open_tensorboard(enabled: bool, log_dir: Path, spec: PipelineSpec, steps_per_epoch: int) -> TensorBoardLogger | None:
+def open_tensorboard(enabled: bool, log_dir: Path, spec: PipelineSpec,
+                     steps_per_epoch: int) -> TensorBoardLogger | None:
     """A logger when `enabled` (--tensorboard on rank 0), else None."""
     return TensorBoardLogger(log_dir, spec, steps_per_epoch) if enabled else None
