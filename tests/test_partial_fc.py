@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.margins import subcenter_cosines
 from trainer.partial_fc import PartialFC, class_shard, gather_rows, initial_centres, shard_rows
 
 WORLD = 2
@@ -65,13 +64,6 @@ def test_eval_mode_is_the_plain_softmax_over_every_class() -> None:
     expected = F.cross_entropy(16.0 * F.normalize(embeddings) @ F.normalize(centres).T, labels)
     assert head(embeddings, labels).item() == pytest.approx(expected.item(), rel=1e-5)
     assert head.step == 0  # evaluation does not advance the sampling
-
-
-def test_subcenters_of_one_are_the_cosines_and_k_takes_the_closest() -> None:
-    cos = torch.tensor([[0.1, 0.7, -0.2, 0.3, 0.0, -0.9]])
-    assert subcenter_cosines(cos, 1) is cos
-    assert torch.equal(subcenter_cosines(cos, 3), torch.tensor([[0.7, 0.3]]))
-    assert torch.equal(subcenter_cosines(cos, 2), torch.tensor([[0.7, 0.3, 0.0]]))
 
 
 def _sampled_classes(head: PartialFC) -> torch.Tensor:

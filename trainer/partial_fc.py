@@ -20,10 +20,9 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from trainer.margins import MARGIN_HEADS, margin_target, subcenter_cosines
+from trainer.margins import MARGIN_HEADS, centre_cosines, margin_target, subcenter_cosines
 
 INIT_CHUNK_CLASSES = 4096  # centres are drawn per chunk of classes: the full matrix does not depend on the sharding
 
@@ -213,7 +212,7 @@ class PartialFC(nn.Module):
         if self.training:
             self.step += 1
         with torch.autocast(embeddings.device.type, enabled=False):  # an angle margin needs float32
-            cosines = F.linear(F.normalize(embeddings.float()), F.normalize(centres.float()))
+            cosines = centre_cosines(embeddings.float(), centres.float())
         cosines = subcenter_cosines(cosines, self.subcenters)
         logits = self._margin_logits(cosines, target, held) if self.training else self.scale * cosines
         return _ShardedCrossEntropy.apply(logits, target, self.world_size, self.group)
