@@ -164,8 +164,9 @@ class PartialFC(nn.Module):
     scale_grad_for_ddp: the embeddings' gradient is multiplied by the world size, because
         DistributedDataParallel averages the backbone's gradients over ranks while this loss is already the
         global batch's mean; the average is then this loss's exact gradient. False gives the plain gradient.
-    Every rank passes the same number of embeddings (training drops the last partial batch). The margin
-    and the sampling apply in training; in eval mode the loss is the plain softmax over all classes.
+    Every rank passes the same number of embeddings (training drops the last partial batch; a mismatch is
+    not detected here), labels in [0, num_classes). The margin and the sampling apply in training; in eval
+    mode the loss is the plain softmax over all classes.
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, *, kind: str = "arcface", margin: float = 0.5,
