@@ -15,13 +15,13 @@ from typing import Any, Callable, Mapping
 import click
 
 from trainer.errors import TrainerError
+from trainer.margins import MARGIN_HEADS
 from trainer.monitor import MONITORS
 
 # Adam applies weight decay as an L2 term inside its adaptive step, where 0.05 costs accuracy,
 # so it gets PyTorch's 0; AdamW's decoupled decay keeps the usual 0.05; SGD gets torchvision's 1e-4.
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 1e-4}
 ARCH_HELP = "mobilenet_v2, resnet18, resnet50, or any torchvision classification model name"
-MARGIN_HEADS = ("arcface", "cosface")
 HEAD_TYPES = ("linear", "mlp", *MARGIN_HEADS)  # what --head takes (trainer.models builds each)
 # Help of the options `trainer run` shares with eval, embed, verify and predict (cli.loader_options).
 BACKEND_HELP = "Data backend (auto: dali on CUDA when installed, else torch)."

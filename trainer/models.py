@@ -11,7 +11,6 @@ made an identity, as `MarginModel`: keys `backbone.*` (torchvision's, less that 
 from __future__ import annotations
 
 import dataclasses
-import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from trainer.config import HEAD_TYPES, MARGIN_HEADS, RunConfig
+from trainer.config import HEAD_TYPES, RunConfig
 from trainer.errors import TrainerError
+from trainer.margins import MARGIN_HEADS, margin_target
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads")
 DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35}  # insightface's: additive angle (radians), subtracted cosine
@@ -220,22 +220,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def margin_logits(cosines: torch.Tensor, labels: torch.Tensor, kind: str, margin: float, scale: float) -> torch.Tensor:
-    """scale * cosines, with the true class's cosine made harder: cos(theta + m) (arcface) or cos(theta) - m (cosface).
-
-    ArcFace's cos(theta + m) turns back up past theta = pi - m; there it uses
-    cos(theta) - m sin(m) instead (as insightface did), so the target stays monotonic.
-    """
+    """scale * cosines, with the true class's cosine made harder by `margins.margin_target`."""
     true = cosines.gather(1, labels.view(-1, 1))
-    if kind == "arcface":
-        sine = (1.0 - true * true).clamp_min(0.0).sqrt()
-        # cos(theta + m), without acos's infinite gradient at +-1
-        shifted = true * math.cos(margin) - sine * math.sin(margin)
-        shifted = torch.where(true > math.cos(math.pi - margin), shifted, true - margin * math.sin(margin))
-    elif kind == "cosface":
-        shifted = true - margin
-    else:
-        raise ValueError(f"unknown margin head {kind!r}")
-    return scale * cosines.scatter(1, labels.view(-1, 1), shifted)
+    return scale * cosines.scatter(1, labels.view(-1, 1), margin_target(true, kind, margin))
 
 
 class MarginHead(nn.Module):
