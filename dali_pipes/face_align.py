@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from .pack import SPLITS
+from .pack_format import SPLITS
 
 # The standard ArcFace 5-point template for 112 x 112 crops: insightface's `arcface_dst` (named `arcface_src`
 # in its older releases) in python-package/insightface/utils/face_align.py, the points its `norm_crop` warps
