@@ -87,6 +87,14 @@ class PackReader:
         """Number of images in each split."""
         return {name: int((self.splits == i).sum()) for i, name in enumerate(SPLITS)}
 
+    def class_counts(self, split: str) -> np.ndarray:
+        """Images of each class (index = label) in `split`."""
+        return np.bincount(self.labels[self.split_indices(split)], minlength=self.num_classes)
+
+    def classes_in(self, split: str) -> list[str]:
+        """The classes with at least one image in `split` (all of them in train, unless the pack is split by class)."""
+        return [self.classes[i] for i in np.flatnonzero(self.class_counts(split))]
+
     @property
     def paths(self) -> list[str]:
         """Source paths (relative to the packed folder); loaded on first use."""

@@ -423,7 +423,8 @@ def test_plural() -> None:
 
     assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
     assert plural(1, "class") == "1 class" and plural(3, "class") == "3 classes"
-    assert plural(2, "identity") == "2 identities" and plural(2, "day") == "2 days" and plural(2, "batch") == "2 batches"
+    assert plural(2, "identity") == "2 identities" and plural(2, "day") == "2 days"
+    assert plural(2, "batch") == "2 batches"
     assert plural(2, "training image") == "2 training images" and plural(2, "process") == "2 processes"
 
 
@@ -434,7 +435,8 @@ def test_a_presplit_folder_whose_test_holds_untrained_classes_is_named(tmp_path:
     result = CliRunner().invoke(pack_main, [str(tmp_path / "src"), str(tmp_path / "p.h5"), "--workers", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     third = sorted(p.name for p in (tmp_path / "src" / "test").iterdir())[2]
-    assert f"warning: 1 class without a training image ({third})" in result.output and "trainer run refuses" in result.output
+    assert f"warning: 1 class without a training image ({third})" in result.output
+    assert "trainer run refuses" in result.output
     report = json.loads(CliRunner().invoke(pack_main, [str(tmp_path / "src"), str(tmp_path / "p.h5"), "--workers", "1",
                                                        "--force", "--json"]).output)
     assert report["split_by"] == "image" and report["untrained_classes"] == [third]

@@ -18,6 +18,8 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainer.cli_usage import HELP_OPTIONS
+
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond", "hexagon", "crescent", "arrow",
           "checker")
 
@@ -138,7 +140,7 @@ def make_demo_dataset(out_dir: Path, classes: int = 10, per_class: int = 40, see
         return sum(pool.imap_unordered(_write_class, jobs))
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--classes", default=10, show_default=True, help=f"Number of classes (at most {len(SHAPES)}).")
 @click.option("--per-class", default=40, show_default=True, help="Images per class.")

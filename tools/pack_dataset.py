@@ -21,8 +21,8 @@ from typing import Iterator
 import click
 
 from dali_pipes import PackFailure, PackOptions, format_report, pack_folder
-from trainer.cli_usage import OneLineUsageCommand
-from trainer.config import WORKERS_HELP
+from trainer.cli_usage import HELP_OPTIONS, OneLineUsageCommand
+from trainer.config import FORCE_HELP, WORKERS_HELP
 
 
 def _handle_sigterm(signum: int, frame: object) -> None:
@@ -40,7 +40,7 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@click.command(cls=OneLineUsageCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineUsageCommand, context_settings=HELP_OPTIONS)
 @click.argument("src_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
@@ -57,7 +57,7 @@ def _sigterm_exits() -> Iterator[None]:
               help="JPEG quality for re-encoded images.")
 @click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
 @click.option("--strict", is_flag=True, help="Fail on the first rejected file.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")

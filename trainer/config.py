@@ -29,6 +29,8 @@ BACKEND_HELP = "Data backend (auto: dali on CUDA when installed, else torch)."
 WORKERS_HELP = ("Worker processes that decode images (DALI: threads); 0: this process decodes. Default: the usable "
                 "cores // LOCAL_WORLD_SIZE (the processes torchrun starts on this node), at least 1.")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+# The one overwrite rule of every command that writes a result file (the packer, export, embed, eval and verify --out).
+FORCE_HELP = "Replace output files that exist (without it, an existing output is an error)."
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,

@@ -18,10 +18,7 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 def pack_summary(reader: PackReader) -> dict[str, Any]:
     """Counts per split and class, image-size statistics, rejects and format of a pack."""
     counts = np.bincount(reader.labels, minlength=reader.num_classes)
-    per_split_class = {
-        split: np.bincount(reader.labels[reader.split_indices(split)], minlength=reader.num_classes).tolist()
-        for split in reader.split_counts()
-    }
+    per_split_class = {split: reader.class_counts(split).tolist() for split in reader.split_counts()}
     sizes = np.diff(reader.offsets)
     return {
         "path": str(reader.path),
