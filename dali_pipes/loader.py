@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .spec import PipelineSpec
+from .words import plural
 
 if TYPE_CHECKING:
     from .pack_format import PackReader
@@ -92,8 +93,8 @@ class LoaderRequest:
         if len(self.split_indices) == 0:
             raise LoaderError(f"split {self.split!r} is empty")
         if self.drop_last and self.batch_size > self.per_rank:
-            raise LoaderError(f"batch size {self.batch_size} is larger than the {self.per_rank} {self.split} images "
-                              "per rank; lower --batch-size")
+            raise LoaderError(f"batch size {self.batch_size} is larger than the "
+                              f"{plural(self.per_rank, self.split + ' image')} per rank; lower --batch-size")
 
     @property
     def per_rank(self) -> int:

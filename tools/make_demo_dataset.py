@@ -18,6 +18,7 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dali_pipes import plural
 from trainer.cli_usage import HELP_OPTIONS
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond", "hexagon", "crescent", "arrow",
@@ -164,7 +165,7 @@ def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, 
         count = make_demo_dataset(out_dir, classes, per_class, seed, min_size, max_size, png_every, workers)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {count} images in {classes} classes to {out_dir}")
+    click.echo(f"wrote {plural(count, 'image')} in {plural(classes, 'class')} to {out_dir}")
 
 
 if __name__ == "__main__":

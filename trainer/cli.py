@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from dali_pipes import LoaderError, OutputError, PackError
+from dali_pipes import LoaderError, OutputError, PackError, plural
 from trainer.cli_usage import HELP_OPTIONS, TrainerGroup
 from trainer.config import BACKEND_HELP, DEVICE_HELP, FORCE_HELP, WORKERS_HELP, run_options
 from trainer.errors import RunInterrupted, TrainerError
@@ -268,7 +268,7 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
     result = embed_command(checkpoint, out, pack=pack, split=split if pack is not None else None, inputs=inputs,
                            device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
                            warn=_warn, force=force)
-    click.echo(f"wrote {result['num_embeddings']} embeddings of dimension {result['dim']} "
+    click.echo(f"wrote {plural(result['num_embeddings'], 'embedding')} of dimension {result['dim']} "
                f"to {', '.join(result['files'])}")
 
 

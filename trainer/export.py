@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dali_pipes import PipelineSpec, check_output
+from dali_pipes import PipelineSpec, check_output, plural
 from trainer.checkpoint import atomic_write_bytes
 from trainer.errors import TrainerError, first_line
 from trainer.extras import require
@@ -151,7 +151,7 @@ def verification_batch(spec: PipelineSpec, pack: Path | None, count: int) -> tup
     found = images.shape[0]
     if found < count:  # a fixed batch needs exactly `count`: repeat the few images there are
         images = images.repeat((count + found - 1) // found, 1, 1, 1)[:count]
-    return images, f"{found} images of the {split} split of {pack}"
+    return images, f"{plural(found, 'image')} of the {split} split of {pack}"
 
 
 def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: int | None,

@@ -182,7 +182,7 @@ def restore_run(state: TrainingState, out: Path, cfg: RunConfig, classes: list[s
         where += f", step {first}"
         if first * per_step != position.samples:
             where += (f" (sample {first * per_step} of the epoch: the checkpoint stopped after {position.samples} "
-                      f"samples with batch {position.batch_size} x {position.world_size} processes; now "
+                      f"samples with batch {position.batch_size} x {plural(position.world_size, 'process')}; now "
                       f"{cfg.batch_size} x {world_size}, rounded down to a step)")
     return Resumed(position, [f"resuming {out} at {where}"] + ([schedule_note] if schedule_note else []))
 
