@@ -18,8 +18,9 @@ Where each concept lives:
   `backends`: the registry, `choose_backend` and `build_loader`.
 * `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` and
   `prefetch` for streams), `dali_backend`, `synthetic_backend`: one module per backend.
-* `inputs`: model inputs from loose files; `atomic`: atomic file writes; `progress`: the
-  progress line; `seeded`: the vectorized per-sample random draws.
+* `inputs`: model inputs from loose files; `atomic`: atomic file writes and output checks;
+  `progress`: the progress line; `seeded`: the vectorized per-sample random draws; `cores`:
+  the default worker count; `words`: counts in words (`plural`).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    **dict.fromkeys(["atomic_path", "atomic_write_bytes"], "atomic"),
+    **dict.fromkeys(["OutputError", "atomic_path", "atomic_write_bytes", "check_output", "check_output_folder"],
+                    "atomic"),
     **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "choose_backend", "resolve_backend"],
                     "backends"),
+    **dict.fromkeys(["default_workers"], "cores"),
     **dict.fromkeys(["sample_augmentation"], "geometry"),
     **dict.fromkeys(["preprocess"], "inputs"),
     **dict.fromkeys(["BatchLoader", "EpochPlan", "ImageDecodeError", "LoaderError", "LoaderRequest", "SkippedSample",
@@ -37,22 +40,24 @@ _EXPORTS = {
     **dict.fromkeys(["PackError", "PackReader"], "pack_format"),
     **dict.fromkeys(["IMAGE_EXTENSIONS", "encode_file", "load_rgb"], "pack_sources"),
     **dict.fromkeys(["PackFailure", "PackOptions", "PackReport", "format_report", "pack_folder"], "pack_writer"),
+    **dict.fromkeys(["plural"], "words"),
     **dict.fromkeys(["Progress"], "progress"),
     **dict.fromkeys(["IMAGENET_MEAN", "IMAGENET_STD", "PipelineSpec"], "spec"),
     **dict.fromkeys(["class_split", "split_kind"], "splits"),
 }
 __all__ = [
     "BACKENDS", "BatchLoader", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageDecodeError",
-    "LoaderError", "LoaderRequest", "PackError", "PackFailure", "PackOptions", "PackReader", "PackReport",
-    "PipelineSpec", "Progress", "SkippedSample", "atomic_path", "atomic_write_bytes", "available_backends",
-    "build_loader", "choose_backend", "class_split", "encode_file", "format_report", "load_rgb", "pack_folder",
-    "plan_epoch", "preprocess", "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind",
-    "to_model_input"
+    "LoaderError", "LoaderRequest", "OutputError", "PackError", "PackFailure", "PackOptions", "PackReader",
+    "PackReport", "PipelineSpec", "Progress", "SkippedSample", "atomic_path", "atomic_write_bytes",
+    "available_backends", "build_loader", "check_output", "check_output_folder", "choose_backend", "class_split",
+    "default_workers", "encode_file", "format_report", "load_rgb", "pack_folder", "plan_epoch", "plural", "preprocess",
+    "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind", "to_model_input"
 ]
 
 if TYPE_CHECKING:
-    from .atomic import atomic_path, atomic_write_bytes
+    from .atomic import OutputError, atomic_path, atomic_write_bytes, check_output, check_output_folder
     from .backends import BACKENDS, available_backends, build_loader, choose_backend, resolve_backend
+    from .cores import default_workers
     from .geometry import sample_augmentation
     from .inputs import preprocess
     from .loader import (
@@ -72,6 +77,7 @@ if TYPE_CHECKING:
     from .progress import Progress
     from .spec import IMAGENET_MEAN, IMAGENET_STD, PipelineSpec
     from .splits import class_split, split_kind
+    from .words import plural
 
 
 def __getattr__(name: str) -> Any:

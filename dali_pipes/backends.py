@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .loader import BatchLoader, LoaderError, LoaderRequest, default_workers
+from .cores import default_workers
+from .loader import BatchLoader, LoaderError, LoaderRequest
 from .pack_format import PackReader
 from .spec import PipelineSpec
 

@@ -23,7 +23,6 @@ import abc
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .spec import PipelineSpec
+from .words import plural
 
 if TYPE_CHECKING:
     from .pack_format import PackReader
@@ -93,8 +93,8 @@ class LoaderRequest:
         if len(self.split_indices) == 0:
             raise LoaderError(f"split {self.split!r} is empty")
         if self.drop_last and self.batch_size > self.per_rank:
-            raise LoaderError(f"batch size {self.batch_size} is larger than the {self.per_rank} {self.split} images "
-                              "per rank; lower --batch-size")
+            raise LoaderError(f"batch size {self.batch_size} is larger than the "
+                              f"{plural(self.per_rank, self.split + ' image')} per rank; lower --batch-size")
 
     @property
     def per_rank(self) -> int:
@@ -344,20 +344,3 @@ class BatchLoader(abc.ABC):
     @abc.abstractmethod
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rest of the epoch's `(images, labels)` batches."""
-
-
-def default_workers() -> int:
-    """The cores this process may use, shared among the processes on this node, at least 1.
-
-    torchrun sets LOCAL_WORLD_SIZE (processes on this node); each of them would otherwise
-    start one worker per core and the node would run nproc times too many.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local_world = 1
-    return max(1, cores // local_world)

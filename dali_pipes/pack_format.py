@@ -11,7 +11,8 @@ Layout (format version 1)::
     /widths     int32  [N]             stored (decoded) width
     /classes    str    [K]             sorted class folder names
     /rejects/paths, /rejects/reasons   str  files left out, and why
-    attrs: format_version, magic, options (JSON), num_images, num_classes, counts (JSON)
+    attrs: format_version, magic, options (JSON), num_images, num_classes, counts (JSON),
+           empty_classes (JSON: class folders the packer found without an image; absent in older packs)
 
 Because /images is contiguous and uncompressed, the reader memory-maps the file at the
 dataset's byte offset and hands out zero-copy views: no HDF5 call on the hot path.
@@ -58,6 +59,7 @@ class PackReader:
         meta = _read_metadata(self.path)
         self.format_version: int = meta["format_version"]
         self.options: dict[str, Any] = meta["options"]
+        self.empty_classes: list[str] = meta["empty_classes"]  # folders the packer found empty (no class made)
         self.classes: list[str] = meta["classes"]
         self.labels: np.ndarray = meta["labels"]
         self.splits: np.ndarray = meta["splits"]
@@ -84,6 +86,14 @@ class PackReader:
     def split_counts(self) -> dict[str, int]:
         """Number of images in each split."""
         return {name: int((self.splits == i).sum()) for i, name in enumerate(SPLITS)}
+
+    def class_counts(self, split: str) -> np.ndarray:
+        """Images of each class (index = label) in `split`."""
+        return np.bincount(self.labels[self.split_indices(split)], minlength=self.num_classes)
+
+    def classes_in(self, split: str) -> list[str]:
+        """The classes with at least one image in `split` (all of them in train, unless the pack is split by class)."""
+        return [self.classes[i] for i in np.flatnonzero(self.class_counts(split))]
 
     @property
     def paths(self) -> list[str]:
@@ -166,6 +176,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             meta = {
                 "format_version": version,
                 "options": json.loads(f.attrs.get("options", "{}")),
+                "empty_classes": [str(c) for c in json.loads(f.attrs.get("empty_classes", "[]"))],
                 "offsets": f["offsets"][()].astype(np.int64),
                 "labels": f["labels"][()].astype(np.int64),
                 "splits": f["splits"][()].astype(np.uint8),

@@ -115,6 +115,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def size_problem(width: int, height: int, where: str = "") -> str | None:
+    """The reject reason of an image of `width` x `height` px (`where`: the step that made it that size), or None.
+
+    The one size rule of the packer and of loose files (`load_rgb`): at least MIN_SIDE px a side.
+    """
+    if min(width, height) >= MIN_SIDE:
+        return None
+    return f"too small ({width}x{height}{where}, need {MIN_SIDE} px a side)"
+
+
+def stored_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) of an image as stored: downsized, aspect ratio kept, so its longer side is at most `max_side`."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def encode_file(path: Path, max_side: int | None, quality: int) -> Encoded:
     """Read, verify (full decode) and, where needed, re-encode one file as RGB JPEG.
 
@@ -142,19 +160,18 @@ def encode_file(path: Path, max_side: int | None, quality: int) -> Encoded:
     width, height = image.size
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    if min(width, height) < MIN_SIDE:
-        return Encoded(None, height, width, f"too small ({width}x{height}, need {MIN_SIDE} px a side)", False)
-    fits = max_side is None or max(width, height) <= max_side
+    stored = stored_size(width, height, max_side)
+    small = size_problem(width, height) or size_problem(*stored, f" after --max-side {max_side}")
+    if small:
+        return Encoded(None, height, width, small, False)
+    fits = stored == (width, height)
     progressive = bool(image.info.get("progressive") or image.info.get("progression"))
     if fmt == "JPEG" and image.mode == "RGB" and not progressive and orientation == 1 and fits:
         return Encoded(data, height, width, None, True)
     try:
         image = _to_rgb(ImageOps.exif_transpose(image))
         if not fits:
-            assert max_side is not None
-            scale = max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
+            image = image.resize(stored, Image.Resampling.BICUBIC)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=quality)
     except (OSError, ValueError) as exc:
@@ -200,12 +217,17 @@ def ignore_sigint() -> None:
 def load_rgb(path: Path) -> np.ndarray:
     """Any supported image file as H x W x 3 uint8 RGB, EXIF orientation applied (as the packer stores it).
 
-    Raises `ValueError` naming the file when it cannot be read or decoded.
+    Raises `ValueError` naming the file when it cannot be read or decoded, or when the packer
+    would reject it as too small (`size_problem`).
     """
     try:
         with Image.open(path) as image:
             image.load()
-            return np.array(_to_rgb(ImageOps.exif_transpose(image)))  # a writable copy
+            pixels = np.array(_to_rgb(ImageOps.exif_transpose(image)))  # a writable copy
     except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise ValueError(f"{path}: cannot read image ({reason})") from None
+    small = size_problem(pixels.shape[1], pixels.shape[0])
+    if small:
+        raise ValueError(f"{path}: {small}")
+    return pixels

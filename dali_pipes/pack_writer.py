@@ -24,11 +24,13 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .atomic import atomic_path, stale_temporary
+from .atomic import OutputError, atomic_path, check_output, stale_temporary
+from .cores import default_workers
 from .pack_format import FORMAT_VERSION, MAGIC, SPLITS, split_code
 from .pack_sources import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes
 from .progress import Progress
-from .splits import class_split, stratified_split
+from .splits import class_split, split_kind, stratified_split
+from .words import plural
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class PackReport:
     num_images: int = 0
     num_classes: int = 0
     split_counts: dict[str, int] = field(default_factory=dict)
+    split_by: str = "image"  # what `splits.split_kind` calls the pack: image or class
+    untrained_classes: list[str] = field(default_factory=list)  # classes with no training image
     rejects: list[tuple[str, str]] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
     copied: int = 0
@@ -84,10 +88,12 @@ def write_pack(
     rejects: Sequence[tuple[str, str]],
     options: dict[str, Any],
     copy_chunk_bytes: int = 64 << 20,
+    empty_classes: Sequence[str] = (),
 ) -> None:
     """Write the HDF5 file at `out_path` from a spool of concatenated image bytes.
 
-    `images` are in spool order, which is the pack order. The bytes are copied in
+    `images` are in spool order, which is the pack order. `empty_classes` are the class
+    folders the scan found without an image (kept for `trainer info`). The bytes are copied in
     bounded chunks, so memory does not grow with the dataset. The caller owns atomicity
     (it writes through `atomic.atomic_path`, which fsyncs and renames).
     """
@@ -106,6 +112,7 @@ def write_pack(
         f.attrs["num_images"] = len(images)
         f.attrs["num_classes"] = len(classes)
         f.attrs["counts"] = json.dumps(counts)
+        f.attrs["empty_classes"] = json.dumps(list(empty_classes))
         # Contiguous layout (no chunks, no filters) is what makes memory-mapping possible.
         dset = f.create_dataset("images", shape=(max(total, 1),), dtype=np.uint8)
         with open(spool_path, "rb") as spool:
@@ -146,14 +153,10 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise PackFailure(f"{src}: no such directory")
     if not src.is_dir():
         raise PackFailure(f"{src}: not a directory")
-    if out.exists() and not force:
-        raise PackFailure(f"{out} exists; pass --force to replace it")
-    if out.exists() and out.is_dir():
-        raise PackFailure(f"{out} is a directory; give a file name such as {out / 'pack.h5'}")
-    if not out.parent.is_dir():
-        raise PackFailure(f"{out.parent}: output folder does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise PackFailure(f"{out.parent}: output folder is not writable")
+    try:
+        check_output(out, force)
+    except OutputError as exc:
+        raise PackFailure(str(exc)) from None
 
 
 def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: int) -> Iterator[tuple[int, Encoded]]:
@@ -172,9 +175,12 @@ def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: in
         yield from pool.imap(encode_job, jobs, chunksize=32)
 
 
-def pack_folder(src: Path, out: Path, options: PackOptions, workers: int = 0, strict: bool = False,
+def pack_folder(src: Path, out: Path, options: PackOptions, workers: int | None = None, strict: bool = False,
                 force: bool = False, show_progress: bool = True) -> PackReport:
-    """Pack `src` into `out` atomically; raises `PackFailure` with a one-line reason."""
+    """Pack `src` into `out` atomically; raises `PackFailure` with a one-line reason.
+
+    `workers` processes verify and encode (None: `cores.default_workers()`; 0 or 1: this process).
+    """
     _check_paths(src, out, force)
     scan = scan_tree(src)
     if not scan.files:
@@ -186,20 +192,26 @@ def pack_folder(src: Path, out: Path, options: PackOptions, workers: int = 0, st
     spool = spool_path(out)
     report = PackReport(empty_classes=scan.empty_classes)
     try:
-        accepted = _spool_images(files, options, workers or os.cpu_count() or 1, spool, report, strict, show_progress)
+        accepted = _spool_images(files, options, default_workers() if workers is None else workers, spool, report,
+                                 strict, show_progress)
         if not accepted:
             first, reason = report.rejects[0]
-            raise PackFailure(f"{src}: none of {len(files)} files could be packed (first: {first}: {reason})")
+            raise PackFailure(f"{src}: no file could be packed ({plural(len(files), 'file')} tried; first: {first}: "
+                              f"{reason})")
         labels, splits, classes = _labels_and_splits(accepted, scan.presplit, options)
         pack_options = {**options.__dict__, "source": str(src.resolve()), "presplit": scan.presplit,
                         "format_version": FORMAT_VERSION}
         with atomic_path(out) as tmp:
-            write_pack(tmp, spool, accepted, labels, splits, classes, report.rejects, pack_options)
+            write_pack(tmp, spool, accepted, labels, splits, classes, report.rejects, pack_options,
+                       empty_classes=scan.empty_classes)
     finally:
         spool.unlink(missing_ok=True)
     report.num_images = len(accepted)
     report.num_classes = len(classes)
     report.split_counts = {name: int((splits == split_code(name)).sum()) for name in SPLITS}
+    report.split_by = split_kind(labels, splits)
+    trained = np.bincount(labels[splits == split_code("train")], minlength=len(classes))
+    report.untrained_classes = [classes[i] for i in np.flatnonzero(trained == 0)]
     report.seconds = time.perf_counter() - start
     return report
 
@@ -255,15 +267,28 @@ def format_report(report: PackReport, out: Path) -> list[str]:
     splits = ", ".join(f"{name} {report.split_counts.get(name, 0)}" for name in SPLITS)
     rate = report.num_images / max(report.seconds, 1e-9)
     lines = [
-        f"packed {report.num_images} images of {report.num_classes} classes into {out} "
+        f"packed {plural(report.num_images, 'image')} of {plural(report.num_classes, 'class')} into {out} "
         f"({report.total_bytes / 1e6:.1f} MB; {splits}) in {report.seconds:.1f}s, {rate:,.0f} images/s",
         f"  {report.copied} stored byte for byte, {report.reencoded} re-encoded",
     ]
+    lines += _split_lines(report)
     if report.rejects:
-        lines.append(f"  {len(report.rejects)} files rejected:")
+        lines.append(f"  {plural(len(report.rejects), 'file')} rejected:")
         lines += [f"    {path}: {reason}" for path, reason in report.rejects[:20]]
         if len(report.rejects) > 20:
             lines.append(f"    ... and {len(report.rejects) - 20} more (trainer info {out})")
     if report.empty_classes:
         lines.append(f"  empty class folders (no class made): {', '.join(report.empty_classes)}")
     return lines
+
+
+def _split_lines(report: PackReport) -> list[str]:
+    """What the split means for training: split by class, or a warning when the given splits are neither kind."""
+    if report.split_by == "class":
+        return ["  split by class: val and test hold only classes train never saw (for verification)"]
+    if not report.untrained_classes:
+        return []
+    names = ", ".join(report.untrained_classes[:5]) + (", ..." if len(report.untrained_classes) > 5 else "")
+    return [f"  warning: {plural(len(report.untrained_classes), 'class')} without a training image ({names}) beside "
+            "val/test classes that train holds: split neither by image nor by class, so trainer run refuses it; "
+            "move their images into train/, or keep in val/ and test/ only classes absent from train/"]

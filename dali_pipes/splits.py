@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .words import plural
+
 
 def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> np.ndarray:
     """Assign each sample to train (0), val (1) or test (2), stratified by label.
@@ -46,8 +48,8 @@ def class_split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: i
     n_val, n_test = (0 if r == 0 else max(2, int(round(len(classes) * r))) for r in (val_ratio, test_ratio))
     if len(classes) - n_val - n_test < 2:
         raise ValueError(f"splitting by class needs at least 2 classes for train and 2 for each of val and test "
-                         f"with a ratio above 0; {len(classes)} classes cannot give {n_val} val and {n_test} test "
-                         "classes")
+                         f"with a ratio above 0; {plural(len(classes), 'class')} cannot give {n_val} val and {n_test} "
+                         "test classes")
     order = np.random.default_rng(seed).permutation(classes)
     splits = np.zeros(len(labels), dtype=np.uint8)
     splits[np.isin(labels, order[:n_val])] = 1

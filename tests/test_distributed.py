@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,11 @@ def test_two_process_run_matches_one_process_eval(pack: Path, tmp_path: Path) ->
     result = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "2", "--out", str(out), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stdout and result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
+    for epoch in (1, 2):  # each epoch's last progress line shows the epoch line's figures: every rank's
+        closing = [line for line in result.stderr.splitlines() if line.startswith(f"epoch {epoch}/2: step")][-1]
+        summary_line = next(line for line in result.stdout.splitlines() if line.startswith(f"epoch {epoch}/2  "))
+        figures = re.search(r"train (loss \S+ top1 \S+)", summary_line).group(1)
+        assert f"  {figures} " in closing and "rank 0" not in closing, (closing, summary_line)
     summary = json.loads((out / "summary.json").read_text())
     evaluated = _trainer("eval", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", "--backend", "torch", "--workers", "0")
     assert evaluated.returncode == 0, evaluated.stderr

@@ -214,7 +214,8 @@ def test_checkpoints_written_the_old_way_still_load(tmp_path: Path, head: dict) 
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded.model(images), original(images), atol=1e-5)
-    assert loaded.classes == ["a", "b", "c"] and loaded.epoch == 4
+    # The checkpoint's 0-based epoch index 4 is the 5th epoch; outputs count from 1. No trained_classes key: all.
+    assert loaded.classes == loaded.trained_classes == ["a", "b", "c"] and loaded.epoch == 5
     assert HeadConfig.from_dict(head).margin == (0.5 if head["type"] == "arcface" else None)
 
 

@@ -10,7 +10,7 @@ import h5py
 import pytest
 
 from dali_pipes import PackReader
-from dali_pipes.loader import default_workers
+from dali_pipes.cores import default_workers
 
 
 @pytest.mark.parametrize("local_world, expected", [(None, 12), ("1", 12), ("4", 3), ("5", 2), ("64", 1), ("junk", 12)])

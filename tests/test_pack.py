@@ -182,10 +182,11 @@ def test_pack_tool_holds_its_sigterm_handler_only_while_packing(kinds_tree: Path
     (["missing_dir", "out.h5"], "no such directory"),
     (["empty_dir", "out.h5"], "no images found"),
     (["src", "exists.h5"], "exists; pass --force"),
-    (["src", "nodir/out.h5"], "output folder does not exist"),
+    (["src", "out_dir"], "is a folder; give a file name"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "out_dir").mkdir()
     make_demo_dataset(tmp_path / "src", classes=2, per_class=2, min_size=16, max_size=20)
     (tmp_path / "exists.h5").write_bytes(b"old")
     result = CliRunner().invoke(pack_main, [str(tmp_path / a) for a in args] + ["--quiet"])
@@ -197,7 +198,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) 
 def test_only_bad_files_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "src" / "a").mkdir(parents=True)
     (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"")
-    with pytest.raises(PackFailure, match="none of 1 files"):
+    with pytest.raises(PackFailure, match=r"no file could be packed \(1 file tried"):
         pack_folder(tmp_path / "src", tmp_path / "p.h5", PackOptions(), workers=1, show_progress=False)
     assert not (tmp_path / "p.h5").exists()
 
@@ -377,3 +378,88 @@ def test_stale_temporaries_are_those_of_dead_processes_only(tmp_path: Path) -> N
     removed = remove_stale_temporaries(out)
     assert sorted(p.name for p in removed) == sorted(names[:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+def test_max_side_rejects_what_it_would_shrink_below_the_minimum(tmp_path: Path) -> None:
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(_gradient(2000, 20)).save(tmp_path / "src" / "a" / "strip.png")  # 48 x 0.48 px at --max-side 48
+    Image.fromarray(_gradient(400, 80)).save(tmp_path / "src" / "a" / "wide.png")  # 48 x 9.6 px: kept
+    reader = _pack(tmp_path / "src", tmp_path / "p.h5", max_side=48, val_ratio=0.0, test_ratio=0.0)
+    assert reader.paths == ["a/wide.png"] and (reader.widths[0], reader.heights[0]) == (48, 10)
+    assert reader.rejects() == [{"path": "a/strip.png",
+                                 "reason": "too small (48x1 after --max-side 48, need 8 px a side)"}]
+
+
+def test_pack_json_and_info_json_name_the_split_counts_alike(kinds_tree: Path, tmp_path: Path) -> None:
+    packed = CliRunner().invoke(pack_main, [str(kinds_tree), str(tmp_path / "p.h5"), "--workers", "1", "--json"])
+    assert packed.exit_code == 0, packed.output
+    report = json.loads(packed.output)
+    info = json.loads(CliRunner().invoke(trainer_main, ["info", str(tmp_path / "p.h5"), "--json"]).output)
+    counts = PackReader(tmp_path / "p.h5").split_counts()
+    assert report["splits"] == report["split_counts"] == info["splits"] == info["split_counts"] == counts
+    assert report["empty_classes"] == info["empty_classes"] == ["empty_class"]
+
+
+def test_info_shows_the_empty_class_folders_the_packer_reported(kinds_tree: Path, tmp_path: Path) -> None:
+    _pack(kinds_tree, tmp_path / "p.h5")
+    result = CliRunner().invoke(trainer_main, ["info", str(tmp_path / "p.h5")])
+    assert result.exit_code == 0 and "empty class folders (no class made): empty_class" in result.output
+    with h5py.File(tmp_path / "p.h5", "r+") as f:  # a pack written before the attribute existed
+        del f.attrs["empty_classes"]
+    assert PackReader(tmp_path / "p.h5").empty_classes == []
+
+
+def test_counts_are_pluralized(tmp_path: Path) -> None:
+    make_demo_dataset(tmp_path / "src", classes=1, per_class=1, min_size=16, max_size=20)
+    packed = CliRunner().invoke(pack_main, [str(tmp_path / "src"), str(tmp_path / "p.h5"), "--workers", "1", "--quiet",
+                                            "--val-ratio", "0", "--test-ratio", "0"])
+    assert packed.exit_code == 0 and packed.output.startswith("packed 1 image of 1 class into"), packed.output
+    info = CliRunner().invoke(trainer_main, ["info", str(tmp_path / "p.h5")]).output
+    assert "  1 image (train 1, val 0, test 0), 1 class," in info
+
+
+def test_plural() -> None:
+    from dali_pipes import plural
+
+    assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert plural(1, "class") == "1 class" and plural(3, "class") == "3 classes"
+    assert plural(2, "identity") == "2 identities" and plural(2, "day") == "2 days"
+    assert plural(2, "batch") == "2 batches"
+    assert plural(2, "training image") == "2 training images" and plural(2, "process") == "2 processes"
+
+
+def test_a_presplit_folder_whose_test_holds_untrained_classes_is_named(tmp_path: Path) -> None:
+    make_demo_dataset(tmp_path / "src" / "train", classes=2, per_class=3, seed=1, min_size=16, max_size=24)
+    make_demo_dataset(tmp_path / "src" / "val", classes=2, per_class=1, seed=2, min_size=16, max_size=24)
+    make_demo_dataset(tmp_path / "src" / "test", classes=3, per_class=1, seed=3, min_size=16, max_size=24)
+    result = CliRunner().invoke(pack_main, [str(tmp_path / "src"), str(tmp_path / "p.h5"), "--workers", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    third = sorted(p.name for p in (tmp_path / "src" / "test").iterdir())[2]
+    assert f"warning: 1 class without a training image ({third})" in result.output
+    assert "trainer run refuses" in result.output
+    report = json.loads(CliRunner().invoke(pack_main, [str(tmp_path / "src"), str(tmp_path / "p.h5"), "--workers", "1",
+                                                       "--force", "--json"]).output)
+    assert report["split_by"] == "image" and report["untrained_classes"] == [third]
+    # The control: identity-disjoint val and test make a pack split by class, said as such, without a warning.
+    (tmp_path / "src" / "val").rename(tmp_path / "val_aside")
+    import shutil
+
+    for name in sorted(p.name for p in (tmp_path / "src" / "test").iterdir())[:2]:
+        shutil.rmtree(tmp_path / "src" / "test" / name)
+    result = CliRunner().invoke(pack_main, [str(tmp_path / "src"), str(tmp_path / "p.h5"), "--workers", "1", "--quiet",
+                                            "--force"])
+    assert "split by class" in result.output and "warning" not in result.output, result.output
+
+
+def test_missing_output_folders_are_made(demo_tree: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(pack_main, [str(demo_tree), str(tmp_path / "new" / "dir" / "p.h5"), "--workers", "1",
+                                            "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(PackReader(tmp_path / "new" / "dir" / "p.h5")) == 72
+
+
+def test_pack_workers_help_is_the_trainers(tmp_path: Path) -> None:
+    from trainer.config import WORKERS_HELP
+
+    help_text = " ".join(CliRunner().invoke(pack_main, ["--help"]).output.split())
+    assert " ".join(WORKERS_HELP.split()) in help_text and "--split-by" in help_text

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -125,22 +126,59 @@ def test_running_figures_show_a_dash_until_they_exist() -> None:
     assert progress_postfix({"loss": 0.5, "top1": 0.25}, 0.0, 10.0) == "data wait 0%  loss 0.5000 top1 0.250"
 
 
+def _logged_epoch(steps: int, log_every: int, lr: float = 0.0, scale: int = 1, **loop_args):
+    """One epoch of a linear model over `steps` seeded batches of 4, a progress line at every step.
+
+    Returns the model, the batches, the lines and the loop's result. With lr 0 the weights
+    never move, so any step's figures can be computed again afterwards.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(steps)]
+    stream = io.StringIO()
+    progress = Progress(4 * steps * scale, "epoch 1/1", stream=stream, steps=steps, log_interval=0.0, scale=scale)
+    step = StepConfig(nn.CrossEntropyLoss(), None, torch.amp.GradScaler("cpu", enabled=False), log_every=log_every)
+    result = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=lr), step,
+                             device=torch.device("cpu"), set_lr=lambda i: lr, set_train_mode=model.train,
+                             progress=progress, **loop_args)
+    progress.close()
+    return model, batches, stream.getvalue().splitlines(), result
+
+
 def test_progress_lines_add_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     # Lines every step (log_interval 0) must still read the figures synced every log_every steps, never sync more.
     syncs = []
-    real = loop._running
+    real, real_end = loop._running, loop._epoch_figures
     monkeypatch.setattr(loop, "_running", lambda state, *rest: syncs.append(state.steps) or real(state, *rest))
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(10)]
-    stream = io.StringIO()
-    progress = Progress(40, "epoch 1/1", stream=stream, steps=10, log_interval=0.0)
-    step = StepConfig(nn.CrossEntropyLoss(), None, torch.amp.GradScaler("cpu", enabled=False), log_every=4)
-    train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), step, device=torch.device("cpu"),
-                    set_lr=lambda i: 0.1, set_train_mode=model.train, progress=progress)
-    progress.close()
-    assert syncs == [4, 8, 10]  # every 4 steps, and once at the epoch's end
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 10 and "loss - top1 -" in lines[2] and "loss - top1 -" not in lines[3]
+    monkeypatch.setattr(loop, "_epoch_figures",
+                        lambda state, *rest: syncs.append(state.steps) or real_end(state, *rest))
+    _, _, lines, _ = _logged_epoch(10, log_every=4, lr=0.1)
+    assert syncs == [1, 4, 8, 10]  # at the epoch's first step, every 4 steps, and once at the epoch's end
+    assert len(lines) == 10 and all("loss - top1 -" not in line for line in lines)
+
+
+def test_log_lines_of_an_epoch_shorter_than_log_every_show_its_figures() -> None:
+    # 3 steps an epoch with --log-every 20: the first step's sync gives every line of the epoch a figure.
+    model, batches, lines, _ = _logged_epoch(3, log_every=20)
+    with torch.no_grad():
+        first = float(nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]))
+    assert len(lines) == 3 and f"loss {first:.4f}" in lines[0] and all("loss - " not in line for line in lines)
+
+
+def test_ddp_progress_figures_are_labelled_until_they_are_every_ranks() -> None:
+    # A second rank stands in as fixed sums that `all_reduce` adds: loss sum 20, 2 correct, 8 samples, 1 skipped.
+    other = torch.tensor([20.0, 2.0, 8.0, 1.0], dtype=torch.float64)
+    model, batches, lines, result = _logged_epoch(4, log_every=2, scale=2, all_reduce=lambda t: t + other)
+    with torch.no_grad():
+        own = [nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in batches]
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    expected_loss = (float(sum(own)) + 20.0) / 24
+    assert result.metrics["train_loss"] == pytest.approx(expected_loss, rel=1e-9)
+    assert result.metrics["train_top1"] == pytest.approx((correct + 2) / 24, rel=1e-9)
+    assert result.metrics["train_samples"] == 24 and result.metrics["skipped_samples"] == 1
+    assert all("rank 0 loss" in line for line in lines[:-1])
+    # The closing line shows the epoch's figures of every rank, as the epoch line does.
+    assert "rank 0" not in lines[-1] and f"loss {expected_loss:.4f}" in lines[-1]
 
 
 # --- curves ---------------------------------------------------------------------------------------------------------
@@ -250,6 +288,17 @@ def test_epochs_count_from_one_everywhere(finished: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_resume_that_does_not_fit_is_refused_before_torchrun(finished: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.cli as cli
+
+    launched = []
+    monkeypatch.setattr(cli, "launch_torchrun", lambda *args: launched.append(args) or 0)
+    code, output = _run("run", "--resume", str(finished), "--epochs", "3", "--arch", "mobilenet_v2", "--nproc", "2")
+    assert code == 1 and "--arch mobilenet_v2 differs from the checkpoint's resnet18" in output, output
+    assert len(output.strip().splitlines()) == 1 and launched == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, names", [
     (["--arch", "mobilenet_v2"], "--arch mobilenet_v2 differs from the checkpoint's resnet18"),
     (["--head", "mlp"], "--head mlp differs from the checkpoint's linear"),
@@ -301,6 +350,43 @@ def test_resume_on_a_pack_with_other_classes_names_them(finished: Path, tmp_path
     assert len(output.strip().splitlines()) == 1
 
 
+TIMINGS = ("epoch_seconds", "train_seconds", "images_per_second", "data_wait_fraction")
+
+
+@pytest.mark.slow
+def test_a_stop_on_an_epochs_last_step_resumes_as_if_uninterrupted(finished: Path, pack: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real SIGINT, sent by the run to itself during its 4th step, the last of epoch 1 (4 steps an epoch): the
+    # handler sees it before the step ends, so the stop lands exactly there, whatever the machine's speed.
+    real_step, steps = loop.train_step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    out = tmp_path / "r"
+    args = ["--pack", str(pack), *RUN, "--backend", "auto", "--epochs", "2", "--lr", str(LR)]  # `finished`'s run
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_step", step_then_interrupt)
+        code, output = _run("run", *args, "--out", str(out))
+    assert code == 130 and "stopped by SIGINT at epoch 1, step 4" in output, output
+    assert torch.load(out / "last.pt", weights_only=True)["position"]["step"] == 4
+    code, output = _run("run", "--resume", str(out))
+    assert code == 0 and "resuming" in output and "epoch 1, step 4" in output, output
+    resumed, uninterrupted = _metrics(out), _metrics(finished)
+    assert [r["epoch"] for r in resumed] == [1, 2] and all(r["lr"] is not None for r in resumed)
+    for ours, theirs in zip(resumed, uninterrupted):
+        assert set(ours) == set(theirs)
+        for key in set(ours) - set(TIMINGS):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (ours["epoch"], key)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (out, finished)]
+    for key in ("best_epoch", "test_loss", "test_top1", "epochs_run"):
+        assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-6), key
+
+
 @pytest.mark.slow
 def test_resuming_a_finished_run_does_nothing(finished: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in finished.iterdir()}
@@ -340,9 +426,19 @@ def test_nproc_checks_run_before_torchrun(pack: Path, tmp_path: Path, monkeypatc
 
     launched = []
     monkeypatch.setattr(cli, "launch_torchrun", lambda *args: launched.append(args) or 0)
-    for args, message in ((["--batch-size", "1000"], "larger than the 18 training images per process"),
-                          (["--arch", "resnet19"], "unknown architecture"),
-                          (["--freeze", "2"], "drop --freeze")):
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "last.pt").write_bytes(b"a run")
+    (tmp_path / "m.onnx").write_bytes(b"an export")
+    checks = [(["--batch-size", "1000"], "larger than the 18 training images per process"),
+              (["--arch", "resnet19"], "unknown architecture"),
+              (["--freeze", "2"], "drop --freeze"),
+              (["--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA devices"),
+              (["--monitor", "val_auc"], "--monitor val_auc needs a pack split by class"),
+              (["--weights", str(tmp_path / "m.onnx")], "an ONNX export (trainer export); --weights takes"),
+              (["--out", str(tmp_path / "held")], "already holds a run; continue it with --resume")]
+    if not torch.cuda.is_available():
+        checks.append((["--device", "cuda"], "CUDA is not available on this machine"))
+    for args, message in checks:
         code, output = _run("run", "--pack", str(pack), *RUN, "--nproc", "2", "--out", str(tmp_path / "r"), *args)
         assert code == 1 and message in output and len(output.strip().splitlines()) == 1, output
     assert launched == []

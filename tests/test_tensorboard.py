@@ -98,7 +98,7 @@ def test_loop_calls_on_log_at_the_log_every_syncs_with_that_steps_loss() -> None
                       on_log=lambda i, values, images: calls.append((i, values, images)))
     train_one_epoch(model, batches, optimizer, step, device=torch.device("cpu"), set_lr=lambda i: 0.0,
                     set_train_mode=model.train)
-    assert [c[0] for c in calls] == [1, 3]
+    assert [c[0] for c in calls] == [0, 1, 3]  # the epoch's first step, then every 2nd
     for i, values, images in calls:
         assert images is batches[i][0]
         with torch.no_grad():
@@ -135,3 +135,37 @@ def test_only_rank_zero_writes_under_ddp(tmp_path: Path) -> None:
     steps_per_rank = PackReader(pack).split_counts()["train"] // 2 // 2  # 2 ranks, batch 2, last partial batch dropped
     assert [e.step for e in events.Scalars("step/loss")] == list(range(steps_per_rank))
     assert len(events.Scalars("epoch/val_loss")) == 1
+
+
+def test_log_every_counts_steps_across_epochs() -> None:
+    # 3 steps an epoch, --log-every 5: a per-epoch count would never reach 5. Counted across epochs, the syncs fall
+    # on global steps 4, 9, 14 (the 5th, 10th, 15th), besides the first step of each epoch (0, 3, 6, ...).
+    from torch import nn
+
+    from trainer.loop import StepConfig, train_one_epoch
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    calls = []
+    step = StepConfig(nn.CrossEntropyLoss(), None, torch.amp.GradScaler("cpu", enabled=False), log_every=5,
+                      on_log=lambda i, values, images: calls.append(i))
+    for epoch in range(5):
+        batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(3)]
+        train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), step, device=torch.device("cpu"),
+                        set_lr=lambda i: 0.1, set_train_mode=model.train, step_offset=3 * epoch)
+    assert calls == [0, 3, 4, 6, 9, 12, 14]
+
+
+@pytest.mark.slow
+def test_short_epochs_still_get_step_curves_and_the_batch_image(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    pack = make_pack(tmp_path, classes=3, per_class=8, seed=4)  # 14 train images: 3 steps of 4 an epoch
+    out = tmp_path / "run"
+    result = CliRunner().invoke(trainer_main, ["run", "--pack", str(pack), "--arch", "resnet18", "--weights", "none",
+                                               "--image-size", "32", "--workers", "0", "--epochs", "3", "--batch-size",
+                                               "4", "--backend", "torch", "--log-every", "4", "--patience", "0",
+                                               "--tensorboard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    events = _events(out / "tb")
+    # Each epoch's first step (0, 3, 6), and every 4th step of the run (global steps 3 and 7).
+    assert [e.step for e in events.Scalars("step/loss")] == [0, 3, 6, 7]
+    assert [e.step for e in events.Images("train/batch")] == [0]

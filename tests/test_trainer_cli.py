@@ -151,6 +151,8 @@ def test_early_stopping_is_recorded(learn_pack: Path, tmp_path: Path) -> None:
     (["--freeze", "6", "--arch", "resnet18"], "beyond the 5 blocks"),
     (["--batch-size", "1000"], "larger than the"),
     (["--backend", "synthetic", "--device", "cuda:7"], "CUDA is not available"),
+    (["--arch", "inception_v3", "--image-size", "32"], "torchvision gives it a minimum input of 75 px; pass "
+                                                       "--image-size 75 or more"),
 ])
 def test_bad_run_options_are_one_line(demo_pack: Path, tmp_path: Path, args: list[str], message: str) -> None:
     if "cuda" in " ".join(args) and torch.cuda.is_available():

@@ -92,8 +92,8 @@ def test_closed_set_builds_the_val_loader_once_and_names_its_keys() -> None:
                                   "images_per_second": 10.0, "data_wait_fraction": 0.1, "epoch_seconds": 2.0}, 3, True)
     assert line.startswith("epoch 1/3") and f"val loss {first['val_loss']:.4f}" in line and line.endswith("* best")
     with pytest.raises(TrainerError, match="--monitor val_auc needs a pack split by class"):
-        validation.check_monitor("val_auc")
-    validation.check_monitor("val_top1")
+        validation.check_monitor(validation.reader, "val_auc")
+    validation.check_monitor(validation.reader, "val_top1")
 
 
 def test_closed_set_without_a_val_split_measures_nothing_and_draws_nothing() -> None:
@@ -118,7 +118,7 @@ def test_verification_builds_the_val_loader_once_and_names_its_keys() -> None:
     assert built == ["val", "test"] and {"test_auc", "test_accuracy", "test_eer"} <= set(test)
     assert validation.test_line(test).startswith(f"test verification auc {test['test_auc']:.4f}")
     with pytest.raises(TrainerError, match="pass --monitor val_auc"):
-        validation.check_monitor("val_loss")
+        validation.check_monitor(validation.reader, "val_loss")
 
 
 def _figure(monkeypatch: pytest.MonkeyPatch, records: list[dict], curves: list, tmp_path: Path) -> Any:

@@ -28,6 +28,7 @@ import torch
 from dali_pipes import PipelineSpec, sample_augmentation
 from dali_pipes.geometry import affine_matrices, train_matrices
 from dali_pipes.torch_gpu import transform_images
+from trainer.cli_usage import HELP_OPTIONS
 
 
 def best_ms(fn: Callable[[], object], repeat: int) -> float:
@@ -63,7 +64,7 @@ def fake_reader(batch: int, rng: np.random.Generator) -> SimpleNamespace:
                            image_bytes=lambda i: data[i * 100 : (i + 1) * 100])
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--batch-size", default=512, show_default=True)
 @click.option("--image-size", default=224, show_default=True)
 @click.option("--warp-batch", default=64, show_default=True, help="Batch for the warp (CPU warps are slow).")

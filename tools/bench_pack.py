@@ -24,6 +24,7 @@ from make_demo_dataset import make_demo_dataset  # a script beside this one (its
 from PIL import Image
 
 from dali_pipes import PackOptions, encode_file, pack_folder
+from trainer.cli_usage import HELP_OPTIONS
 
 
 def _files(root: Path) -> list[Path]:
@@ -56,7 +57,7 @@ def _png_tree(jpeg_root: Path, png_root: Path) -> None:
         Image.open(path).save(target, compress_level=1)
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--images", default=1000, show_default=True)
 @click.option("--min-size", default=250, show_default=True)
 @click.option("--max-size", default=450, show_default=True)

@@ -34,6 +34,7 @@ import torch
 from make_demo_dataset import make_demo_dataset  # a script beside this one (its folder is on sys.path)
 
 from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PackOptions, PackReader, build_loader, pack_folder
+from trainer.cli_usage import HELP_OPTIONS
 
 
 @dataclass
@@ -271,7 +272,7 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--images", default=2000, show_default=True, help="Images to generate (ignored with --src).")
 @click.option("--min-size", default=250, show_default=True, help="Smallest generated side (px).")
 @click.option("--max-size", default=450, show_default=True, help="Largest generated side (px).")

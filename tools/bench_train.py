@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dali_pipes import PipelineSpec, available_backends, build_loader
+from trainer.cli_usage import HELP_OPTIONS
 from trainer.config import RunConfig
 from trainer.distributed import DistContext, resolve_device
 from trainer.loop import StepConfig, resolve_amp, train_one_epoch
@@ -107,7 +108,7 @@ def make_pack(folder: Path, images: int) -> Path:
     return folder / "bench.h5"
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--archs", default="mobilenet_v2,resnet18,resnet50", show_default=True)
 @click.option("--backends", default=None,
               help="Real backends to run end to end (default: all available; 'none': compute only).")

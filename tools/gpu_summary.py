@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from trainer.cli_usage import HELP_OPTIONS
+
 # End-to-end images/s targets on one H200-class GPU, and the largest data-wait share.
 TARGETS = {"resnet50": 4000, "mobilenet_v2": 8000, "resnet18": 10000}
 MAX_DATA_WAIT = 0.05
@@ -60,7 +62,7 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--json", "json_out", type=click.Path(path_type=Path))
 def main(out: Path, json_out: Path | None) -> None:

@@ -18,6 +18,9 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dali_pipes import plural
+from trainer.cli_usage import HELP_OPTIONS
+
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond", "hexagon", "crescent", "arrow",
           "checker")
 
@@ -138,7 +141,7 @@ def make_demo_dataset(out_dir: Path, classes: int = 10, per_class: int = 40, see
         return sum(pool.imap_unordered(_write_class, jobs))
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--classes", default=10, show_default=True, help=f"Number of classes (at most {len(SHAPES)}).")
 @click.option("--per-class", default=40, show_default=True, help="Images per class.")
@@ -162,7 +165,7 @@ def main(out_dir: Path, classes: int, per_class: int, seed: int, min_size: int, 
         count = make_demo_dataset(out_dir, classes, per_class, seed, min_size, max_size, png_every, workers)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {count} images in {classes} classes to {out_dir}")
+    click.echo(f"wrote {plural(count, 'image')} in {plural(classes, 'class')} to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from typing import Iterator
 import click
 
 from dali_pipes import PackFailure, PackOptions, format_report, pack_folder
-from trainer.cli_usage import OneLineUsageCommand
+from trainer.cli_usage import HELP_OPTIONS, OneLineUsageCommand
+from trainer.config import FORCE_HELP, WORKERS_HELP
 
 
 def _handle_sigterm(signum: int, frame: object) -> None:
@@ -39,7 +40,7 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@click.command(cls=OneLineUsageCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineUsageCommand, context_settings=HELP_OPTIONS)
 @click.argument("src_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
@@ -54,14 +55,14 @@ def _sigterm_exits() -> Iterator[None]:
               help="Downsize images whose longer side exceeds this (px).")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality for re-encoded images.")
-@click.option("--workers", default=0, type=click.IntRange(min=0), help="Worker processes (default: all cores).")
+@click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
 @click.option("--strict", is_flag=True, help="Fail on the first rejected file.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: int, split_by: str, max_side: int | None,
-         quality: int, workers: int, strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+         quality: int, workers: int | None, strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
     """Pack the image folder SRC_DIR into the HDF5 file OUT."""
     if val_ratio + test_ratio >= 1:
         raise click.ClickException("--val-ratio + --test-ratio must be below 1")
@@ -81,7 +82,8 @@ def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: in
         raise click.ClickException(f"{exc.filename or out}: {exc.strerror or exc}") from None
     if as_json:
         rejects = [{"path": p, "reason": r} for p, r in report.rejects]
-        click.echo(json.dumps({**report.__dict__, "rejects": rejects, "out": str(out)}))
+        # `splits` as `trainer info --json` names the counts, beside the report's own `split_counts`.
+        click.echo(json.dumps({**report.__dict__, "splits": report.split_counts, "rejects": rejects, "out": str(out)}))
     else:
         click.echo("\n".join(format_report(report, out)))
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from trainer.cli_usage import HELP_OPTIONS
 from trainer.plots import pyplot, save_figure
 
 
@@ -62,7 +63,7 @@ def plot_train(data: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--pipeline", "pipeline_json", type=click.Path(path_type=Path, exists=True),
               help="JSON of tools/bench_pipeline.py.")
 @click.option("--train", "train_json", type=click.Path(path_type=Path, exists=True),

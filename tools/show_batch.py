@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 from dali_pipes import LoaderError, PackError, PackReader, available_backends, build_loader
+from trainer.cli_usage import HELP_OPTIONS
 
 
 def default_backends() -> list[str]:
@@ -58,7 +59,7 @@ def grid_figure(blocks: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[
     return fig
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.argument("pack", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--backend", "backends", multiple=True, help="Backend to show (repeat for several). "
               "Default: every available one except synthetic.")

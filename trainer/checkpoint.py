@@ -64,12 +64,39 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check one of our checkpoints; one-line `TrainerError` for anything else."""
+def model_file_kind(path: Path) -> str:
+    """What a model file is, by its contents: "torchscript" or "onnx" (exports), "pytorch" (torch.save), or "other".
+
+    TorchScript archives are zips like torch.save's but hold `code/` and `constants.pkl`;
+    an ONNX file is a protobuf, told by its `.onnx` name or its `trainer export` sidecar.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        scripted = any("/code/" in name or name.endswith("constants.pkl") for name in names)
+        return "torchscript" if scripted else "pytorch"
+    if path.suffix.lower() == ".onnx" or path.with_name(path.name + ".json").is_file():
+        return "onnx"
+    return "other"
+
+
+EXPORTED_KINDS = {"torchscript": "a TorchScript export", "onnx": "an ONNX export"}
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", instead: str = "") -> dict[str, Any]:
+    """Load and check one of our checkpoints; one-line `TrainerError` for anything else.
+
+    `instead` ends the error for an exported model: what the command takes in its place.
+    """
     path = Path(path)
     if not path.is_file():
         raise TrainerError(f"{path}: no such checkpoint")
-    if not zipfile.is_zipfile(path):
+    kind = model_file_kind(path)
+    if kind in EXPORTED_KINDS:
+        raise TrainerError(f"{path}: {EXPORTED_KINDS[kind]} (trainer export), not a checkpoint; "
+                           + (instead or "give the best.pt or last.pt of the run it came from"))
+    if kind != "pytorch":
         raise TrainerError(f"{path}: not a readable checkpoint (truncated, or not a PyTorch file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -108,6 +135,7 @@ class Checkpoint:
     metrics: dict[str, Any]
     position: dict[str, Any] | None  # where a mid-epoch checkpoint stopped (read by `trainer.resume.read_position`)
     metrics_epoch_base: int  # how the run's metrics.jsonl counts epochs
+    trained_classes: list[str]  # the classes with training images: all of them, unless the pack is split by class
 
     @property
     def schedule_epochs(self) -> int:
@@ -118,8 +146,11 @@ class Checkpoint:
 def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  scheduler: dict[str, Any], early_stopping: dict[str, Any], epoch: int, config: dict[str, Any],
                  head: dict[str, Any], classes: list[str], spec: dict[str, Any], metrics: dict[str, Any],
-                 position: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and tensors."""
+                 position: dict[str, Any] | None = None, trained_classes: list[str] | None = None) -> dict[str, Any]:
+    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and tensors.
+
+    `trained_classes`: the classes the run had training images of (None: all `classes`).
+    """
     payload = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -135,6 +166,7 @@ def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         "spec": dict(spec),
         "metrics": dict(metrics),
         "metrics_epoch_base": METRICS_EPOCH_BASE,
+        "trained_classes": list(classes if trained_classes is None else trained_classes),
     }
     if position is not None:
         payload["position"] = dict(position)
@@ -148,7 +180,8 @@ def read_payload(ckpt: dict[str, Any]) -> Checkpoint:
         classes=list(ckpt["classes"]), config=dict(ckpt.get("config", {})), epoch=int(ckpt["epoch"]),
         optimizer=ckpt.get("optimizer", {}), scheduler=dict(ckpt.get("scheduler", {})), scaler=ckpt.get("scaler", {}),
         early_stopping=ckpt.get("early_stopping", {}), rng=ckpt.get("rng", {}), metrics=ckpt.get("metrics", {}),
-        position=ckpt.get("position") or None, metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)))
+        position=ckpt.get("position") or None, metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)),
+        trained_classes=list(ckpt.get("trained_classes", ckpt["classes"])))
 
 
 def first_difference(ours: list[str], theirs: list[str]) -> str:

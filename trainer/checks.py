@@ -1,32 +1,33 @@
 """What a run checks before it trains, so a bad option or pack is one line, not a failure an epoch later.
 
-`preflight` runs the checks that need no process group in the launching process, before
-`--nproc` starts torchrun; `trainer run` itself repeats them in each process.
+Each check is used where the run meets its subject (`trainer.run`, `trainer.state`), and
+`trainer.preflight` runs them all in the launching process before `--nproc` starts torchrun.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 
-from dali_pipes import PackReader, samples_per_rank, split_kind
+from dali_pipes import PackReader, plural, samples_per_rank, split_kind
 from trainer.config import RunConfig
-from trainer.errors import TrainerError
-from trainer.models import HeadConfig, build_model, freeze_blocks
+from trainer.distributed import DistContext, resolve_device
+from trainer.errors import TrainerError, first_line
 
 
 def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
     """Refuse packs a classifier cannot train on, with the fix."""
     if reader.num_classes < 2:
-        raise TrainerError(f"{reader.path}: {reader.num_classes} class; a classifier needs at least 2 class folders")
+        raise TrainerError(f"{reader.path}: {plural(reader.num_classes, 'class')}; a classifier needs at least 2 class "
+                           "folders")
     counts = reader.split_counts()
     if counts["train"] == 0:
         raise TrainerError(f"{reader.path}: the train split is empty; repack with lower --val-ratio/--test-ratio")
     if counts["val"] == 0 and counts["test"] == 0:
         raise TrainerError(f"{reader.path}: the val and test splits are both empty, so nothing can measure the model; "
                            "repack with --val-ratio above 0 (or give a val/ folder)")
-    train_counts = np.bincount(reader.labels[reader.split_indices("train")], minlength=reader.num_classes)
-    missing = [reader.classes[i] for i in np.flatnonzero(train_counts == 0)]
+    missing = [reader.classes[i] for i in np.flatnonzero(reader.class_counts("train") == 0)]
     # A pack split by class holds identities without training images on purpose.
     if missing and split_kind(reader.labels, reader.splits) != "class":
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -37,8 +38,8 @@ def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: 
                            "another --scheduler or repack with --val-ratio above 0")
     per_rank = samples_per_rank(counts["train"], train=True, world_size=world_size)
     if batch_size > per_rank:
-        raise TrainerError(f"--batch-size {batch_size} is larger than the {per_rank} training images per process; "
-                           "lower it")
+        raise TrainerError(f"--batch-size {batch_size} is larger than the {plural(per_rank, 'training image')} per "
+                           "process; lower it")
 
 
 def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
@@ -49,29 +50,49 @@ def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
 
 
 def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line."""
+    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line.
+
+    The line names torchvision's minimum input size for the architecture when that is what `--image-size` misses.
+    """
     model.eval()  # no batch-norm statistics change
     try:
         with torch.no_grad():
             blank = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device)
             model(blank.contiguous(memory_format=torch.channels_last))
     except (RuntimeError, AssertionError, ValueError) as exc:
-        raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} "
-                           f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
-                           "(torchvision's ViTs need their training size, 224)") from None
+        smallest = torchvision_min_size(cfg.arch)
+        if smallest > cfg.image_size:
+            raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size}: torchvision gives "
+                               f"it a minimum input of {smallest} px; pass --image-size {smallest} or more") from None
+        raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} ({first_line(exc)}); "
+                           "choose a size it accepts") from None
 
 
-def preflight(cfg: RunConfig, world_size: int) -> None:
-    """The checks that need no process group (pack, splits, batch size, classes, architecture, size).
+def torchvision_min_size(arch: str) -> int:
+    """The smallest input side torchvision's weights metadata (`meta["min_size"]`) gives `arch` (1: none given)."""
+    try:
+        meta = torchvision.models.get_model_weights(arch).DEFAULT.meta
+    except (ValueError, KeyError, AttributeError):
+        return 1
+    return max(meta.get("min_size", (1, 1)))
 
-    Run before `--nproc` launches torchrun, so a mistake is one line instead of one per process.
-    """
-    reader = PackReader(cfg.pack)
-    check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
-    # The real weights are loaded by each process.
-    model = build_model(cfg.arch, reader.num_classes, weights="none", head=HeadConfig.from_run(cfg))
-    check_freeze(cfg, freeze_blocks(model, cfg.freeze))
-    check_forward(model, cfg, torch.device("cpu"))
+
+def check_sync_bn(sync_bn: bool, device_type: str) -> None:
+    """Refuse --sync-bn (under DDP: `sync_bn`) on the CPU, where SyncBatchNorm has no kernel."""
+    if sync_bn and device_type != "cuda":
+        raise TrainerError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+                           "drop it on the CPU")
+
+
+def launch_device(choice: str) -> str:
+    """The device type ("cuda" or "cpu") `--device` gives every process, refused in one line when CUDA is asked for
+    and missing; it makes no CUDA context (the launching process only waits for torchrun)."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(choice).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        resolve_device(choice, DistContext())  # refuses in its one line before it would select a device
+    return kind
 
 
 def dropped_note(split_size: int, used: int, batch_size: int, world_size: int) -> str | None:

@@ -13,16 +13,17 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from dali_pipes import LoaderError, PackError
-from trainer.cli_usage import TrainerGroup
-from trainer.config import BACKEND_HELP, DEVICE_HELP, WORKERS_HELP, run_options
+from dali_pipes import LoaderError, OutputError, PackError, plural
+from trainer.cli_usage import HELP_OPTIONS, TrainerGroup
+from trainer.config import BACKEND_HELP, DEVICE_HELP, FORCE_HELP, WORKERS_HELP, run_options
 from trainer.errors import RunInterrupted, TrainerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exceptions whose message is already a sentence for the user; anything else gets its
 # type named too, and a pointer to --debug.
-USER_ERRORS: tuple[type[BaseException], ...] = (PackError, LoaderError, TrainerError)
+USER_ERRORS: tuple[type[BaseException], ...] = (PackError, LoaderError, OutputError, TrainerError)
+CHECKPOINT_HELP = "best.pt or last.pt of a run, or the run's folder (its best.pt)."
 
 
 def one_line_errors(func: F) -> F:
@@ -56,7 +57,7 @@ def one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(cls=TrainerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=TrainerGroup, context_settings={**HELP_OPTIONS, "max_content_width": 100})
 @click.version_option(package_name="dali-trainer")
 def main() -> None:
     """Train and evaluate image classifiers on HDF5 packs, fed by DALI or torchvision pipelines."""
@@ -122,9 +123,9 @@ def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: 
         file_values = resume_values(resume, file_values)
     cfg = build_config(options, file_values)
     if nproc > 1 and "RANK" not in os.environ:
-        from trainer.checks import preflight
+        from trainer.preflight import preflight
 
-        preflight(cfg, nproc)  # one line here, rather than once per rank and a torchrun traceback
+        preflight(cfg, nproc, resume)  # one line here, rather than once per rank and a torchrun traceback
         sys.exit(launch_torchrun(cfg, nproc, resume, reschedule))
     ctx = env_context()
     device = resolve_device(cfg.device, ctx)
@@ -201,29 +202,33 @@ def loader_options(backends: tuple[str, ...] = ("auto", "dali", "torch")) -> Cal
 
 
 @main.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help=CHECKPOINT_HELP)
 @click.option("--pack", required=True, type=click.Path(path_type=Path),
               help="Pack with the same classes as the checkpoint.")
 @loader_options(backends=("auto", "dali", "torch", "synthetic"))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1),
               help="Report top-1 .. top-k accuracy.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the confusion-matrix PNG.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
 def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size: int, backend: str,
-                 workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
+                 workers: int | None, device: str, out: Path | None, force: bool, as_json: bool) -> None:
     """Top-1..top-k accuracy, loss and per-class accuracy of a checkpoint on a pack split."""
     from trainer.evaluation import evaluate_checkpoint, format_eval
 
-    result = evaluate_checkpoint(checkpoint, pack, split=split, topk=topk, batch_size=batch_size, backend=backend,
-                                 device=_eval_device(device), workers=workers, out=out, warn=_warn)
+    result, plot = evaluate_checkpoint(checkpoint, pack, split=split, topk=topk, batch_size=batch_size,
+                                       backend=backend, device=_eval_device(device), workers=workers, out=out,
+                                       force=force, warn=_warn)
     click.echo(json.dumps(result) if as_json else "\n".join(format_eval(result)))
+    if plot is not None:  # after the figures: a failed write loses only the picture
+        plot.write()
 
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="best.pt or last.pt of a run, or a .onnx file from `trainer export` (run by onnxruntime on the "
-                   "CPU).")
+              help="best.pt or last.pt of a run, the run's folder (its best.pt), or a .onnx file from `trainer export` "
+                   "(run by onnxruntime on the CPU).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to list per image.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -244,16 +249,16 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, 
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="best.pt or last.pt of a run (any head).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help=CHECKPOINT_HELP + " Any head.")
 @click.option("--pack", type=click.Path(path_type=Path), help="Embed a split of this pack (with labels and paths).")
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="FILE.h5 (HDF5), or FILE.npy with FILE.json beside it.")
 @loader_options()
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @one_line_errors
 def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, ...], out: Path, batch_size: int,
-          backend: str, workers: int | None, device: str) -> None:
+          backend: str, workers: int | None, device: str, force: bool) -> None:
     """L2-normalized embeddings of a pack split (--pack P --split S) or of image PATHS, written to --out.
 
     Margin heads give their embedding; linear and mlp heads their penultimate features.
@@ -262,33 +267,35 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
 
     result = embed_command(checkpoint, out, pack=pack, split=split if pack is not None else None, inputs=inputs,
                            device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
-                           warn=_warn)
-    click.echo(f"wrote {result['num_embeddings']} embeddings of dimension {result['dim']} "
+                           warn=_warn, force=force)
+    click.echo(f"wrote {plural(result['num_embeddings'], 'embedding')} of dimension {result['dim']} "
                f"to {', '.join(result['files'])}")
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="best.pt or last.pt of a run (any head).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help=CHECKPOINT_HELP + " Any head.")
 @click.option("--pack", required=True, type=click.Path(path_type=Path),
               help="Pack whose split holds the identities to verify.")
 @loader_options()
 @click.option("--pairs", "pairs_file", type=click.Path(path_type=Path),
-              help="File of path_a,path_b,same lines (paths as in the pack); default: drawn pairs.")
+              help="File of path_a,path_b,same lines (paths relative to the packed folder, absolute, or relative to "
+                   "the working directory); default: drawn pairs.")
 @click.option("--num-pairs", default=3000, show_default=True, type=click.IntRange(min=1),
               help="Genuine and as many impostor pairs to draw.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the drawn pairs and of the 10 folds.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for roc.png.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
 def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int,
-           batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
+           batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, force: bool,
+           as_json: bool) -> None:
     """Face verification (AUC, EER, 10-fold accuracy, TAR@FAR) and rank-1/5 identification on a pack split."""
     from trainer.embedding import format_verification, verify_command
 
     figures = verify_command(checkpoint, pack, split=split, pairs_file=pairs_file, num_pairs=num_pairs, seed=seed,
                              device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
-                             out=out)
+                             out=out, force=force)
     click.echo(json.dumps(figures) if as_json else "\n".join(format_verification(figures)))
 
 
@@ -301,7 +308,7 @@ def _batch_choice(value: str) -> int | None:
 
 
 @main.command("export")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="best.pt or last.pt of a run.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help=CHECKPOINT_HELP)
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]),
               help="onnx (opset 18, torch.export-based exporter) or torchscript (traced).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -312,10 +319,11 @@ def _batch_choice(value: str) -> int | None:
               help="Export the embedding output of a margin-head (arcface/cosface) model instead of logits.")
 @click.option("--pack", type=click.Path(path_type=Path),
               help="Verify on a few of this pack's images (default: a seeded random batch).")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as one JSON object.")
 @one_line_errors
 def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding: bool, pack: Path | None,
-                   as_json: bool) -> None:
+                   force: bool, as_json: bool) -> None:
     """Export a checkpoint to ONNX or TorchScript, in eval mode, checked against PyTorch's outputs.
 
     \b
@@ -325,7 +333,8 @@ def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding:
     from trainer.export import export_checkpoint
     from trainer.inference import sidecar_path
 
-    result = export_checkpoint(checkpoint, out, fmt=fmt, batch=_batch_choice(batch), embedding=embedding, pack=pack)
+    result = export_checkpoint(checkpoint, out, fmt=fmt, batch=_batch_choice(batch), embedding=embedding, pack=pack,
+                               force=force)
     if as_json:
         click.echo(json.dumps(result))
         return

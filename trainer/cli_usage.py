@@ -9,6 +9,9 @@ from typing import Any
 
 import click
 
+# `-h` besides `--help`, for `trainer` and every script in tools/.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 
 class OneLineErrors(click.ClickException):
     """A usage error shown as one line (click's default adds the usage text and a hint)."""

@@ -23,11 +23,14 @@ from trainer.monitor import MONITORS
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 1e-4}
 ARCH_HELP = "mobilenet_v2, resnet18, resnet50, or any torchvision classification model name"
 HEAD_TYPES = ("linear", "mlp", *MARGIN_HEADS)  # what --head takes (trainer.models builds each)
-# Help of the options `trainer run` shares with eval, embed, verify and predict (cli.loader_options).
+# Help of the options `trainer run` shares with eval, embed, verify and predict (cli.loader_options);
+# WORKERS_HELP also with tools/pack_dataset.py, whose worker processes decode too (`dali_pipes.default_workers`).
 BACKEND_HELP = "Data backend (auto: dali on CUDA when installed, else torch)."
-WORKERS_HELP = ("Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, the processes torchrun "
-                "starts on this node, at least 1).")
+WORKERS_HELP = ("Worker processes that decode images (DALI: threads); 0: this process decodes. Default: the usable "
+                "cores // LOCAL_WORLD_SIZE (the processes torchrun starts on this node), at least 1.")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+# The one overwrite rule of every command that writes a result file (the packer, export, embed, eval and verify --out).
+FORCE_HELP = "Replace output files that exist (without it, an existing output is an error)."
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,

@@ -10,19 +10,19 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from dali_pipes import BatchLoader, PackReader, build_loader
+from dali_pipes import BatchLoader, PackReader, build_loader, check_output, check_output_folder, plural
 from trainer.checkpoint import atomic_write_bytes
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
-from trainer.inference import image_batches, load_model
+from trainer.inference import checkpoint_file, image_batches, load_model
 from trainer.models import embed
-from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, read_pairs, verification_report
+from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, parse_pairs, verification_report
 
 DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pairs
 
@@ -92,10 +92,19 @@ def verification_figures(embeddings: np.ndarray, labels: np.ndarray, *, num_pair
         raise TrainerError(f"cannot verify: {exc}") from None
 
 
+def embedding_files(out: Path, force: bool = False) -> list[Path]:
+    """The files `--out` names (OUT.h5, or OUT.npy and OUT.json), checked before any work (`check_output`)."""
+    suffix = out.suffix.lower()
+    if suffix not in (".h5", ".hdf5", ".npy"):
+        raise TrainerError(f"--out {out}: give a .h5 / .hdf5 file, or a .npy file (its metadata goes beside it as "
+                           ".json)")
+    files = [out] if suffix != ".npy" else [out, out.with_suffix(".json")]
+    return [check_output(path, force) for path in files]
+
+
 def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) -> list[Path]:
     """Write `embeddings` with `meta` (labels or paths, classes...): one HDF5 file, or OUT.npy + OUT.json; atomically."""
-    suffix = out.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
+    if len(embedding_files(out, force=True)) == 1:
         import h5py
 
         buffer = io.BytesIO()
@@ -110,8 +119,6 @@ def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) ->
                     f.attrs[key] = json.dumps(value)
         atomic_write_bytes(out, lambda file: file.write(buffer.getvalue()))
         return [out]
-    if suffix != ".npy":
-        raise TrainerError(f"--out {out}: give a .h5 / .hdf5 file, or a .npy file (its metadata goes beside it as .json)")
     npy = io.BytesIO()
     np.save(npy, embeddings)
     side = out.with_suffix(".json")
@@ -123,10 +130,15 @@ def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) ->
 
 def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str | None, inputs: Sequence[Path],
                   device: torch.device, batch_size: int = 64, backend: str = "auto", workers: int | None = None,
-                  warn: Callable[[str], None] = print) -> dict[str, Any]:
-    """`trainer embed`: embeddings of a pack split (with labels and paths) or of image files (with paths)."""
+                  warn: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
+    """`trainer embed`: embeddings of a pack split (with labels and paths) or of image files (with paths).
+
+    `out` is checked before any work; existing files are replaced only with `force`.
+    """
     if (pack is None) == (not inputs):
         raise TrainerError("give either --pack PACK --split SPLIT or image PATHS, not both and not neither")
+    embedding_files(out, force)
+    checkpoint = checkpoint_file(checkpoint)
     loaded = load_model(checkpoint, device)
     meta: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": loaded.arch}
     if pack is not None:
@@ -144,25 +156,57 @@ def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str 
     return {"num_embeddings": int(len(embeddings)), "dim": int(embeddings.shape[1]), "files": [str(p) for p in written]}
 
 
+def read_split_pairs(pairs_file: Path, reader: PackReader, split: str) -> Pairs:
+    """The pairs of `--pairs`, as indices into `split`'s embeddings (pack order).
+
+    A path may be written as the user has it: as stored in the pack (relative to the packed
+    folder), absolute, or relative to the working directory, as long as it names a packed
+    file of `split`.
+    """
+    position = {reader.paths[i]: n for n, i in enumerate(reader.split_indices(split))}
+    source = Path(reader.options.get("source", "."))
+    try:
+        rows = parse_pairs(Path(pairs_file).read_text(), str(pairs_file))
+    except OSError as exc:
+        raise TrainerError(f"--pairs {pairs_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise TrainerError(str(exc)) from None
+    found = {path: _packed_name(path, position, source) for row in rows for path in row[:2]}
+    missing = [path for path, name in found.items() if name is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise TrainerError(f"--pairs {pairs_file}: {plural(len(missing), 'path')} {verb} "
+                           f"not in the split ({split} of {reader.path}), e.g. {missing[0]!r}; give paths relative to "
+                           f"the packed folder {source}, absolute, or relative to the working directory")
+    a, b = (np.array([position[found[row[k]]] for row in rows], dtype=np.int64) for k in (0, 1))
+    return Pairs(a, b, np.array([row[2] for row in rows], dtype=bool))
+
+
+def _packed_name(path: str, packed: Mapping[str, int], source: Path) -> str | None:
+    """The name a pack stores `path` under, or None: as written, or absolute or cwd-relative under `source`."""
+    if path in packed:
+        return path
+    absolute = Path(path).expanduser().resolve()  # the packer stored `source` resolved too
+    name = absolute.relative_to(source).as_posix() if absolute.is_relative_to(source) else None
+    return name if name in packed else None
+
+
 def verify_command(checkpoint: Path, pack: Path, *, split: str = "test", pairs_file: Path | None = None,
                    num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0, device: torch.device, batch_size: int = 64,
-                   backend: str = "auto", workers: int | None = None, out: Path | None = None) -> dict[str, Any]:
+                   backend: str = "auto", workers: int | None = None, out: Path | None = None,
+                   force: bool = False) -> dict[str, Any]:
     """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`."""
+    if out is not None:  # checked before any work; an existing roc.png is replaced only with `force`
+        check_output(check_output_folder(out) / "roc.png", force)
     reader = PackReader(pack)
+    pairs = read_split_pairs(pairs_file, reader, split) if pairs_file is not None else None
     loaded = load_model(checkpoint, device)
     embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
                                           num_workers=workers, spec=loaded.spec)
-    pairs = None
-    if pairs_file is not None:
-        indices = reader.split_indices(split)
-        if len(labels) != len(indices):
-            raise TrainerError(f"{pack}: {len(indices) - len(labels)} images of {split} could not be read, so a pairs file cannot be matched")
-        try:
-            pairs = read_pairs(pairs_file, [reader.paths[i] for i in indices])
-        except OSError as exc:
-            raise TrainerError(f"--pairs {pairs_file}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise TrainerError(str(exc)) from None
+    unread = len(reader.split_indices(split)) - len(labels)
+    if pairs is not None and unread:
+        raise TrainerError(f"{pack}: {plural(unread, 'image')} of {split} could not be read, so a pairs file cannot be "
+                           "matched")
     figures, roc = verification_figures(embeddings, labels, num_pairs=num_pairs, seed=seed, pairs=pairs)
     if out is not None:
         from trainer.plots import plot_roc

@@ -14,6 +14,12 @@ class RunInterrupted(Exception):
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
-    """The first line of `exc`'s message, at most `limit` characters, for a one-line error that quotes it."""
+    """The first line of `exc`'s message for a one-line error that quotes it: at most `limit` characters, a cut
+    made at a word and shown as "..." (never a sentence silently ending mid-word)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else "no message"
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    return line[: limit - 4].rsplit(" ", 1)[0].rstrip(" ,;:(") + " ..."

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dali_pipes import PipelineSpec
+from dali_pipes import PipelineSpec, check_output, plural
 from trainer.checkpoint import atomic_write_bytes
 from trainer.errors import TrainerError, first_line
 from trainer.extras import require
@@ -24,6 +24,7 @@ from trainer.inference import (
     SIDECAR_VERSION,
     LoadedModel,
     OnnxModel,
+    checkpoint_file,
     load_model,
     load_torchscript,
     quiet_jit,
@@ -52,15 +53,19 @@ class EmbeddingOutput(nn.Module):
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | None = None, embedding: bool = False,
-                      pack: Path | None = None) -> dict[str, Any]:
+                      pack: Path | None = None, force: bool = False) -> dict[str, Any]:
     """Export `checkpoint` to `out` as `fmt` (onnx or torchscript) and write its sidecar; returns the sidecar.
 
     batch None exports a dynamic batch dimension, an int fixes it. The exported file is
     run on a few images (from `pack` when given, else a seeded random batch) and its
-    outputs must match PyTorch's within `TOLERANCE`, or nothing is written.
+    outputs must match PyTorch's within `TOLERANCE`, or nothing is written. `out` and its
+    sidecar are checked first (`check_output`): existing ones are replaced only with `force`.
     """
     if fmt not in FORMATS:
         raise TrainerError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    for path in (out, sidecar_path(out)):
+        check_output(path, force)
+    checkpoint = checkpoint_file(checkpoint)
     loaded = load_model(checkpoint, torch.device("cpu"))
     model = _exportable(loaded.model, embedding)
     size = loaded.spec.image_size
@@ -77,7 +82,6 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | Non
     sidecar = _sidecar(loaded, checkpoint, out, fmt, batch, embedding)
     sidecar["verification"] = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": source,
                                "runtime": _runtime_name(fmt)}
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, lambda f: f.write(data))
     write_json(sidecar_path(out), sidecar)
     return sidecar
@@ -147,7 +151,7 @@ def verification_batch(spec: PipelineSpec, pack: Path | None, count: int) -> tup
     found = images.shape[0]
     if found < count:  # a fixed batch needs exactly `count`: repeat the few images there are
         images = images.repeat((count + found - 1) // found, 1, 1, 1)[:count]
-    return images, f"{found} images of the {split} split of {pack}"
+    return images, f"{plural(found, 'image')} of the {split} split of {pack}"
 
 
 def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: int | None,
@@ -165,8 +169,9 @@ def _sidecar(loaded: LoadedModel, checkpoint: Path, out: Path, fmt: str, batch: 
                             "image_size x image_size (aspect ratio not kept)"},
         "spec": loaded.spec.to_dict(),
         "classes": list(loaded.classes),
+        "trained_classes": list(loaded.trained_classes),  # what its logits cover (fewer when split by class)
         "arch": loaded.arch,
-        "epoch": loaded.epoch,
+        "epoch": loaded.epoch,  # counted from 1, as metrics.jsonl and `trainer eval`
         "checkpoint": str(checkpoint),
         "torch": torch.__version__,
     }

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_pipes import IMAGE_EXTENSIONS, PipelineSpec, load_rgb, preprocess
-from trainer.checkpoint import load_checkpoint, read_payload
+from dali_pipes import IMAGE_EXTENSIONS, PipelineSpec, load_rgb, plural, preprocess
+from trainer.checkpoint import load_checkpoint, model_file_kind, read_payload
 from trainer.errors import TrainerError, first_line
 from trainer.extras import require
 from trainer.models import HeadConfig, build_model
 
 SIDECAR_FORMAT = "dali-trainer-export"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: "epoch" counts from 1, as every file a user reads (version 1 counted from 0)
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,36 @@ class LoadedModel:
     classes: list[str]
     spec: PipelineSpec
     arch: str
-    epoch: int  # 0-based index of the checkpoint's last completed epoch
+    epoch: int  # the checkpoint's last completed epoch, counted from 1 (as metrics.jsonl and every output)
+    trained_classes: list[str]  # the classes it had training images of; its closed-set outputs cover only these
 
 
-def load_model(path: Path, device: torch.device) -> LoadedModel:
-    """Rebuild the checkpoint's architecture and head, load its weights, move to `device` in eval mode."""
-    ckpt = read_payload(load_checkpoint(path))
+def closed_set_note(trained: int, classes: int) -> str | None:
+    """What to tell a user of a model's class outputs when only `trained` of its `classes` had training images."""
+    if trained == classes:
+        return None
+    return (f"its closed-set outputs cover only the {plural(trained, 'class')} it trained on, of the "
+            f"{plural(classes, 'class')} in its head (a pack split by class holds the others out for verification)")
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The file a --checkpoint names: the path itself, or the best.pt of a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "best.pt").is_file():
+        raise TrainerError(f"--checkpoint {path} is a folder without best.pt; give a checkpoint file (best.pt or "
+                           "last.pt of a run)")
+    return path / "best.pt"
+
+
+def load_model(path: Path, device: torch.device, instead: str = "") -> LoadedModel:
+    """Rebuild the checkpoint's architecture and head, load its weights, move to `device` in eval mode.
+
+    `path` may be a run folder (its best.pt); `instead` ends the error for an exported model (see `load_checkpoint`).
+    """
+    path = checkpoint_file(path)
+    ckpt = read_payload(load_checkpoint(path, instead=instead))
     model = build_model(ckpt.arch, len(ckpt.classes), weights="none", head=HeadConfig.from_dict(ckpt.head))
     try:
         model.load_state_dict(ckpt.model)
@@ -49,14 +73,38 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
         raise TrainerError(f"{path}: weights do not fit {ckpt.arch} ({first_line(exc, 100)})") from None
     channels_last = ckpt.config.get("channels_last", True)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch)
+    return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch + 1,
+                       ckpt.trained_classes)
 
 
 def load_predictor(path: Path, device: torch.device) -> LoadedModel:
-    """A checkpoint, or an ONNX file from `trainer export` (by its .onnx suffix; run by onnxruntime on the CPU)."""
-    if Path(path).suffix.lower() == ".onnx":
+    """A checkpoint (or run folder), or an ONNX file from `trainer export` (run by onnxruntime on the CPU)."""
+    path = checkpoint_file(path)
+    if model_file_kind(path) == "onnx":
         return load_onnx(path)
-    return load_model(path, device)
+    return load_model(path, device, instead="predict takes the best.pt it came from, or an ONNX export (.onnx)")
+
+
+class ClosedSet(nn.Module):
+    """`model` with the logits of the classes it never trained on set to -inf: no probability, never in a top-k."""
+
+    def __init__(self, model: nn.Module, classes: list[str], trained_classes: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        trained = set(trained_classes)
+        self.register_buffer("untrained", torch.tensor([c not in trained for c in classes]), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        return logits.masked_fill(self.untrained.to(logits.device), float("-inf"))
+
+
+def closed_set(loaded: LoadedModel, trained_classes: list[str] | None = None) -> nn.Module:
+    """`loaded.model`, its outputs limited to `trained_classes` (default: the checkpoint's) when some class is not."""
+    trained = loaded.trained_classes if trained_classes is None else trained_classes
+    if len(trained) == len(loaded.classes):
+        return loaded.model
+    return ClosedSet(loaded.model, loaded.classes, trained).eval()
 
 
 def sidecar_path(model_file: Path) -> Path:
@@ -116,7 +164,9 @@ def load_onnx(path: Path) -> LoadedModel:
     if meta.get("output") != "logits":
         raise TrainerError(f"{path}: exported with --embedding; predict needs a model exported with logits")
     model = OnnxModel(str(path)).eval()
-    return LoadedModel(model, classes, spec, str(meta.get("arch", "onnx")), int(meta.get("epoch", 0)))
+    epoch = int(meta.get("epoch", 0)) + (1 if int(meta.get("version", 1)) < 2 else 0)  # version 1 counted from 0
+    return LoadedModel(model, classes, spec, str(meta.get("arch", "onnx")), epoch,
+                       [str(c) for c in meta.get("trained_classes", classes)])
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from dali_pipes import PackReader, split_kind
+from dali_pipes import PackReader, plural, split_kind
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -18,10 +18,7 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 def pack_summary(reader: PackReader) -> dict[str, Any]:
     """Counts per split and class, image-size statistics, rejects and format of a pack."""
     counts = np.bincount(reader.labels, minlength=reader.num_classes)
-    per_split_class = {
-        split: np.bincount(reader.labels[reader.split_indices(split)], minlength=reader.num_classes).tolist()
-        for split in reader.split_counts()
-    }
+    per_split_class = {split: reader.class_counts(split).tolist() for split in reader.split_counts()}
     sizes = np.diff(reader.offsets)
     return {
         "path": str(reader.path),
@@ -30,6 +27,7 @@ def pack_summary(reader: PackReader) -> dict[str, Any]:
         "num_classes": reader.num_classes,
         "classes": list(reader.classes),
         "splits": reader.split_counts(),
+        "split_counts": reader.split_counts(),  # the packer's JSON name for the same counts
         "split_by": split_kind(reader.labels, reader.splits),
         "images_per_class": {"min": int(counts.min()) if len(counts) else 0,
                              "max": int(counts.max()) if len(counts) else 0},
@@ -40,6 +38,7 @@ def pack_summary(reader: PackReader) -> dict[str, Any]:
         "bytes": {"total": int(reader.offsets[-1]),
                   "mean_per_image": round(float(sizes.mean()), 1) if len(sizes) else 0.0},
         "rejects": reader.rejects(),
+        "empty_classes": reader.empty_classes,
         "options": reader.options,
     }
 
@@ -51,7 +50,7 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
     unseen = ": val and test hold classes train never saw" if summary["split_by"] == "class" else ""
     lines = [
         f"{summary['path']}: pack format {summary['format_version']}",
-        f"  {summary['num_images']} images ({splits}), {summary['num_classes']} classes, "
+        f"  {plural(summary['num_images'], 'image')} ({splits}), {plural(summary['num_classes'], 'class')}, "
         f"{summary['images_per_class']['min']}-{summary['images_per_class']['max']} images per class",
         f"  split by {summary['split_by']}{unseen}",
         f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px "
@@ -68,4 +67,6 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
     lines += [f"    {r['path']}: {r['reason']}" for r in rejects[:20]]
     if len(rejects) > 20:
         lines.append(f"    ... and {len(rejects) - 20} more (--json lists all)")
+    if summary["empty_classes"]:
+        lines.append(f"  empty class folders (no class made): {', '.join(summary['empty_classes'])}")
     return lines

@@ -2,7 +2,8 @@
 
 The loop receives an iterable of `(images, labels)` already on the device and never
 learns which backend made it. Host-device syncs (`.item()`) happen only every
-`log_every` steps and at the end of an epoch.
+`log_every` steps (counted across epochs, so short epochs are logged too), at the first
+step of each epoch, and at its end.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """How `--amp` names a resolved autocast dtype: bf16, fp16, or off."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
 
 
 def topk_credit(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,8 @@ class StepConfig:
     grad_clip: float | None = None
     skip_nonfinite: bool = False
     with_labels: bool = False  # the model takes the labels too (a margin head: see models.takes_labels)
-    # Called as on_log(step, {"loss": this step's loss, "lr": ...}, images) at each --log-every sync (TensorBoard).
+    # Called as on_log(global step, {"loss": this step's loss, "lr": ...}, images) at each sync (TensorBoard); the
+    # global step counts from the run's first step, across epochs.
     on_log: Callable[[int, dict[str, float], torch.Tensor], None] | None = None
 
 
@@ -150,7 +157,8 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
                     device: torch.device, set_lr: Callable[[int], float], set_train_mode: Callable[[], None],
                     progress: Progress | None = None, first_step: int = 0, resume_state: EpochState | None = None,
-                    stop_requested: Callable[[int], bool] | None = None) -> EpochResult:
+                    stop_requested: Callable[[int], bool] | None = None, step_offset: int = 0,
+                    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochResult:
     """One pass over `loader` (which starts at step `first_step` of the epoch).
 
     `set_lr(i)` is called before step i and returns the rate it set. After each step,
@@ -159,18 +167,26 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     non-finite loss stops training with the step named (checked every step on the CPU,
     every `log_every` steps on a GPU, where each check is a host sync), unless
     `skip_nonfinite`, which skips such steps and counts them.
+
+    `step_offset` is the run's count of steps before this epoch: `log_every` counts
+    across epochs. Under DDP, `all_reduce` sums the epoch's figures over the ranks at
+    its end (train_loss, train_top1, train_samples and skipped_samples are then every
+    rank's); the running figures of the progress line between syncs are this process's,
+    and say so ("rank 0": only rank 0 draws it).
     """
     set_train_mode()
     state = resume_state or EpochState(device)
     check_every = 1 if device.type == "cpu" else step.log_every
-    lr = float("nan")
+    # An epoch resumed after its last step trains no step: its rate is still the last step's.
+    lr = set_lr(first_step - 1) if first_step > 0 else float("nan")
     start = time.perf_counter()
     prior_seconds = state.seconds  # of a resumed epoch's earlier session
     clock = DataWaitClock(device, state.data_wait)
     running: dict[str, float | None] = {"loss": None, "top1": None}  # shown as `-` until the first sync
+    label = {"scope": "rank 0 " if all_reduce is not None else ""}  # "" once the figures are every rank's
     if progress is not None:
-        progress.set_postfix(
-            lambda: progress_postfix(running, state.data_wait, prior_seconds + time.perf_counter() - start))
+        progress.set_postfix(lambda: progress_postfix(running, state.data_wait, prior_seconds + time.perf_counter()
+                                                      - start, label["scope"]))
     i = first_step - 1
     interrupted = False
     for i, (images, labels) in enumerate(loader, start=first_step):
@@ -189,11 +205,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             state.samples += n
         if state.steps % check_every == 0:
             _raise_if_nonfinite(state)
-        if state.steps % step.log_every == 0:
+        if i == first_step or (step_offset + i + 1) % step.log_every == 0:
             running = _running(state, loss)  # the only other host sync inside the epoch
             state.data_wait = clock.settle()
             if step.on_log is not None:
-                step.on_log(i, {"loss": running["step_loss"], "lr": lr}, images)
+                step.on_log(step_offset + i, {"loss": running["step_loss"], "lr": lr}, images)
         if progress is not None:
             progress.update(n)
         clock.step_queued()
@@ -207,13 +223,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         return EpochResult({}, True, i + 1, state)
     if state.samples == 0:
         raise TrainerError("the training loader yielded no usable batch; lower --batch-size")
-    final = _running(state)
-    running.update(final)  # the closing progress line shows the epoch's figures
+    final = _epoch_figures(state, loader, all_reduce)
+    running.update(final)  # the closing progress line shows the epoch's figures, as the epoch line does
+    label["scope"] = ""
     metrics = {
         "train_loss": final["loss"],
         "train_top1": final["top1"],
         "lr": lr,
-        "train_samples": state.samples,
+        "train_samples": final["samples"],
+        "skipped_samples": final["skipped"],
         "skipped_steps": state.skipped_steps,
         "epoch_seconds": state.seconds,
         "images_per_second": state.samples / max(state.seconds, 1e-9),
@@ -222,11 +240,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     return EpochResult(metrics, False, i + 1, state)
 
 
-def progress_postfix(running: dict[str, float | None], data_wait: float, seconds: float) -> str:
-    """Data wait, running loss and top-1 for the progress line, from host values only (`-`: none yet)."""
+def progress_postfix(running: dict[str, float | None], data_wait: float, seconds: float, scope: str = "") -> str:
+    """Data wait, running loss and top-1 for the progress line, from host values only (`-`: none yet).
+
+    `scope` says whose figures they are when not the epoch's of every rank ("rank 0 ").
+    """
     loss, top1 = running["loss"], running["top1"]
-    return (f"data wait {100 * data_wait / max(seconds, 1e-9):.0f}%  loss {'-' if loss is None else f'{loss:.4f}'} "
-            f"top1 {'-' if top1 is None else f'{top1:.3f}'}")
+    return (f"data wait {100 * data_wait / max(seconds, 1e-9):.0f}%  {scope}loss "
+            f"{'-' if loss is None else f'{loss:.4f}'} top1 {'-' if top1 is None else f'{top1:.3f}'}")
 
 
 def _raise_if_nonfinite(state: EpochState) -> None:
@@ -234,6 +255,20 @@ def _raise_if_nonfinite(state: EpochState) -> None:
     if bad >= 0:
         raise TrainerError(f"non-finite loss at step {bad} of this epoch: training stopped, the last good checkpoints "
                            "are untouched (lower --lr, or pass --skip-nonfinite to skip such steps)")
+
+
+def _epoch_figures(state: EpochState, loader: Iterable[Batch],
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
+    """The epoch's loss, top-1, samples and unreadable samples, summed over the ranks by `all_reduce` (one sync)."""
+    skipped = float(len(loader.skipped)) if isinstance(loader, BatchLoader) else 0.0
+    counts = torch.tensor([float(state.samples), skipped], dtype=torch.float64, device=state.loss_sum.device)
+    totals = torch.cat([state.loss_sum.view(1), state.correct.view(1), counts])
+    if all_reduce is not None:  # on the device the sums live on, as `evaluate` reduces them
+        totals = all_reduce(totals)
+    totals = totals.cpu()
+    n = float(totals[2])
+    return {"loss": float(totals[0]) / n, "top1": float(totals[1]) / n, "samples": int(totals[2]),
+            "skipped": int(totals[3])}
 
 
 def _running(state: EpochState, step_loss: torch.Tensor | None = None) -> dict[str, float]:

@@ -8,6 +8,10 @@ from typing import Any
 
 from trainer.checkpoint import atomic_write_bytes
 
+# The mark of figures measured on --backend synthetic's random images: the first line `trainer run` and
+# `trainer eval` print starts with it, and their JSON says `synthetic_data: true`.
+SYNTHETIC_NOTE = "SYNTHETIC DATA (random images, not the pack's: the figures measure speed only)"
+
 
 def _clean(value: Any) -> Any:
     # JSON has no NaN or infinity; write null so every line parses everywhere.

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from dali_pipes import plural
+from trainer.checkpoint import EXPORTED_KINDS, model_file_kind
 from trainer.config import HEAD_TYPES, RunConfig
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, first_line
 from trainer.margins import MARGIN_HEADS, margin_target
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads")
@@ -87,7 +89,7 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none", head: Hea
     if weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
     elif weights != "none":
-        _load_backbone(model, Path(weights))
+        _load_backbone(model, Path(weights), arch)
     if head.type in MARGIN_HEADS:
         return margin_model(model, num_classes, head)
     replace_head(model, num_classes, head)
@@ -104,15 +106,20 @@ def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
                            "or --weights PATH to a local file") from None
 
 
-def _load_backbone(model: nn.Module, path: Path) -> None:
+def _load_backbone(model: nn.Module, path: Path, arch: str) -> None:
     if not path.is_file():
         raise TrainerError(f"--weights {path}: no such file (use imagenet, none, or a path to a state dict or "
                            "checkpoint)")
+    kind = model_file_kind(path)
+    if kind in EXPORTED_KINDS:
+        raise TrainerError(f"--weights {path}: {EXPORTED_KINDS[kind]} (trainer export); --weights takes a state dict "
+                           "or a checkpoint: the best.pt of the run it came from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything unreadable gets one line
         raise TrainerError(f"--weights {path}: not a readable state dict or checkpoint "
-                           f"({str(exc).splitlines()[0][:80]})") from None
+                           f"({first_line(exc, 100)})") from None
+    theirs = state.get("arch") if isinstance(state, dict) else None  # one of our checkpoints names its architecture
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if isinstance(state, dict) and any(str(k).startswith("backbone.") for k in state):
@@ -124,9 +131,12 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     backbone = [k for k in own if not _is_head_key(k)]
     missing = [k for k in backbone if k not in matching]
+    if missing and isinstance(theirs, str) and theirs != arch:
+        raise TrainerError(f"--weights {path}: a {theirs} checkpoint does not fit --arch {arch}; pass --arch {theirs}")
     if missing:
-        raise TrainerError(f"--weights {path}: does not fit {type(model).__name__} ({len(missing)} backbone tensors "
-                           f"missing or of another shape, e.g. {missing[0]})")
+        tensors = plural(len(missing), "backbone tensor")
+        raise TrainerError(f"--weights {path}: does not fit {type(model).__name__} ({tensors} missing or of another "
+                           f"shape, e.g. {missing[0]})")
     model.load_state_dict(matching, strict=False)
 
 
@@ -195,7 +205,7 @@ def freeze_blocks(model: nn.Module, count: int) -> list[nn.Module]:
         return []
     blocks = backbone_blocks(model)
     if count > len(blocks):
-        raise TrainerError(f"--freeze {count} is beyond the {len(blocks)} blocks of this backbone; "
+        raise TrainerError(f"--freeze {count} is beyond the {plural(len(blocks), 'block')} of this backbone; "
                            f"use 0..{len(blocks)}")
     frozen = blocks[:count]
     for block in frozen:

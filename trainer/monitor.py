@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dali_pipes import plural
+
 MONITORS = ("val_loss", "val_top1", "val_auc")  # what --monitor takes; the run's validation says which apply
 
 
@@ -79,7 +81,8 @@ class EarlyStopping:
 
     def reason(self) -> str:
         """Why training stopped, in words."""
-        return (f"{self.monitor} did not improve by more than {self.tracker.min_delta:g} for {self.patience} epochs "
+        return (f"{self.monitor} did not improve by more than {self.tracker.min_delta:g} for "
+                f"{plural(self.patience, 'epoch')} "
                 f"(best {self.best:.4f} at epoch {self.best_epoch + 1})")
 
     def state_dict(self) -> dict[str, Any]:

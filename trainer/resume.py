@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from dali_pipes import plural
 from trainer.checkpoint import Checkpoint, first_difference, load_checkpoint, read_payload, set_rng_state, unwrap
 from trainer.config import RunConfig, option_name
 from trainer.distributed import DistContext
@@ -103,7 +104,7 @@ def incompatibility(ckpt: Checkpoint, cfg: RunConfig, head: HeadConfig, classes:
     if cfg.monitor != monitor:  # best.pt and early stopping rank epochs by one figure
         return f"--monitor {cfg.monitor} differs from the checkpoint's {monitor}"
     if list(classes) != ckpt.classes:
-        return (f"the pack's {len(classes)} classes differ from the checkpoint's {len(ckpt.classes)} "
+        return (f"the pack's {plural(len(classes), 'class')} differ from the checkpoint's {len(ckpt.classes)} "
                 f"({first_difference(list(classes), ckpt.classes)})")
     return None
 
@@ -157,14 +158,20 @@ class Resumed:
     lines: list[str]
 
 
-def restore_run(state: TrainingState, out: Path, cfg: RunConfig, classes: list[str], world_size: int,
-           reschedule: bool) -> Resumed:
-    """Restore `state` from `out`'s last.pt, refusing one that does not fit this run."""
+def resumable_checkpoint(out: Path, cfg: RunConfig, head: HeadConfig, classes: list[str]) -> Checkpoint:
+    """`out`'s last.pt, refused in one line when it does not fit a run of `cfg` with `head` on `classes`."""
     ckpt = read_payload(load_checkpoint(out / "last.pt"))
-    mismatch = incompatibility(ckpt, cfg, state.head, classes)
+    mismatch = incompatibility(ckpt, cfg, head, classes)
     if mismatch:
         raise TrainerError(f"--resume {out}: {mismatch}; resume with the run's own options, "
                            "or start a new run with --out")
+    return ckpt
+
+
+def restore_run(state: TrainingState, out: Path, cfg: RunConfig, classes: list[str], world_size: int,
+           reschedule: bool) -> Resumed:
+    """Restore `state` from `out`'s last.pt, refusing one that does not fit this run."""
+    ckpt = resumable_checkpoint(out, cfg, state.head, classes)
     restore_state(state, ckpt, read_metrics(out / "metrics.jsonl"))
     position = read_position(ckpt.position, ckpt.config, world_size)
     state.schedule_epochs, schedule_note = schedule(cfg, ckpt.schedule_epochs, reschedule)
@@ -175,7 +182,7 @@ def restore_run(state: TrainingState, out: Path, cfg: RunConfig, classes: list[s
         where += f", step {first}"
         if first * per_step != position.samples:
             where += (f" (sample {first * per_step} of the epoch: the checkpoint stopped after {position.samples} "
-                      f"samples with batch {position.batch_size} x {position.world_size} processes; now "
+                      f"samples with batch {position.batch_size} x {plural(position.world_size, 'process')}; now "
                       f"{cfg.batch_size} x {world_size}, rounded down to a step)")
     return Resumed(position, [f"resuming {out} at {where}"] + ([schedule_note] if schedule_note else []))
 
@@ -190,7 +197,7 @@ def finished_summary(out: Path, state: TrainingState, cfg: RunConfig, ctx: DistC
     if summary is None:
         return None
     why = ("early stopping: " + state.early.reason()) if state.early.should_stop else f"reached --epochs {cfg.epochs}"
-    say(f"{out} is finished ({len(state.records)} epochs, {why}); nothing to do"
+    say(f"{out} is finished ({plural(len(state.records), 'epoch')}, {why}); nothing to do"
         + ("" if state.early.should_stop else "; give a larger --epochs to train on"))
     return summary
 

@@ -10,7 +10,6 @@ checkpoint holds in `trainer.checkpoint`, the checks in `trainer.checks`, and th
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from trainer.checks import check_forward, check_pack, dropped_note
 from trainer.config import RunConfig
 from trainer.distributed import DistContext, stop_check
 from trainer.errors import RunInterrupted
-from trainer.loop import EpochResult, StepConfig, resolve_amp, train_one_epoch
-from trainer.metrics import write_json, write_metrics
+from trainer.loop import EpochResult, StepConfig, amp_name, resolve_amp, train_one_epoch
+from trainer.metrics import SYNTHETIC_NOTE, write_json, write_metrics
 from trainer.models import set_train_mode, takes_labels
 from trainer.optim import lr_factor, set_lr
 from trainer.plots import plot_curves
@@ -121,32 +120,30 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
         return True, "early stopping: " + state.early.reason()
     train_model = _wrap(state.model, cfg, ctx, run.device)
     train_loader = run.loader("train", train=True)
-    synthetic = ("SYNTHETIC DATA (random images, not the pack's: the figures measure speed only): "
-                 if run.backend == "synthetic" else "")
+    synthetic = f"{SYNTHETIC_NOTE}: " if run.backend == "synthetic" else ""
     used = train_loader.num_samples * ctx.world_size
     run.say(f"{synthetic}training {cfg.arch} on {run.reader.path} ({run.reader.num_classes} classes, {used} "
             f"train images per epoch) with backend {train_loader.backend} on {run.device}, "
-            f"amp {run.amp_dtype or 'off'}, world size {ctx.world_size}, "
+            f"amp {amp_name(run.amp_dtype)}, world size {ctx.world_size}, "
             f"global batch {cfg.batch_size * ctx.world_size} -> {run.out}")
     dropped = dropped_note(run.reader.split_counts()["train"], used, cfg.batch_size, ctx.world_size)
     if dropped:
         run.say(dropped)
     if not validation.validates:
         run.say(f"{run.reader.path} has no val split: no early stopping, and best.pt is the last epoch")
+    tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec, len(train_loader))
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler,
                       cfg.log_every, grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite,
-                      with_labels=takes_labels(state.model))
+                      with_labels=takes_labels(state.model), on_log=tb.on_log if tb is not None else None)
     stop_requested = stop_check(ctx, signals, cfg.log_every)
-    tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec, len(train_loader))
     for epoch in range(state.next_epoch, cfg.epochs):
-        epoch_step = dataclasses.replace(step, on_log=tb.step_hook(epoch)) if tb is not None else step
-        outcome = _train_epoch(run, state, train_model, train_loader, epoch_step, epoch, position, stop_requested)
+        outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, position, stop_requested)
         if outcome.interrupted:
             if ctx.is_main:  # the last completed epoch's state, and where this one stopped
                 stop = stopped_at(epoch, outcome.next_step, outcome.state.state_dict(), cfg.batch_size, ctx.world_size)
                 _save_last(run, state, epoch - 1, stop)
             raise RunInterrupted(stop_message(signals.name, epoch, outcome.next_step, run.out), signals.exit_code)
-        record = _epoch_record(run, train_model, validation, epoch, outcome, len(train_loader.skipped))
+        record = _epoch_record(run, train_model, validation, epoch, outcome)
         improved = (state.early.update(record[cfg.monitor], epoch) if validation.validates
                     else state.early.last_is_best(epoch))
         if cfg.scheduler == "plateau":
@@ -178,7 +175,8 @@ def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.devi
 
 def _save_last(run: RunContext, state: TrainingState, epoch: int, position: Position | None = None) -> None:
     """last.pt after epoch index `epoch` completed (and `position` into the next, for a mid-epoch stop)."""
-    payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch, position.to_dict() if position else None)
+    payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch, position.to_dict() if position else None,
+                            trained_classes=run.reader.classes_in("train"))
     save_checkpoint(run.out / "last.pt", payload)
 
 
@@ -202,28 +200,24 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
                         first_count=first_step * cfg.batch_size * world_size, log_interval=cfg.log_seconds)
     outcome = train_one_epoch(train_model, train_loader, state.optimizer, step, device=run.device, set_lr=set_lr_at,
                               set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress,
-                              first_step=first_step, resume_state=resume_state, stop_requested=stop_requested)
+                              first_step=first_step, resume_state=resume_state, stop_requested=stop_requested,
+                              step_offset=epoch * steps, all_reduce=run.ctx.all_reduce if run.ctx.enabled else None)
     progress.close()
     return outcome
 
 
-def _epoch_record(run: RunContext, train_model: nn.Module, validation: Validation, epoch: int, outcome: EpochResult,
-                  skipped: int) -> dict[str, Any]:
-    """The epoch's metrics.jsonl line: train figures and `skipped` (this rank's unreadable train samples) summed
-    over ranks, and the val figures."""
+def _epoch_record(run: RunContext, train_model: nn.Module, validation: Validation, epoch: int,
+                  outcome: EpochResult) -> dict[str, Any]:
+    """The epoch's metrics.jsonl line: the train figures (every rank's: `train_one_epoch` sums them), and the val
+    figures."""
     ctx, train = run.ctx, outcome.metrics
     val_start = time.perf_counter()
     ctx.broadcast_buffers(unwrap(train_model))
     val = validation.validate(unwrap(train_model), epoch)
-    n_train = train["train_samples"]
-    sums = torch.tensor([train["train_loss"] * n_train, train["train_top1"] * n_train, float(n_train), float(skipped)],
-                        dtype=torch.float64)
-    sums = ctx.all_reduce(sums.to(ctx.collective_device))
-    n = float(sums[2])
     return {
         "epoch": epoch + 1,  # metrics count epochs from 1, as the console does
-        "train_loss": float(sums[0]) / n,
-        "train_top1": float(sums[1]) / n,
+        "train_loss": train["train_loss"],
+        "train_top1": train["train_top1"],
         **val,
         "lr": train["lr"],
         "epoch_seconds": train["epoch_seconds"] + (time.perf_counter() - val_start),
@@ -231,7 +225,7 @@ def _epoch_record(run: RunContext, train_model: nn.Module, validation: Validatio
         "images_per_second": train["images_per_second"] * ctx.world_size,
         "data_wait_fraction": train["data_wait_fraction"],
         "skipped_steps": train["skipped_steps"],
-        "skipped_samples": int(sums[3]),
+        "skipped_samples": train["skipped_samples"],
     }
 
 

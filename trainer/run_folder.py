@@ -13,8 +13,8 @@ def default_out_dir(arch: str) -> Path:
     return Path("runs") / f"{arch}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_out_dir(out: Path, resume: bool) -> Path:
-    """Check (and make) the run folder; a folder holding a run is only reused with --resume."""
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse a run folder that cannot be used as asked: a file, a run without --resume, --resume without a run."""
     if out.exists() and not out.is_dir():
         raise TrainerError(f"--out {out} is a file; give a folder")
     if resume:
@@ -22,6 +22,11 @@ def prepare_out_dir(out: Path, resume: bool) -> Path:
             raise TrainerError(f"--resume {out}: nothing to resume (no last.pt there)")
     elif (out / "last.pt").exists():
         raise TrainerError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+
+
+def prepare_out_dir(out: Path, resume: bool) -> Path:
+    """Check (`check_out_dir`) and make the run folder; a folder holding a run is only reused with --resume."""
+    check_out_dir(out, resume)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -14,9 +14,8 @@ from torch import nn
 
 from dali_pipes import PipelineSpec
 from trainer.checkpoint import make_payload
-from trainer.checks import check_freeze
+from trainer.checks import check_freeze, check_sync_bn
 from trainer.config import RunConfig
-from trainer.errors import TrainerError
 from trainer.loop import resolve_amp
 from trainer.models import HeadConfig, build_model, freeze_blocks
 from trainer.monitor import EarlyStopping, monitor_mode
@@ -39,13 +38,17 @@ class TrainingState:
     next_epoch: int = 0  # 0-based index of the next epoch to train
 
     def payload(self, cfg: RunConfig, classes: list[str], spec: PipelineSpec, epoch: int,
-                position: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The checkpoint after epoch index `epoch` completed, and `position` into the next (a mid-epoch stop)."""
+                position: dict[str, Any] | None = None, trained_classes: list[str] | None = None) -> dict[str, Any]:
+        """The checkpoint after epoch index `epoch` completed, and `position` into the next (a mid-epoch stop).
+
+        `trained_classes`: those of `classes` with training images (None: all).
+        """
         scheduler = {"name": cfg.scheduler, "plateau": self.plateau.state_dict(), "epochs": self.schedule_epochs}
         return make_payload(model=self.model, optimizer=self.optimizer, scaler=self.scaler, scheduler=scheduler,
                             early_stopping=self.early.state_dict(), epoch=epoch, config=cfg.to_dict(),
                             head=self.head.to_dict(), classes=classes, spec=spec.to_dict(),
-                            metrics=self.records[-1] if self.records else {}, position=position)
+                            metrics=self.records[-1] if self.records else {}, position=position,
+                            trained_classes=trained_classes)
 
 
 def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False,
@@ -58,9 +61,7 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     head = HeadConfig.from_run(cfg)
     model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=head)
     if cfg.sync_bn and distributed:
-        if device.type != "cuda":
-            raise TrainerError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
-                               "drop it on the CPU")
+        check_sync_bn(cfg.sync_bn, device.type)
         # Same parameters and state-dict keys; converted before freezing so frozen blocks hold the new modules.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     frozen = freeze_blocks(model, cfg.freeze)

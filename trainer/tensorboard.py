@@ -1,8 +1,9 @@
 """TensorBoard logging for `trainer run --tensorboard`: scalars and one picture in OUT/tb/, written by rank 0.
 
-Tags: `step/loss` and `step/lr` every `--log-every` steps (x: global step), `epoch/<key>`
+Tags: `step/loss` and `step/lr` at the loop's syncs: every `--log-every` steps counted
+across epochs, and the first step of each epoch (x: global step, from 0); `epoch/<key>`
 for every number of a metrics.jsonl record (x: epoch, counted from 1), and
-`train/batch`, the first logged training batch of epoch 1 with normalization undone.
+`train/batch`, the training batch of the run's first step with normalization undone.
 Step values arrive through the loop's `on_log` hook, at the host sync the progress line
 already makes, so logging adds no sync of its own.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,19 +37,15 @@ class TensorBoardLogger:
         self.steps_per_epoch = steps_per_epoch
         self.batch_written = False
 
-    def step_hook(self, epoch: int) -> Callable[[int, dict[str, float], torch.Tensor], None]:
-        """The loop's `on_log(step, values, images)` for 0-based `epoch`: step scalars, and the batch picture once."""
-
-        def on_log(step: int, values: dict[str, float], images: torch.Tensor) -> None:
-            global_step = epoch * self.steps_per_epoch + step
-            for key, value in values.items():
-                self.writer.add_scalar(f"step/{key}", value, global_step)
-            if epoch == 0 and not self.batch_written:
-                shown = unnormalize(images[:IMAGES_SHOWN], self.spec)
-                self.writer.add_images("train/batch", shown, global_step, dataformats="NCHW")
-                self.batch_written = True
-
-        return on_log
+    def on_log(self, global_step: int, values: dict[str, float], images: torch.Tensor) -> None:
+        """The loop's hook (`StepConfig.on_log`): step scalars, and the picture of the first logged batch of epoch 1
+        (the run's first step, which the loop always syncs)."""
+        for key, value in values.items():
+            self.writer.add_scalar(f"step/{key}", value, global_step)
+        if global_step < self.steps_per_epoch and not self.batch_written:
+            shown = unnormalize(images[:IMAGES_SHOWN], self.spec)
+            self.writer.add_images("train/batch", shown, global_step, dataformats="NCHW")
+            self.batch_written = True
 
     def log_epoch(self, number: int, record: dict[str, Any]) -> None:
         """Every number of an epoch record (the metrics.jsonl line) as `epoch/<key>` at x = `number`; then flush."""

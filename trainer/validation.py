@@ -60,14 +60,16 @@ class Validation(ABC):
         """The split the best weights are tested on: test, or val when the pack has no test split."""
         return "test" if self.reader.split_counts()["test"] > 0 else "val"
 
-    def check_monitor(self, monitor: str) -> None:
-        """Refuse a --monitor this validation does not measure, with the fix."""
-        if monitor not in self.monitors:
-            raise TrainerError(self.monitor_error(monitor))
+    @classmethod
+    def check_monitor(cls, reader: PackReader, monitor: str) -> None:
+        """Refuse a --monitor this kind of validation does not measure on `reader`'s pack, with the fix."""
+        if monitor not in cls.monitors:
+            raise TrainerError(cls.monitor_error(reader, monitor))
 
+    @classmethod
     @abstractmethod
-    def monitor_error(self, monitor: str) -> str:
-        """The one line that says why `monitor` does not fit and what does."""
+    def monitor_error(cls, reader: PackReader, monitor: str) -> str:
+        """The one line that says why `monitor` does not fit `reader`'s pack and what does."""
 
     @abstractmethod
     def validate(self, model: nn.Module, epoch: int, suffix: str = "") -> dict[str, Any]:
@@ -119,9 +121,10 @@ class ClosedSetValidation(Validation):
     def validates(self) -> bool:
         return self.reader.split_counts()["val"] > 0
 
-    def monitor_error(self, monitor: str) -> str:
+    @classmethod
+    def monitor_error(cls, reader: PackReader, monitor: str) -> str:
         return (f"--monitor {monitor} needs a pack split by class (tools/pack_dataset.py --split-by class); "
-                f"{self.reader.path} is split by image: use val_loss or val_top1")
+                f"{reader.path} is split by image: use val_loss or val_top1")
 
     def _evaluate(self, model: nn.Module, split: str, epoch: int) -> dict[str, Any]:
         loader = self.loader(split)
@@ -162,8 +165,9 @@ class VerificationValidation(Validation):
 
     monitors = ("val_auc",)
 
-    def monitor_error(self, monitor: str) -> str:
-        return (f"{self.reader.path} is split by class (val holds identities without a class in the head): "
+    @classmethod
+    def monitor_error(cls, reader: PackReader, monitor: str) -> str:
+        return (f"{reader.path} is split by class (val holds identities without a class in the head): "
                 f"pass --monitor val_auc, validation is by verification there")
 
     def _figures(self, model: nn.Module, split: str) -> dict[str, Any]:
@@ -190,11 +194,15 @@ class VerificationValidation(Validation):
                 Curve("val_accuracy", "val verification accuracy", "accuracy", CURVE_COLORS[2], "^", "--")]
 
 
+def validation_kind(reader: PackReader) -> type[Validation]:
+    """The kind of validation `reader`'s pack gets: by verification when it is split by class, else closed-set."""
+    return VerificationValidation if split_kind(reader.labels, reader.splits) == "class" else ClosedSetValidation
+
+
 def choose_validation(reader: PackReader, monitor: str, eval_loader: Callable[[str], BatchLoader], *,
                       ctx: DistContext, device: torch.device, amp_dtype: torch.dtype | None, topk: int,
                       seed: int) -> Validation:
     """The run's validation, chosen once from how `reader`'s pack is split; refuses a `monitor` it does not measure."""
-    kind = VerificationValidation if split_kind(reader.labels, reader.splits) == "class" else ClosedSetValidation
-    validation = kind(reader, eval_loader, ctx=ctx, device=device, amp_dtype=amp_dtype, topk=topk, seed=seed)
-    validation.check_monitor(monitor)
-    return validation
+    kind = validation_kind(reader)
+    kind.check_monitor(reader, monitor)
+    return kind(reader, eval_loader, ctx=ctx, device=device, amp_dtype=amp_dtype, topk=topk, seed=seed)
