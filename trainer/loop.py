@@ -147,6 +147,12 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
+def nonfinite_check_every(device: torch.device, log_every: int) -> int:
+    """Steps between checks for a non-finite loss: every step on the CPU, where reading it costs nothing,
+    every `log_every` steps elsewhere, where each read is a host sync."""
+    return 1 if device.type == "cpu" else log_every
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
                     device: torch.device, set_lr: Callable[[int], float], set_train_mode: Callable[[], None],
                     progress: Progress | None = None, first_step: int = 0, resume_state: EpochState | None = None,
@@ -162,7 +168,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     """
     set_train_mode()
     state = resume_state or EpochState(device)
-    check_every = 1 if device.type == "cpu" else step.log_every
+    check_every = nonfinite_check_every(device, step.log_every)
     lr = float("nan")
     start = time.perf_counter()
     prior_seconds = state.seconds  # of a resumed epoch's earlier session
