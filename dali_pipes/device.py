@@ -51,10 +51,9 @@ class DeviceStreams:
     None on the CPU. `new_stream(device, priority)` makes a stream (injectable for tests).
     """
 
-    def __init__(self, device: torch.device,
-                 new_stream: Callable[[torch.device, int], Any] = _new_cuda_stream) -> None:
+    def __init__(self, device: torch.device, new_stream: Callable[[torch.device, int], Any] | None = None) -> None:
         self.device = torch.device(device)
-        self._new_stream = new_stream
+        self._new_stream = new_stream or _new_cuda_stream
         self._made: dict[int, Any] = {}
 
     def _stream(self, priority: int) -> Any:

@@ -91,7 +91,10 @@ def _patched(audit: HostSyncs, on_call: Callable[[str], None]) -> Iterator[None]
         def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if not audit.is_host(self):
                 on_call(f"Tensor.{name}")
-            return base[name](self, *args, **kwargs)
+            value = base[name](self, *args, **kwargs)
+            if isinstance(value, torch.Tensor) and name == "cpu":
+                audit.mark_host(value)  # what `.cpu()` returns lives on the host
+            return value
         return call
 
     def indexing(name: str) -> Callable[..., Any]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dali_pipes import PackReader, PipelineSpec
+from dali_pipes.device import DECODE_PRIORITY, PREPARE_PRIORITY, DeviceStreams, device_streams
 from dali_pipes.geometry import (
     affine_matrices,
     affine_matrix,
@@ -299,6 +300,36 @@ def test_prefetcher_stops_its_thread_when_the_consumer_stops_early() -> None:
     # An endless source: the thread stopped, having run at most a full queue (and one batch waiting
     # for room) past what the consumer took.
     assert len(prepared) <= len(taken) + depth + 1
+
+
+# ---------------------------------------------------------------------------- streams
+
+def test_streams_are_made_once_per_device_and_kept() -> None:
+    made: list[tuple[torch.device, int]] = []
+
+    def new_stream(device: torch.device, priority: int) -> object:
+        made.append((device, priority))
+        return object()
+
+    gpu = torch.device("cuda", 1)
+    streams = DeviceStreams(gpu, new_stream)
+    prepare, decode = streams.prepare, streams.decode
+    for _epoch in range(3):  # every epoch and every loader asks again: the same streams come back
+        assert streams.prepare is prepare and streams.decode is decode
+    assert prepare is not decode
+    assert made == [(gpu, PREPARE_PRIORITY), (gpu, DECODE_PRIORITY)] and PREPARE_PRIORITY != DECODE_PRIORITY
+    assert DeviceStreams(torch.device("cpu"), new_stream).prepare is None and len(made) == 2
+    # One holder per device for the whole process (nothing is made on CUDA until a stream is asked for).
+    assert device_streams(torch.device("cuda:1")) is device_streams(gpu)
+    assert device_streams(torch.device("cuda:0")) is not device_streams(gpu)
+
+
+def test_only_the_stream_holder_makes_cuda_streams() -> None:
+    # A stream taken anywhere else (per epoch, per loader) comes from torch's small round-robin pool
+    # and sooner or later is some other user's stream.
+    package = Path(__file__).resolve().parents[1] / "dali_pipes"
+    makers = sorted(p.name for p in package.glob("*.py") if "cuda.Stream(" in p.read_text())
+    assert makers == ["device.py"]
 
 
 # ---------------------------------------------------------------------------- constants, top-k, data wait

@@ -207,7 +207,7 @@ def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int
         for batch in loader:
             yield batch
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()  # count work the GPU finished, not work it was given
+            torch.cuda.synchronize(device)  # count work the GPU finished, not work it was given
 
     return epoch_batches
 

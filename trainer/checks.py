@@ -11,6 +11,7 @@ from torch import nn
 
 from dali_pipes import PackReader, samples_per_rank, split_kind
 from trainer.config import RunConfig
+from trainer.distributed import DistContext, rank_device
 from trainer.errors import TrainerError
 from trainer.models import HeadConfig, build_model, freeze_blocks
 
@@ -62,12 +63,14 @@ def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> Non
 
 
 def preflight(cfg: RunConfig, world_size: int) -> None:
-    """The checks that need no process group (pack, splits, batch size, classes, architecture, size).
+    """The checks that need no process group (pack, splits, batch size, classes, architecture, size, device).
 
     Run before `--nproc` launches torchrun, so a mistake is one line instead of one per process.
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    rank_device(cfg.device, DistContext(world_size=world_size, local_world_size=world_size), gpus)
     # The real weights are loaded by each process.
     model = build_model(cfg.arch, reader.num_classes, weights="none", head=HeadConfig.from_run(cfg))
     check_freeze(cfg, freeze_blocks(model, cfg.freeze))
