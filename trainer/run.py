@@ -171,13 +171,15 @@ def tune_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
 
 
-def wrap_model(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device) -> nn.Module:
-    """The model as the training steps call it: under DDP with several processes, compiled with `--compile`."""
+def wrap_model(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device,
+               compile_backend: str = "inductor") -> nn.Module:
+    """The model as the training steps call it: under DDP with several processes, compiled with `--compile`
+    (by `compile_backend`: tools/bench_train.py's smoke run asks for torch.compile's "eager" one)."""
     wrapped = model
     if ctx.enabled:
         wrapped = data_parallel(model, device, sync_bn=cfg.sync_bn)
     if cfg.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, backend=compile_backend)
     return wrapped
 
 
