@@ -18,7 +18,8 @@ Where each concept lives:
 * `loader`: what a loader is (request, epoch plan, shards, skipped samples, the base);
   `backends`: the registry, `choose_backend` and `build_loader`.
 * `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` for
-  streams and transfers and `prefetch` for the background thread), `dali_backend`, `synthetic_backend`: one module per backend.
+  streams and transfers and `prefetch` for the background thread), `dali_backend`,
+  `synthetic_backend`: one module per backend.
 * `inputs`: model inputs from loose files; `atomic`: atomic file writes; `progress`: the
   progress line; `seeded`: the vectorized per-sample random draws.
 """

@@ -27,10 +27,10 @@ How a batch is made:
   convention. With `train_antialias` (the default) `geometry`'s integer pre-shrink
   comes first, in the graph: each image zero-padded to a multiple of its factors
   (`fn.pad`), viewed as H/fy x fy x W/fx x fx x C (`fn.reshape`), summed over the block
-  axes (`fn.reductions.sum`) and multiplied by the reciprocal pixel count of each
-  block row and column (the last ones may be partial), then warped with the matrix
-  re-expressed on the shrunk image. The feed supplies those shapes and counts: the
-  pack records every image's size. `geometry="separate"` (resize, flip, rotate) is
+  axes (`fn.reductions.sum`) and divided by each block's pixel count (the same sums
+  over a map of ones: edge blocks may be partial), then warped with the matrix
+  re-expressed on the shrunk image. The feed supplies those shapes: the pack records
+  every image's size. `geometry="separate"` (resize, flip, rotate) is
   kept for benchmarking.
 * Eval geometry is `fn.resize` to exactly S x S, linear with antialiasing, which
   matches PIL's `resize(..., BILINEAR)` (the torch backend's reference) to within a
@@ -185,27 +185,20 @@ class _Feed:
         return tuple(values[name] for name in self._graph.fields)
 
 
-_SHRINK_FIELDS = ("pad_shape", "blocks", "row_scale", "col_scale")
+_SHRINK_FIELDS = ("pad_shape", "blocks")
 
 
 def _shrink_columns(heights: np.ndarray, widths: np.ndarray, fy: np.ndarray,
                     fx: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """Per-sample inputs of the graph's pre-shrink (see module): padded size, block shape, reciprocal counts."""
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in _SHRINK_FIELDS}
-    for height, width, y, x in zip(heights.tolist(), widths.tolist(), fy.tolist(), fx.tolist()):
-        rows, cols = shrunk_size(height, width, y, x)
-        columns["pad_shape"].append(np.array([rows * y, cols * x], dtype=np.int32))
-        columns["blocks"].append(np.array([rows, y, cols, x, 3], dtype=np.int32))
-        columns["row_scale"].append(_reciprocal_counts(height, y, rows).reshape(rows, 1, 1))
-        columns["col_scale"].append(_reciprocal_counts(width, x, cols).reshape(1, cols, 1))
-    return columns
+    """Per-sample inputs of the graph's pre-shrink (see module): the padded size and the block shape.
 
-
-def _reciprocal_counts(length: int, factor: int, blocks: int) -> np.ndarray:
-    """1 / (source pixels in each block) along one axis: `factor`, the last block what is left."""
-    counts = np.full(blocks, factor, dtype=np.float32)
-    counts[-1] = length - (blocks - 1) * factor
-    return 1.0 / counts
+    Vectorized over the batch: this runs on the training thread, once per batch.
+    """
+    fy, fx = np.broadcast_to(fy, np.shape(heights)), np.broadcast_to(fx, np.shape(widths))
+    rows, cols = shrunk_size(np.asarray(heights), np.asarray(widths), fy, fx)
+    channels = np.full_like(rows, -1)  # reshape infers it: 3 for the image, 1 for its pixel count
+    return {"pad_shape": list(np.stack([rows * fy, cols * fx], 1).astype(np.int32)),
+            "blocks": list(np.stack([rows, fy, cols, fx, channels], 1).astype(np.int32))}
 
 
 def _interp(name: str) -> Any:
@@ -220,7 +213,7 @@ def _external_inputs(feed: _Feed, graph: _Graph) -> dict[str, Any]:
 
     kinds = {"data": (types.UINT8, 1), "label": (types.INT64, 0), "matrix": (types.FLOAT, 2),
              "flip": (types.INT32, 0), "angle": (types.FLOAT, 0), "pad_shape": (types.INT32, 1),
-             "blocks": (types.INT32, 1), "row_scale": (types.FLOAT, 3), "col_scale": (types.FLOAT, 3)}
+             "blocks": (types.INT32, 1)}
     dtypes = [kinds[name][0] for name in graph.fields]
     ndims = [kinds[name][1] for name in graph.fields]
     # no_copy: DALI reads the memory-map views in place; `_Feed.in_flight` keeps them
@@ -247,13 +240,13 @@ def _define_graph(feed: _Feed, graph: _Graph) -> tuple[Any, Any]:
     interp = _interp(spec.interpolation)
     if not graph.train:
         if graph.shrinks:
-            images = _preshrink(images, inputs, graph.gpu)
+            images = _preshrink(images, inputs)
         images = _resize(images, size, interp, spec.eval_antialias)
         if graph.shrinks:
             images = fn.cast(images, dtype=types.UINT8)  # resize keeps the pre-shrink's float
     elif graph.geometry == "fused":
         if graph.shrinks:
-            images = _preshrink(images, inputs, graph.gpu)
+            images = _preshrink(images, inputs)
         images = fn.warp_affine(images, matrix=inputs["matrix"], size=(size, size), inverse_map=False,
                                 fill_value=float(spec.fill), interp_type=interp, dtype=types.UINT8)
     else:
@@ -265,14 +258,21 @@ def _define_graph(feed: _Feed, graph: _Graph) -> tuple[Any, Any]:
     return images, labels
 
 
-def _preshrink(images: Any, inputs: dict[str, Any], gpu: bool) -> Any:
-    """`geometry`'s integer pre-shrink in the graph: block means as float HWC (see module)."""
+def _preshrink(images: Any, inputs: dict[str, Any]) -> Any:
+    """`geometry`'s integer pre-shrink in the graph: block means as float HWC (see module).
+
+    Each block's sum over its pixel count, the count being the same block sum over a map
+    of ones: the zero padding adds nothing to either, so partial edge blocks average the
+    pixels they have.
+    """
     from nvidia.dali import fn, types
 
-    padded = fn.pad(images, axis_names="HW", shape=inputs["pad_shape"], fill_value=0)
-    sums = fn.reductions.sum(fn.reshape(padded, shape=inputs["blocks"]), axes=[1, 3], dtype=types.FLOAT)
-    rows, cols = (inputs[name].gpu() if gpu else inputs[name] for name in ("row_scale", "col_scale"))
-    return fn.reshape(sums * rows * cols, layout="HWC")
+    def block_sums(data: Any) -> Any:
+        padded = fn.pad(data, axes=(0, 1), shape=inputs["pad_shape"], fill_value=0)
+        return fn.reductions.sum(fn.reshape(padded, shape=inputs["blocks"]), axes=[1, 3], dtype=types.FLOAT)
+
+    ones = images[:, :, 0:1] * 0 + 1  # one per source pixel
+    return fn.reshape(block_sums(images) / block_sums(ones), layout="HWC")
 
 
 def _resize(images: Any, size: int, interp: Any, antialias: bool) -> Any:

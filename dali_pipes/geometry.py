@@ -26,7 +26,7 @@ pixels per output pixel along each axis, `source_per_output`), so they fit any c
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -237,8 +237,9 @@ def eval_shrinks(spec: PipelineSpec) -> bool:
     return spec.eval_antialias and spec.interpolation != "nearest"
 
 
-def shrunk_size(height: int, width: int, fy: int, fx: int) -> tuple[int, int]:
-    """(height, width) of an image shrunk by (fy, fx): the ceiling of each quotient."""
+def shrunk_size(height: ArrayLike | int, width: ArrayLike | int, fy: ArrayLike | int,
+                fx: ArrayLike | int) -> tuple[Any, Any]:
+    """(height, width) of an image shrunk by (fy, fx): the ceiling of each quotient (ints, or arrays of them)."""
     return -(-height // fy), -(-width // fx)
 
 
