@@ -136,3 +136,36 @@ def test_gpu_decode_never_writes_memory_that_queued_kernels_still_read(demo_pack
         del victims  # freed while the sums are still queued
         decode_on_device(reader, indices, encoded, device)
         assert [int(s) for s in sums] == expected
+
+
+def test_huge_photos_resize_and_warp_on_the_gpu_as_on_the_cpu() -> None:
+    """A 4000 x 3000 photo among small ones: pre-shrunk, one uint8 canvas, no shared-memory failure."""
+    import numpy as np
+
+    from dali_pipes import PipelineSpec
+    from dali_pipes.geometry import train_matrices
+    from dali_pipes.torch_gpu import transform_images
+
+    yy, xx = np.mgrid[0:4000, 0:3000].astype(np.float32)
+    smooth = np.stack([127 + 100 * np.sin(xx / 97), 127 + 100 * np.cos(yy / 131), (xx + yy) / 28], 0)
+    images = [torch.from_numpy(smooth.astype(np.uint8)), torch.randint(0, 256, (3, 300, 200), dtype=torch.uint8)]
+    spec = PipelineSpec(image_size=224)
+    matrices = train_matrices(spec, 0, 0, np.arange(2), [4000, 300], [3000, 200])
+    for geometry in (None, matrices):
+        cpu = transform_images(images, spec, geometry).int()
+        gpu = transform_images([image.cuda() for image in images], spec, geometry).cpu().int()
+        assert (gpu - cpu).abs().max() <= 2
+
+
+def test_our_streams_never_alias_pooled_ones() -> None:
+    """torch.cuda.Stream() cycles through 32 pooled streams per priority; ours come from other pools."""
+    from dali_pipes.device import device_streams
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    streams = device_streams(device)
+    ours = {streams.prepare.cuda_stream, streams.decode.cuda_stream}
+    assert len(ours) == 2
+    pooled = {torch.cuda.Stream(device=device).cuda_stream for _ in range(40)}  # more than a pool holds
+    pooled |= {torch.cuda.current_stream(device).cuda_stream, torch.cuda.default_stream(device).cuda_stream}
+    assert not ours & pooled
+    assert device_streams(device).prepare is streams.prepare  # kept, not taken again
