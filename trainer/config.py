@@ -27,7 +27,7 @@ HEAD_TYPES = ("linear", "mlp", *MARGIN_HEADS)  # what --head takes (trainer.mode
 BACKEND_HELP = "Data backend (auto: dali on CUDA when installed, else torch)."
 WORKERS_HELP = ("Loader workers or DALI threads (default: usable cores // LOCAL_WORLD_SIZE, the processes torchrun "
                 "starts on this node, at least 1).")
-DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (under --nproc or torchrun: cuda, each process on the GPU of its LOCAL_RANK)."
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
