@@ -10,14 +10,16 @@ here; nothing here imports `trainer`.
 Where each concept lives:
 
 * `spec`: the preprocessing spec and its constants; `geometry`: the one per-sample affine
-  matrix every backend warps with, and its conversions to each backend's convention.
+  matrix every backend warps with, its conversions to each backend's convention, and the
+  integer pre-shrink before large downscales.
 * `pack_format`: the pack's layout and `PackReader`; `pack_writer`: how a pack is written
   (`pack_folder`); `pack_sources`: finding, verifying and encoding source files;
   `splits`: train/val/test assignment.
 * `loader`: what a loader is (request, epoch plan, shards, skipped samples, the base);
   `backends`: the registry, `choose_backend` and `build_loader`.
-* `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` and
-  `prefetch` for streams), `dali_backend`, `synthetic_backend`: one module per backend.
+* `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` for
+  streams and transfers and `prefetch` for the background thread), `dali_backend`,
+  `synthetic_backend`: one module per backend.
 * `inputs`: model inputs from loose files; `atomic`: atomic file writes and output checks;
   `progress`: the progress line; `seeded`: the vectorized per-sample random draws; `cores`:
   the default worker count; `words`: counts in words (`plural`).

@@ -22,7 +22,8 @@ BACKENDS = {
     "torch": "dali_pipes.torch_backend",
     "synthetic": "dali_pipes.synthetic_backend",
 }
-DALI_INSTALL_HINT = "pip install 'nvidia-dali-cuda120' (or: pip install -e '.[dali]')"
+DALI_INSTALL_HINT = ("pip install nvidia-dali-cuda120 for CUDA 12, nvidia-dali-cuda130 for CUDA 13 "
+                     "(from a checkout: pip install -e '.[dali]' or '.[dali-cu13]')")
 
 
 def dali_available() -> bool:

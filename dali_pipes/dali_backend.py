@@ -24,12 +24,22 @@ How a batch is made:
   convention, checked against `cv2.warpAffine` in tests/test_dali_backend.py: with
   `inverse_map=False` the matrix maps source to output, coordinates continuous with
   pixel centres at +0.5 (cv2 puts them at integers), which is `geometry`'s own
-  convention. `geometry="separate"` (resize, flip, rotate) is kept for benchmarking.
+  convention. With `train_antialias` (the default) `geometry`'s integer pre-shrink
+  comes first, in the graph: each image zero-padded to a multiple of its factors
+  (`fn.pad`), viewed as H/fy x fy x W/fx x fx x C (`fn.reshape`), summed over the block
+  axes (`fn.reductions.sum`) and divided by each block's pixel count (the same sums
+  over a map of ones: edge blocks may be partial), then warped with the matrix
+  re-expressed on the shrunk image. The feed supplies those shapes: the pack records
+  every image's size. `geometry="separate"` (resize, flip, rotate) is
+  kept for benchmarking.
 * Eval geometry is `fn.resize` to exactly S x S, linear with antialiasing, which
   matches PIL's `resize(..., BILINEAR)` (the torch backend's reference) to within a
-  couple of levels out of 255.
+  couple of levels out of 255; a photo over 4x the size is first pre-shrunk by the
+  same graph steps with `geometry`'s eval factors, as the torch backend does.
 * DALI returns uint8 HWC; `feed_ndarray` copies it into a torch tensor on the target
-  device, and `loader.to_model_input` normalizes and casts it there.
+  device, and `loader.to_model_input` normalizes and casts it there. On CUDA the
+  outputs are bound to torch's current stream (`pipe.run(stream)`), which needs DALI's
+  dynamic executor (`exec_dynamic=True`; the default only from DALI 1.51, so asked for).
 
 Epoch end: the feed raises StopIteration when the plan is exhausted; DALI first hands
 out the batches it had already prefetched (`prefetch_queue_depth`), then raises
@@ -57,7 +67,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .geometry import sample_augmentation, train_matrices
+from .geometry import (
+    eval_shrinks,
+    resize_shrink_factors,
+    sample_augmentation,
+    shrunk_matrices,
+    shrunk_size,
+    train_matrices,
+    warp_shrink_factors,
+)
 from .loader import BatchLoader, LoaderError, LoaderRequest, SkippedSample, to_model_input
 from .pack_format import PackReader
 from .spec import PipelineSpec
@@ -78,12 +96,20 @@ class _Graph:
     geometry: str
 
     @property
+    def shrinks(self) -> bool:
+        """Whether the graph pre-shrinks: before the fused warp, or before the eval resize."""
+        if not self.train:
+            return eval_shrinks(self.spec)
+        return self.geometry == "fused" and self.spec.train_antialias
+
+    @property
     def fields(self) -> tuple[str, ...]:
         """Per-sample inputs the feed supplies, in external_source output order."""
+        shrink = _SHRINK_FIELDS if self.shrinks else ()
         if not self.train:
-            return ("data", "label")
+            return ("data", "label", *shrink)
         if self.geometry == "fused":
-            return ("data", "label", "matrix")
+            return ("data", "label", "matrix", *shrink)
         return ("data", "label", "flip", "angle")
 
 
@@ -140,17 +166,39 @@ class _Feed:
             "data": [reader.image_bytes(int(i)) for i in indices],
             "label": [np.array(reader.labels[i], dtype=np.int64) for i in indices],
         }
+        heights, widths = reader.heights[indices], reader.widths[indices]
         if not self._graph.train:
-            return values["data"], values["label"]
-        if self._graph.geometry == "fused":
-            matrices = train_matrices(spec, self._seed, self._epoch, indices, reader.heights[indices],
-                                      reader.widths[indices])
+            if self._graph.shrinks:
+                values.update(_shrink_columns(heights, widths, *resize_shrink_factors(heights, widths,
+                                                                                     spec.image_size)))
+        elif self._graph.geometry == "fused":
+            matrices = train_matrices(spec, self._seed, self._epoch, indices, heights, widths)
+            if self._graph.shrinks:
+                fy, fx = warp_shrink_factors(matrices)
+                matrices = shrunk_matrices(matrices, fy, fx)
+                values.update(_shrink_columns(heights, widths, fy, fx))
             values["matrix"] = list(matrices.astype(np.float32))
         else:
             flips, angles = sample_augmentation(spec, self._seed, self._epoch, indices)
             values["flip"] = [np.array(int(f), dtype=np.int32) for f in flips]
             values["angle"] = [np.array(a, dtype=np.float32) for a in angles]
         return tuple(values[name] for name in self._graph.fields)
+
+
+_SHRINK_FIELDS = ("pad_shape", "blocks")
+
+
+def _shrink_columns(heights: np.ndarray, widths: np.ndarray, fy: np.ndarray,
+                    fx: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Per-sample inputs of the graph's pre-shrink (see module): the padded size and the block shape.
+
+    Vectorized over the batch: this runs on the training thread, once per batch.
+    """
+    fy, fx = np.broadcast_to(fy, np.shape(heights)), np.broadcast_to(fx, np.shape(widths))
+    rows, cols = shrunk_size(np.asarray(heights), np.asarray(widths), fy, fx)
+    channels = np.full_like(rows, -1)  # reshape infers it: 3 for the image, 1 for its pixel count
+    return {"pad_shape": list(np.stack([rows * fy, cols * fx], 1).astype(np.int32)),
+            "blocks": list(np.stack([rows, fy, cols, fx, channels], 1).astype(np.int32))}
 
 
 def _interp(name: str) -> Any:
@@ -164,7 +212,8 @@ def _external_inputs(feed: _Feed, graph: _Graph) -> dict[str, Any]:
     from nvidia.dali import fn, types
 
     kinds = {"data": (types.UINT8, 1), "label": (types.INT64, 0), "matrix": (types.FLOAT, 2),
-             "flip": (types.INT32, 0), "angle": (types.FLOAT, 0)}
+             "flip": (types.INT32, 0), "angle": (types.FLOAT, 0), "pad_shape": (types.INT32, 1),
+             "blocks": (types.INT32, 1)}
     dtypes = [kinds[name][0] for name in graph.fields]
     ndims = [kinds[name][1] for name in graph.fields]
     # no_copy: DALI reads the memory-map views in place; `_Feed.in_flight` keeps them
@@ -190,10 +239,16 @@ def _define_graph(feed: _Feed, graph: _Graph) -> tuple[Any, Any]:
         images = images.gpu()  # decode on the host, augment on the device
     interp = _interp(spec.interpolation)
     if not graph.train:
+        if graph.shrinks:
+            images = _preshrink(images, inputs)
         images = _resize(images, size, interp, spec.eval_antialias)
+        if graph.shrinks:
+            images = fn.cast(images, dtype=types.UINT8)  # resize keeps the pre-shrink's float
     elif graph.geometry == "fused":
+        if graph.shrinks:
+            images = _preshrink(images, inputs)
         images = fn.warp_affine(images, matrix=inputs["matrix"], size=(size, size), inverse_map=False,
-                                fill_value=float(spec.fill), interp_type=interp)
+                                fill_value=float(spec.fill), interp_type=interp, dtype=types.UINT8)
     else:
         images = _resize(images, size, interp, spec.train_antialias)
         images = fn.flip(images, horizontal=inputs["flip"])
@@ -201,6 +256,23 @@ def _define_graph(feed: _Feed, graph: _Graph) -> tuple[Any, Any]:
                            interp_type=interp)
     labels = inputs["label"].gpu() if graph.gpu else inputs["label"]
     return images, labels
+
+
+def _preshrink(images: Any, inputs: dict[str, Any]) -> Any:
+    """`geometry`'s integer pre-shrink in the graph: block means as float HWC (see module).
+
+    Each block's sum over its pixel count, the count being the same block sum over a map
+    of ones: the zero padding adds nothing to either, so partial edge blocks average the
+    pixels they have.
+    """
+    from nvidia.dali import fn, types
+
+    def block_sums(data: Any) -> Any:
+        padded = fn.pad(data, axes=(0, 1), shape=inputs["pad_shape"], fill_value=0)
+        return fn.reductions.sum(fn.reshape(padded, shape=inputs["blocks"]), axes=[1, 3], dtype=types.FLOAT)
+
+    ones = images[:, :, 0:1] * 0 + 1  # one per source pixel
+    return fn.reshape(block_sums(images) / block_sums(ones), layout="HWC")
 
 
 def _resize(images: Any, size: int, interp: Any, antialias: bool) -> Any:
@@ -217,8 +289,9 @@ def build_pipeline(feed: _Feed, graph: _Graph, *, batch_size: int, num_threads: 
     from nvidia.dali import Pipeline
 
     device_id = (device.index or 0) if graph.gpu else None
+    # exec_dynamic: outputs bound to a CUDA stream (`run(stream)`) need it.
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
-                    prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
+                    prefetch_queue_depth=PREFETCH_QUEUE_DEPTH, exec_dynamic=True)
     with pipe:
         pipe.set_outputs(*_define_graph(feed, graph))
     pipe.build()
@@ -242,9 +315,6 @@ class DaliLoader(BatchLoader):
             raise LoaderError("the dali backend trains with linear or nearest interpolation, not cubic; "
                               "use --backend torch or change the spec's interpolation")
         super().__init__(reader, request)
-        # One warp cannot antialias; a spec asking for it gets the resize-based path.
-        if spec.train_antialias:
-            geometry = "separate"
         self._reader = reader
         self._device = request.device
         self._dtype = request.dtype

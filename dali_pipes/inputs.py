@@ -14,6 +14,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from .geometry import eval_shrinks, preshrink_numpy, resize_shrink_factors
 from .loader import to_model_input
 from .pack_sources import load_rgb
 from .spec import PipelineSpec
@@ -22,13 +23,19 @@ ImageOrPath = Union[np.ndarray, str, os.PathLike]
 
 
 def resize_cpu(image: np.ndarray, spec: PipelineSpec, out: torch.Tensor) -> None:
-    """Eval geometry of one decoded H x W x 3 uint8 RGB image into `out` (S x S x 3 uint8 tensor)."""
+    """Eval geometry of one decoded H x W x 3 uint8 RGB image into `out` (S x S x 3 uint8 tensor).
+
+    A photo more than `geometry.EVAL_MAX_DOWNSCALE` times the size is first shrunk by an
+    integer factor (area average), as the torch backend's GPU path does.
+    """
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2.functional import resize
 
     modes = {"linear": InterpolationMode.BILINEAR, "cubic": InterpolationMode.BICUBIC,
              "nearest": InterpolationMode.NEAREST}
     size = spec.image_size
+    if eval_shrinks(spec):
+        image = preshrink_numpy(image, *resize_shrink_factors(*image.shape[:2], size))
     # torchvision's uint8 kernel is PIL's filter (triangle widened by the scale), ~3x faster than PIL here.
     resized = resize(torch.from_numpy(image).permute(2, 0, 1), [size, size], interpolation=modes[spec.interpolation],
                      antialias=spec.eval_antialias)

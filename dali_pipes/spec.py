@@ -30,8 +30,11 @@ class PipelineSpec:
     horizontal flip with probability `flip_prob` and a rotation uniform in
     +-`rotation_degrees`, the uncovered corners filled with `fill` (black). Evaluation
     resizes with antialiasing (`eval_antialias`), as PIL and torchvision do; training
-    does resize, rotate and flip in one bilinear warp without antialiasing
-    (`train_antialias` False), which is the fast path (see README, "Preprocessing").
+    does resize, rotate and flip in one bilinear warp, and with `train_antialias` (the
+    default) a downscale of 2x or more is first an integer area pre-shrink, so training
+    images are antialiased too (`geometry`, "the integer pre-shrink"). A spec stored with
+    `train_antialias` False (checkpoints written before the pre-shrink) keeps the plain
+    warp, which aliases large downscales (see README, "Preprocessing").
     Normalization uses `mean` and `std` on [0, 1] pixel values, RGB order.
     """
 
@@ -43,7 +46,7 @@ class PipelineSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "linear"
     eval_antialias: bool = True
-    train_antialias: bool = False
+    train_antialias: bool = True
     layout: str = "NCHW_channels_last"
 
     def __post_init__(self) -> None:

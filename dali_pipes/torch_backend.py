@@ -10,8 +10,9 @@ so batches do not depend on worker count or scheduling):
   workers only gather encoded bytes; the main process decodes and warps the whole batch
   on the device.
 
-On CUDA both paths hand their batches through `prefetch.Prefetcher`: batch k+1 is
-copied, decoded, warped and normalized on a side stream while step k runs.
+On CUDA both paths hand their batches through `prefetch.Prefetcher`: a background
+thread copies, decodes, warps and normalizes the next batches on the device's prepare
+stream (two ahead) while the training thread runs its steps.
 
 An image that cannot be decoded costs its sample, not the batch: the worker (CPU path)
 or the main process (GPU path) leaves its row out and hands back its
@@ -186,8 +187,8 @@ class TorchLoader(BatchLoader):
         # The first iter() forks the (persistent) workers.
         with _opencv_threads(1) if self._num_workers > 0 else nullcontext():
             items = iter(self._data_loader())
-        # On CUDA, batch k+1 is prepared on a side stream while step k runs; finish()
-        # returns None when every sample of a batch was unreadable.
+        # On CUDA, a background thread prepares the next batches while the steps run;
+        # finish() returns None when every sample of a batch was unreadable.
         yield from Prefetcher(items, finish, self.device)
 
     def _record(self, skipped: list[SkippedSample]) -> None:

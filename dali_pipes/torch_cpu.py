@@ -3,9 +3,10 @@
 Each JPEG is decoded with OpenCV (libjpeg-turbo; torchvision when OpenCV refuses one)
 and its geometry done on uint8 into one N x S x S x 3 batch, in shared memory when made
 in a worker. Train: one `cv2.warpAffine` per image with its `geometry` matrix (resize,
-flip and rotation together); eval: `inputs.resize_cpu`, torchvision's antialiased resize
-(PIL's BILINEAR filter), the same function `dali_pipes.preprocess` applies to single
-files. The host ships uint8; `loader.to_model_input` normalizes wherever the batch lands.
+flip and rotation together), after `geometry`'s integer pre-shrink; eval:
+`inputs.resize_cpu`, torchvision's antialiased resize (PIL's BILINEAR filter) after the
+same pre-shrink as the GPU path's, the function `dali_pipes.preprocess` applies to
+single files. The host ships uint8; `loader.to_model_input` normalizes wherever the batch lands.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .geometry import on_resized_source, prefilter_size, to_opencv
+from .geometry import preshrink_numpy, shrunk_matrices, to_opencv, warp_shrink_factors
 from .inputs import resize_cpu
 from .loader import ImageDecodeError, SkippedSample
 from .pack_format import PackReader
@@ -67,14 +68,12 @@ def _decode_torchvision(reader: PackReader, index: int, channels: int) -> np.nda
 
 
 def warp_cpu(image: np.ndarray, spec: PipelineSpec, matrix: np.ndarray, out: np.ndarray) -> None:
-    """Train geometry of one decoded image into `out` (S x S x channels): one warp with its 2 x 3 `matrix`."""
+    """Train geometry of one decoded image into `out` (S x S x channels): one warp with its 2 x 3 `matrix`,
+    after the integer pre-shrink (`geometry`) when the spec antialiases training."""
     size = spec.image_size
     if spec.train_antialias:
-        height, width = image.shape[:2]
-        h, w = prefilter_size(height, width, size)
-        if (h, w) != (height, width):
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-            matrix = on_resized_source(matrix, height, width, h, w)
+        fy, fx = warp_shrink_factors(matrix)
+        image, matrix = preshrink_numpy(image, fy, fx), shrunk_matrices(matrix, fy, fx)
     border = (spec.fill, spec.fill, spec.fill, 255)
     cv2.warpAffine(image, to_opencv(matrix), (size, size), dst=out, flags=_CV2_INTERPOLATION[spec.interpolation],
                    borderMode=cv2.BORDER_CONSTANT, borderValue=border)

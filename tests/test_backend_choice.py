@@ -33,8 +33,10 @@ def test_auto_says_what_it_chose(monkeypatch: pytest.MonkeyPatch, installed: boo
     assert (name, probes) == ("torch", ["probe"])  # no second probe: off CUDA, DALI is never looked for
     assert note is not None and note.startswith("backend auto -> torch (device cpu")
     if not installed:
-        with pytest.raises(LoaderError, match="needs NVIDIA DALI"):
+        with pytest.raises(LoaderError, match="needs NVIDIA DALI") as missing:
             choose_backend("dali", "cpu")
+        assert "nvidia-dali-cuda120" in str(missing.value) and "nvidia-dali-cuda130" in str(missing.value)
+        assert "\n" not in str(missing.value)
 
 
 _FRESH = """

@@ -57,8 +57,8 @@ def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: P
         "--out", str(out), *extra])
     assert result.exit_code == 0, result.output
     assert f"amp torch.{'bfloat16' if amp == 'bf16' else 'float16'}" in result.output
-    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert all(not v.is_cuda for v in ckpt["model"].values())
+    ckpt = torch.load(out / "best.pt", weights_only=True)  # no map_location: every tensor is on the CPU
+    assert _all_tensors_on_cpu(ckpt)
     on_cpu = CliRunner().invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(demo_pack),
                                                "--device", "cpu", "--backend", "torch", "--workers", "0", "--json"])
     on_gpu = CliRunner().invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(demo_pack),
@@ -67,6 +67,14 @@ def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: P
     cpu, gpu = json.loads(on_cpu.output.splitlines()[-1]), json.loads(on_gpu.output.splitlines()[-1])
     assert cpu["num_samples"] == gpu["num_samples"]
     assert cpu["loss"] == pytest.approx(gpu["loss"], rel=2e-2, abs=2e-2)  # GPU decode and TF32 convolutions differ slightly
+
+
+def _all_tensors_on_cpu(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "cpu"
+    if isinstance(value, dict):
+        value = list(value.values())
+    return all(_all_tensors_on_cpu(item) for item in value) if isinstance(value, (list, tuple)) else True
 
 
 def _sync_checked(batches):
@@ -128,3 +136,36 @@ def test_gpu_decode_never_writes_memory_that_queued_kernels_still_read(demo_pack
         del victims  # freed while the sums are still queued
         decode_on_device(reader, indices, encoded, device)
         assert [int(s) for s in sums] == expected
+
+
+def test_huge_photos_resize_and_warp_on_the_gpu_as_on_the_cpu() -> None:
+    """A 4000 x 3000 photo among small ones: pre-shrunk, one uint8 canvas, no shared-memory failure."""
+    import numpy as np
+
+    from dali_pipes import PipelineSpec
+    from dali_pipes.geometry import train_matrices
+    from dali_pipes.torch_gpu import transform_images
+
+    yy, xx = np.mgrid[0:4000, 0:3000].astype(np.float32)
+    smooth = np.stack([127 + 100 * np.sin(xx / 97), 127 + 100 * np.cos(yy / 131), (xx + yy) / 28], 0)
+    images = [torch.from_numpy(smooth.astype(np.uint8)), torch.randint(0, 256, (3, 300, 200), dtype=torch.uint8)]
+    spec = PipelineSpec(image_size=224)
+    matrices = train_matrices(spec, 0, 0, np.arange(2), [4000, 300], [3000, 200])
+    for geometry in (None, matrices):
+        cpu = transform_images(images, spec, geometry).int()
+        gpu = transform_images([image.cuda() for image in images], spec, geometry).cpu().int()
+        assert (gpu - cpu).abs().max() <= 2
+
+
+def test_our_streams_never_alias_pooled_ones() -> None:
+    """torch.cuda.Stream() cycles through 32 pooled streams per priority; ours come from other pools."""
+    from dali_pipes.device import device_streams
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    streams = device_streams(device)
+    ours = {streams.prepare.cuda_stream, streams.decode.cuda_stream}
+    assert len(ours) == 2
+    pooled = {torch.cuda.Stream(device=device).cuda_stream for _ in range(40)}  # more than a pool holds
+    pooled |= {torch.cuda.current_stream(device).cuda_stream, torch.cuda.default_stream(device).cuda_stream}
+    assert not ours & pooled
+    assert device_streams(device).prepare is streams.prepare  # kept, not taken again

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dali_pipes import plan_epoch
 from conftest import make_pack
@@ -120,3 +121,41 @@ def test_two_nodes_without_a_shared_out_folder(pack: Path, tmp_path: Path) -> No
     assert not (tmp_path / "node1").exists()  # only rank 0 writes
     everything = "".join(out + err for out, err in outputs)
     assert everything.count("backend auto -> torch") == 1  # once per run, from rank 0
+
+
+def test_each_rank_gets_its_own_gpu_or_a_one_line_refusal() -> None:
+    from trainer.distributed import DistContext, rank_device
+    from trainer.errors import TrainerError
+
+    alone, second_of_two = DistContext(), DistContext(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    assert rank_device("auto", alone, 0) == torch.device("cpu")
+    assert rank_device("auto", second_of_two, 2) == torch.device("cuda", 1)
+    assert rank_device("cuda", second_of_two, 2) == torch.device("cuda", 1)
+    assert rank_device("cuda:1", alone, 2) == torch.device("cuda", 1)  # one process per node may pick its GPU
+    assert rank_device("cpu", second_of_two, 2) == torch.device("cpu")
+    refusals = [("cuda:1", second_of_two, 2, "would put all 2 processes of this node on GPU 1; pass --device cuda"),
+                ("cuda", DistContext(local_world_size=4), 2, "4 processes on this node but 2 GPU"),
+                ("cuda:2", alone, 2, "this machine has 2 GPU"),
+                ("cuda", alone, 0, "CUDA is not available")]
+    for choice, ctx, gpus, message in refusals:
+        with pytest.raises(TrainerError, match=message) as refused:
+            rank_device(choice, ctx, gpus)
+        assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_ddp_uses_bucket_views_and_skips_the_buffer_broadcast_with_sync_bn(tmp_path: Path, sync_bn: bool) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    from trainer.distributed import data_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = data_parallel(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.device("cpu"), sync_bn=sync_bn)
+        assert ddp.gradient_as_bucket_view and ddp.broadcast_buffers == (not sync_bn)
+        ddp(torch.randn(3, 4)).sum().backward()
+        # The gradients are views into DDP's buckets, not tensors of their own.
+        assert all(p.grad._base is not None for p in ddp.module.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -195,3 +195,34 @@ def test_unknown_config_key_from_cli_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(trainer_main, ["run", "--config", str(path)])
     assert result.exit_code == 1 and "unknown config keys: nope" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_embeddings_reach_the_host_in_one_copy_not_one_per_batch() -> None:
+    import numpy as np
+    from sync_audit import counting_host_syncs
+    from torch import nn
+
+    from trainer.embedding import embed_batches
+    from trainer.loop import HostGather
+
+    class Tiny(nn.Module):  # its embedding is the input of `fc`: the flattened pixels
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 4)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.fc(images.flatten(1))
+
+    batches = [(k, torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(k))) for k in range(5)]
+    with counting_host_syncs() as audit:
+        embeddings, keys = embed_batches(Tiny(), batches)
+    copies = [call for call in audit.calls if call.startswith("Tensor.cpu")]
+    assert len(copies) == 1 and "loop.py" in copies[0]  # five batches, one copy to the host
+    expected = torch.cat([nn.functional.normalize(images.flatten(1), dim=1) for _, images in batches])
+    np.testing.assert_allclose(embeddings, expected.numpy(), rtol=1e-6)
+    assert keys == list(range(5))
+    gather = HostGather(every=2)
+    for k in range(5):
+        gather.add(torch.full((2,), k))
+    assert gather.result().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert HostGather().result() is None

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dali_pipes.geometry import affine_matrices, affine_matrix, grid_sample_thetas, on_resized_source, to_opencv
+from dali_pipes.geometry import affine_matrices, affine_matrix, grid_sample_thetas, shrunk_matrices, to_opencv
 
 
 def _smooth(height: int, width: int) -> np.ndarray:
@@ -44,15 +44,17 @@ def test_grid_sample_thetas_are_the_normalized_inverse() -> None:
         np.testing.assert_allclose(theta, expected[:2], atol=1e-12)
 
 
-def test_a_resized_source_keeps_the_output() -> None:
-    # The matrix of an image shrunk beforehand equals the matrix computed for the shrunk image directly.
+def test_a_shrunk_source_keeps_the_output() -> None:
+    # The matrix of an image shrunk by whole factors beforehand equals the matrix computed for the
+    # shrunk image directly.
     rng = np.random.default_rng(1)
     n, size = 12, 32
-    heights, widths = rng.integers(100, 400, n), rng.integers(100, 400, n)
-    new_heights, new_widths = heights // 3, widths // 2
+    fy, fx = rng.integers(1, 5, n), rng.integers(1, 5, n)
+    new_heights, new_widths = rng.integers(30, 120, n), rng.integers(30, 120, n)
+    heights, widths = new_heights * fy, new_widths * fx
     flips, angles = rng.random(n) < 0.5, rng.uniform(-30, 30, n)
     original = affine_matrices(heights, widths, size, flips, angles)
-    moved = on_resized_source(original, heights, widths, new_heights, new_widths)
+    moved = shrunk_matrices(original, fy, fx)
     np.testing.assert_allclose(moved, affine_matrices(new_heights, new_widths, size, flips, angles), atol=1e-12)
-    one = on_resized_source(original[0], heights[0], widths[0], new_heights[0], new_widths[0])
+    one = shrunk_matrices(original[0], fy[0], fx[0])
     np.testing.assert_allclose(one, moved[0], atol=1e-12)

@@ -5,7 +5,9 @@ left to tests/test_cuda.py.
 """
 from __future__ import annotations
 
+import itertools
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -13,15 +15,24 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
+from PIL import Image
 
 from dali_pipes import PackReader, PipelineSpec
-from dali_pipes.geometry import affine_matrices, affine_matrix, sample_augmentation, train_matrices
+from dali_pipes.device import DECODE_PRIORITY, PREPARE_PRIORITY, DeviceStreams, device_streams
+from dali_pipes.geometry import (
+    affine_matrices,
+    affine_matrix,
+    sample_augmentation,
+    train_matrices,
+    warp_shrink_factors,
+)
+from dali_pipes.inputs import resize_cpu
 from dali_pipes.loader import normalization_constants, to_model_input
 from dali_pipes.prefetch import Prefetcher
 from dali_pipes.seeded import uniforms
 from dali_pipes.torch_cpu import render_batch_cpu, warp_cpu
-from dali_pipes.torch_gpu import decode_on_device, transform_images
+from dali_pipes.torch_gpu import _canvas, _preshrunk, decode_on_device, resize_weights, transform_images
 from trainer.data_wait import DataWaitClock
 from trainer.loop import topk_credit
 
@@ -100,23 +111,82 @@ def test_batched_warp_of_mixed_sizes_matches_opencv_per_image(fill: int, interpo
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_train_antialias_shrinks_before_the_warp_on_both_paths(flip: bool) -> None:
-    # Both sides above S: the shrink alone makes S x S, and the warp, its matrix moved onto the
-    # shrunk image, only flips. So the output is the plain antialiased resize, mirrored or not.
-    # Measured: 0 levels apart (OpenCV path vs INTER_AREA), 1 (torch path vs torchvision); mirrored: ~90 mean.
-    size, height, width = 32, 96, 160
-    spec = PipelineSpec(image_size=size, train_antialias=True)
+def test_an_exact_integer_downscale_is_a_box_average_on_both_paths(flip: bool) -> None:
+    # 128 x 256 onto 32 x 32 is 4x and 8x: the pre-shrink alone makes 32 x 32 and the warp, its
+    # matrix moved onto the shrunk image, only flips. So both paths give OpenCV's INTER_AREA
+    # resize (at an integer ratio, the plain block mean), mirrored or not.
+    # Measured: 0 levels apart on the OpenCV path, at most 1 on the torch path; mirrored: ~90 mean.
+    size, height, width = 32, 128, 256
+    spec = PipelineSpec(image_size=size)
+    assert spec.train_antialias  # the default
     image = _textured(height, width, 3)
     matrix = affine_matrix(height, width, size, flip, 0.0)
     opencv = np.empty((size, size, 4), np.uint8)
     warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), spec, matrix, opencv)
-    area = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     torch_path = transform_images([torch.from_numpy(image).permute(2, 0, 1)], spec, matrix[None])[0].numpy()
-    antialiased = TF.resize(torch.from_numpy(image).permute(2, 0, 1), [size, size], antialias=True).permute(1, 2, 0)
-    for out, reference in ((opencv[..., :3], area), (torch_path, antialiased.numpy())):
-        reference = reference[:, ::-1] if flip else reference
-        assert np.abs(out.astype(int) - reference).max() <= 1
+    area = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    reference = area[:, ::-1] if flip else area
+    for out, limit in ((opencv[..., :3], 0), (torch_path, 1)):
+        assert np.abs(out.astype(int) - reference).max() <= limit
         assert np.abs(out.astype(int) - reference[:, ::-1]).mean() > 10  # a lost (or extra) flip shows
+
+
+@pytest.mark.parametrize("interpolation, antialias", [("linear", True), ("linear", False), ("cubic", True),
+                                                      ("cubic", False), ("nearest", False)])
+def test_resize_weights_are_interpolates_own(interpolation: str, antialias: bool) -> None:
+    # Heights and widths below, at and above the output size, with room to spare in the canvas.
+    size, shapes = 24, [(24, 24), (97, 40), (13, 150), (60, 61)]
+    images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(h * w)) * 255 for h, w in shapes]
+    lengths = torch.tensor(shapes, dtype=torch.float32)
+    wy = resize_weights(lengths[:, 0], 110, size, interpolation, antialias)
+    wx = resize_weights(lengths[:, 1], 160, size, interpolation, antialias)
+    assert wy.shape == (4, size, 110) and wx.shape == (4, size, 160)
+    for n, (image, (h, w)) in enumerate(zip(images, shapes)):
+        assert wy[n, :, h:].abs().sum() == 0 and wx[n, :, w:].abs().sum() == 0  # the canvas padding never counts
+        ours = wy[n, :, :h] @ image @ wx[n, :, :w].T
+        mode = {"linear": "bilinear", "cubic": "bicubic"}.get(interpolation, "nearest")
+        extra = {} if mode == "nearest" else {"antialias": antialias, "align_corners": False}
+        reference = F.interpolate(image[None], size=(size, size), mode=mode, **extra)[0]
+        torch.testing.assert_close(ours, reference, atol=2e-3, rtol=1e-5)
+
+
+def test_eval_of_mixed_and_huge_photos_is_one_batch_equal_to_the_cpu_path() -> None:
+    # A 2000 px and a 1500 x 900 photo among small ones: both paths pre-shrink by the same integer
+    # factors (ceil(side / 4S): 3 and 2 x 2 here), then resize antialiased. The reference is
+    # independent of both: OpenCV's INTER_AREA by those factors, then PIL's bilinear resize.
+    # Measured: 1 level at most between the paths, and from the reference.
+    size, shapes = 160, [(2000, 2000), (1500, 900), (120, 90), (400, 300)]
+    spec = PipelineSpec(image_size=size)
+    images = [_textured(h, w, j) for j, (h, w) in enumerate(shapes)]
+    gpu_path = transform_images([torch.from_numpy(im).permute(2, 0, 1) for im in images], spec, None).numpy()
+    for j, (image, (h, w)) in enumerate(zip(images, shapes)):
+        cpu_path = np.empty((size, size, 3), np.uint8)
+        resize_cpu(image, spec, torch.from_numpy(cpu_path))
+        fy, fx = -(-h // (4 * size)), -(-w // (4 * size))
+        area = cv2.resize(image, (w // fx, h // fy), interpolation=cv2.INTER_AREA) if h % fy == w % fx == 0 else image
+        reference = np.asarray(Image.fromarray(area).resize((size, size), Image.BILINEAR), dtype=int)
+        for out in (gpu_path[j], cpu_path):
+            assert np.abs(out.astype(int) - reference).max() <= 2, (j, np.abs(out.astype(int) - reference).max())
+        assert np.abs(gpu_path[j].astype(int) - cpu_path).max() <= 2
+
+
+def test_canvas_is_one_uint8_allocation_sized_by_the_shrunk_images() -> None:
+    # One 4000 x 3000 photo among small ones: shrunk first (factors 124 and 92: d = 125 and 93.75),
+    # the canvas holds uint8 at the largest shrunk size, not 4000 x 3000 float.
+    spec = PipelineSpec(image_size=32, rotation_degrees=0.0, flip_prob=0.0)
+    shapes = [(4000, 3000), (50, 40), (60, 45)]  # the small ones below 2x: not shrunk
+    images = [torch.full((3, h, w), 10 * (j + 1), dtype=torch.uint8) for j, (h, w) in enumerate(shapes)]
+    matrices = train_matrices(spec, 0, 0, np.arange(3), *np.array(shapes).T)
+    fy, fx = warp_shrink_factors(matrices)
+    shrunk = _preshrunk(images, fy, fx)
+    canvas = _canvas(shrunk, spec.fill)
+    assert canvas.dtype == torch.uint8 and tuple(canvas.shape) == (3, 3, 60, 45)
+    assert tuple(shrunk[0].shape) == (3, 33, 33)  # ceil(4000 / 124), ceil(3000 / 92)
+    for j, image in enumerate(shrunk):  # each image in its corner, padding = fill
+        h, w = image.shape[-2:]
+        assert (canvas[j, :, :h, :w] == 10 * (j + 1)).all() and (canvas[j, :, h:] == spec.fill).all()
+    out = transform_images(images, spec, matrices)
+    assert (out == torch.tensor([10, 20, 30], dtype=torch.uint8).view(3, 1, 1, 1)).all()  # flat images stay flat
 
 
 def _encoded(reader: PackReader, indices: np.ndarray) -> list[torch.Tensor]:
@@ -159,40 +229,107 @@ def test_decode_on_cpu_collects_a_corrupt_image_and_keeps_order(demo_pack: Path,
 
 # ---------------------------------------------------------------------------- prefetcher
 
-def _traced(lookahead: bool | None, items: list[int]) -> tuple[list[int], list[str]]:
-    trace: list[str] = []
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dali_pipes-prefetch"]
+
+
+def _numbered(item: int) -> tuple[torch.Tensor, ...] | None:
+    return None if item < 0 else (torch.full((2,), item),)
+
+
+def test_prefetcher_prepares_in_a_thread_and_hands_over_in_order() -> None:
+    threads: set[int] = set()
 
     def prepare(item: int) -> tuple[torch.Tensor, ...] | None:
-        trace.append(f"prepare {item}")
-        return None if item < 0 else (torch.full((2,), item),)
+        threads.add(threading.get_ident())
+        return _numbered(item)
 
-    seen = []
-    for (batch,) in Prefetcher(items, prepare, torch.device("cpu"), lookahead=lookahead):
-        trace.append(f"use {int(batch[0])}")
-        seen.append(int(batch[0]))
-    return seen, trace
-
-
-def test_prefetcher_prepares_the_next_batch_before_handing_over_the_current() -> None:
-    seen, trace = _traced(True, [0, 1, -1, 2])
-    assert seen == [0, 1, 2]  # in order, the unusable item (None) left out
-    assert trace == ["prepare 0", "prepare 1", "use 0", "prepare -1", "prepare 2", "use 1", "use 2"]
+    seen = [int(batch[0]) for (batch,) in Prefetcher([0, 1, -1, 2, 3], prepare, torch.device("cpu"), depth=2)]
+    assert seen == [0, 1, 2, 3]  # in order, the unusable item (None) left out
+    assert threads and threading.get_ident() not in threads
+    assert _prefetch_threads() == []
 
 
 def test_prefetcher_on_cpu_is_a_plain_loop_unless_asked() -> None:
-    seen, trace = _traced(None, [0, -1, 1])
-    assert seen == [0, 1]
-    assert trace == ["prepare 0", "use 0", "prepare -1", "prepare 1", "use 1"]
+    trace: list[str] = []
+
+    def prepare(item: int) -> tuple[torch.Tensor, ...] | None:
+        trace.append(f"prepare {item} in {'this' if threading.get_ident() == me else 'another'} thread")
+        return _numbered(item)
+
+    me = threading.get_ident()
+    for (batch,) in Prefetcher([0, -1, 1], prepare, torch.device("cpu")):
+        trace.append(f"use {int(batch[0])}")
+    assert trace == ["prepare 0 in this thread", "use 0", "prepare -1 in this thread", "prepare 1 in this thread",
+                     "use 1"]
 
 
-def test_prefetcher_passes_errors_through() -> None:
+@pytest.mark.parametrize("where", ["prepare", "items"])
+def test_prefetcher_raises_a_failure_at_its_batch_and_leaves_no_thread(where: str) -> None:
+    def items():
+        yield 0
+        if where == "items":
+            raise ValueError("bad batch")
+        yield 1
+        yield 2
+
     def prepare(item: int) -> tuple[torch.Tensor, ...]:
         if item == 1:
             raise ValueError("bad batch")
-        return (torch.zeros(1),)
+        return _numbered(item)
 
+    seen = []
     with pytest.raises(ValueError, match="bad batch"):
-        list(Prefetcher([0, 1, 2], prepare, torch.device("cpu"), lookahead=True))
+        for (batch,) in Prefetcher(items(), prepare, torch.device("cpu"), depth=2):
+            seen.append(int(batch[0]))
+    assert seen == [0] and _prefetch_threads() == []
+
+
+def test_prefetcher_stops_its_thread_when_the_consumer_stops_early() -> None:
+    prepared: list[int] = []
+
+    def prepare(item: int) -> tuple[torch.Tensor, ...]:
+        prepared.append(item)
+        return _numbered(item)
+
+    depth = 2
+    batches = iter(Prefetcher(itertools.count(), prepare, torch.device("cpu"), depth=depth))
+    taken = [int(next(batches)[0][0]) for _ in range(3)]
+    batches.close()  # what a `break` in a for loop does to the generator
+    assert taken == [0, 1, 2] and _prefetch_threads() == []
+    # An endless source: the thread stopped, having run at most a full queue (and one batch waiting
+    # for room) past what the consumer took.
+    assert len(prepared) <= len(taken) + depth + 1
+
+
+# ---------------------------------------------------------------------------- streams
+
+def test_streams_are_made_once_per_device_and_kept() -> None:
+    made: list[tuple[torch.device, int]] = []
+
+    def new_stream(device: torch.device, priority: int) -> object:
+        made.append((device, priority))
+        return object()
+
+    gpu = torch.device("cuda", 1)
+    streams = DeviceStreams(gpu, new_stream)
+    prepare, decode = streams.prepare, streams.decode
+    for _epoch in range(3):  # every epoch and every loader asks again: the same streams come back
+        assert streams.prepare is prepare and streams.decode is decode
+    assert prepare is not decode
+    assert made == [(gpu, PREPARE_PRIORITY), (gpu, DECODE_PRIORITY)] and PREPARE_PRIORITY != DECODE_PRIORITY
+    assert DeviceStreams(torch.device("cpu"), new_stream).prepare is None and len(made) == 2
+    # One holder per device for the whole process (nothing is made on CUDA until a stream is asked for).
+    assert device_streams(torch.device("cuda:1")) is device_streams(gpu)
+    assert device_streams(torch.device("cuda:0")) is not device_streams(gpu)
+
+
+def test_only_the_stream_holder_makes_cuda_streams() -> None:
+    # A stream taken anywhere else (per epoch, per loader) comes from torch's small round-robin pool
+    # and sooner or later is some other user's stream.
+    package = Path(__file__).resolve().parents[1] / "dali_pipes"
+    makers = sorted(p.name for p in package.glob("*.py") if "cuda.Stream(" in p.read_text())
+    assert makers == ["device.py"]
 
 
 # ---------------------------------------------------------------------------- constants, top-k, data wait
@@ -226,3 +363,51 @@ def test_data_wait_clock_counts_only_the_wait_for_batches_on_the_cpu(monkeypatch
         now[0] += step  # the step itself
         clock.step_queued()
     assert clock.settle() == pytest.approx(1.0 + 2.0 + 0.5 + 0.25)
+
+
+# ---------------------------------------------------------------------------- the CPU sync audit
+
+def _armed_after_first(batches, audit):
+    """`batches`, with the audit armed from the second batch until the last one has been taken.
+
+    The first step may sync (constants made once per device); what the loop does after the
+    last batch (the epoch's closing figures) is the next log boundary, where syncs belong.
+    """
+    audit.armed = False
+    for k, batch in enumerate(batches):
+        audit.armed = k >= 1
+        yield batch
+    audit.armed = False
+
+
+def test_gpu_path_and_train_steps_never_sync_between_log_boundaries(demo_pack: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What tests/test_cuda.py checks under set_sync_debug_mode("error"), counted on CPU tensors.
+
+    The loop checks the loss every step on the CPU (a sync costs nothing there) and every
+    --log-every steps on a GPU: the test asks for the GPU's interval.
+    """
+    from sync_audit import counting_host_syncs
+    from torch import nn
+
+    from dali_pipes.loader import LoaderRequest
+    from dali_pipes.torch_backend import TorchLoader
+    from trainer.loop import StepConfig, train_one_epoch
+
+    monkeypatch.setattr("trainer.loop.nonfinite_check_every", lambda device, log_every: log_every, raising=False)
+    reader = PackReader(demo_pack)
+    request = LoaderRequest(reader.split_indices("train"), PipelineSpec(image_size=32, rotation_degrees=20.0),
+                            train=True, batch_size=6, num_workers=0, seed=5)
+    loader = TorchLoader(reader, request, gpu_decode=True)  # the GPU path, on CPU tensors
+    assert len(loader) >= 4 and len(set(zip(reader.heights, reader.widths))) > 1  # mixed sizes in a batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, loader.num_classes)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step = StepConfig(criterion=nn.CrossEntropyLoss(), amp_dtype=None,
+                      scaler=torch.amp.GradScaler("cpu", enabled=False), log_every=10_000)
+    with counting_host_syncs() as audit:
+        result = train_one_epoch(model, _armed_after_first(loader, audit), optimizer, step, device=torch.device("cpu"),
+                                 set_lr=lambda i: 0.01, set_train_mode=model.train)
+    assert result.metrics["train_samples"] == loader.num_samples
+    assert audit.calls == [], "\n".join(audit.calls)

@@ -2,9 +2,10 @@
 
 `build_loader(backend="dali")` (DALI CPU operators here) against
 `build_loader(backend="torch")` (OpenCV decode; eval: torchvision's antialiased resize,
-PIL's BILINEAR filter; train: `cv2.warpAffine` with `geometry.affine_matrix`), compared on
-the normalized float32 output the trainer receives. Measured on the demo pack
-(48-160 px, S = 32 and 48, every split):
+PIL's BILINEAR filter; train: `cv2.warpAffine` with `geometry.affine_matrix`; both after
+`geometry`'s integer pre-shrink, which DALI does in its graph), compared on the
+normalized float32 output the trainer receives. Measured on the demo pack (48-160 px,
+S = 32 and 48, every split):
 
 * Eval: inside the image (outermost row and column left out) at most 1 level of 255
   apart; on the outermost row/column up to 14 levels (DALI's antialiasing clamps at the
@@ -13,7 +14,8 @@ the normalized float32 output the trainer receives. Measured on the demo pack
   level). Negative controls on the torch side measure far above: one-pixel shift
   >= 3.6 levels mean, BGR >= 5.8, swapped mean/std more still.
 * Train (same seed and epoch, so the same flips and angles): at most 1 level anywhere,
-  mean <= 0.001 level. Chosen: max <= 2 levels everywhere; a mirrored batch (a flip
+  mean 0.15 level (the OpenCV path rounds the pre-shrunk image to uint8, DALI keeps it
+  in float). Chosen: max <= 2 levels everywhere; a mirrored batch (a flip
   missing or extra) is tens of levels away.
 """
 from __future__ import annotations

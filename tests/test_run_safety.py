@@ -502,3 +502,37 @@ def test_a_pack_without_val_split_trains_and_says_so(tmp_path: Path) -> None:
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1  # the last epoch's index
     code, output = _run("run", "--pack", str(no_val), *RUN, "--scheduler", "plateau", "--out", str(tmp_path / "p"))
     assert code == 1 and "--scheduler plateau needs a val split" in output
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def test_a_checkpoint_holds_cpu_tensors_only_and_loads_without_map_location(tmp_path: Path) -> None:
+    # On the CPU every tensor is there anyway; tests/test_cuda.py checks the same on a GPU, where the model,
+    # the optimizer state and the generator states start on the device.
+    from trainer.checkpoint import make_payload, save_checkpoint
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    payload = make_payload(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           scheduler={"name": "cosine"}, early_stopping={}, epoch=0, config={"arch": "tiny"}, head={},
+                           classes=["a", "b", "c"], spec={}, metrics={"val_loss": 1.0})
+    tensors = _tensors(payload)
+    assert len(tensors) >= len(model.state_dict()) + 2 * len(list(model.parameters()))  # weights, moments, rng
+    assert all(t.device.type == "cpu" for t in tensors)
+    save_checkpoint(tmp_path / "c.pt", payload)
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)  # no map_location: nothing needs moving
+    assert loaded["format"] == "dali-trainer-checkpoint"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded["model"][key], value)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

@@ -19,27 +19,40 @@ def _python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 
 @pytest.mark.slow
 def test_gpu_check_smoke_and_charts(tmp_path: Path) -> None:
+    # Every part but the tests (which need a GPU), at toy sizes on the CPU, through the script itself.
     out = tmp_path / "check"
-    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), "--smoke"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), "--smoke"], cwd=REPO,
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else result.stderr
     assert result.returncode == 0, log[-3000:]
-    for name in ("compute.json", "compute_compiled.json", "pipeline.json", "train.json", "summary.json"):
-        assert (out / name).exists(), name
-    train = json.loads((out / "train.json").read_text())
-    row = train["rows"][0]
+    results = {name: json.loads((out / f"{name}.json").read_text())
+               for name in ("compute", "compute_compiled", "pipeline", "train", "summary")}
+    assert results["compute"]["compiled"] is False and results["compute_compiled"]["compiled"] is True
+    compiled = results["compute_compiled"]["rows"][0]
+    assert compiled["compiled"] and compiled["compile_seconds"] > 0 and compiled["synthetic_images_per_second"] > 0
+    row = results["train"]["rows"][0]
     assert row["arch"] == "resnet18" and row["synthetic_images_per_second"] > 0 and "torch" in row["backends"]
     assert 0 <= row["backends"]["torch"]["data_wait_fraction"] <= 1
-    pipeline = json.loads((out / "pipeline.json").read_text())
-    names = [r["name"] for r in pipeline["results"]]
+    names = [r["name"] for r in results["pipeline"]["results"]]
     assert names[:2] == ["(a) notebook PIL float32", "(b) decode only"] and "torch uint8" in names
-    summary = json.loads((out / "summary.json").read_text())
-    assert "resnet18" in summary["compute"] and "resnet18" in summary["end_to_end"]
-    charts = _python("tools/plot_bench.py", "--pipeline", str(out / "pipeline.json"), "--train", str(out / "train.json"),
-                     "--out", str(tmp_path / "img"))
-    assert charts.returncode == 0, charts.stderr
-    for png in ("pipeline_throughput.png", "train_throughput.png"):
-        assert (tmp_path / "img" / png).read_bytes()[:4] == b"\x89PNG"
+    summary = results["summary"]
+    assert "resnet18" in summary["end_to_end"] and summary["compute"]["resnet18"]["compile_seconds"] > 0
+    assert summary["pipeline"]["torch uint8"]["target"] == 20000
+
+    from tools.plot_bench import plot_pipeline, plot_train
+
+    plot_pipeline(results["pipeline"], tmp_path / "pipeline.png", "smoke")
+    plot_train(results["train"], tmp_path / "train.png", "smoke")
+    for png in ("pipeline.png", "train.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_check_refuses_an_unknown_part_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(tmp_path / "out"), "--part", "nope"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--part tests|compute|pipeline|train" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -93,13 +93,12 @@ def main(batch_size: int, image_size: int, warp_batch: int, repeat: int) -> None
     warp = best_ms(lambda: transform_images(images, spec, matrices), repeat)
     print(f"warp cpu  batch {warp_batch}: {warp:8.2f} ms  (CPU tensors, 1 thread, pixel work included)")
     try:
-        from dali_pipes.dali_backend import _Feed
+        from dali_pipes.dali_backend import _Feed, _Graph
     except ImportError as exc:
         print(f"dali feed: skipped ({exc})")
         return
     reader = fake_reader(batch_size, rng)
-    graph = SimpleNamespace(spec=spec, train=True, geometry="fused", fields=("data", "label", "matrix"))
-    feed = _Feed(reader, graph, seed=0)
+    feed = _Feed(reader, _Graph(spec, train=True, gpu=True, decode="mixed", geometry="fused"), seed=0)
     order = np.arange(batch_size)
     print(f"dali feed batch {batch_size}: {best_ms(lambda: feed._columns(order), repeat):8.2f} ms")
 

@@ -2,7 +2,7 @@
 
     python tools/bench_pipeline.py [--images 2000] [--min-size 250 --max-size 450] [--batch-size 64]
                                    [--epochs 2] [--seconds N] [--repeat 1] [--backends torch,dali] [--workers N]
-                                   [--src DIR] [--json OUT.json]
+                                   [--src DIR [--pack PACK]] [--device cpu] [--json OUT.json]
 
 Makes (or, with `--src`, reuses) an image-folder tree of JPEGs, packs it, then times on
 all cores, train mode, device cpu:
@@ -33,7 +33,15 @@ import numpy as np
 import torch
 from make_demo_dataset import make_demo_dataset  # a script beside this one (its folder is on sys.path)
 
-from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PackOptions, PackReader, build_loader, pack_folder
+from dali_pipes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PackOptions,
+    PackReader,
+    atomic_write_bytes,
+    build_loader,
+    pack_folder,
+)
 from trainer.cli_usage import HELP_OPTIONS
 
 
@@ -208,7 +216,7 @@ def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int
         for batch in loader:
             yield batch
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()  # count work the GPU finished, not work it was given
+            torch.cuda.synchronize(device)  # count work the GPU finished, not work it was given
 
     return epoch_batches
 
@@ -216,8 +224,10 @@ def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int
 # ---------------------------------------------------------------------------- running it
 
 def prepare_pack(src: Path | None, workdir: Path, images: int, min_size: int, max_size: int,
-                 workers: int) -> tuple[Path, Path]:
-    """The source tree (made unless given) and its pack in `workdir`."""
+                 workers: int, pack: Path | None = None) -> tuple[Path, Path]:
+    """The source tree (made unless given) and its pack (`pack` when given: the tree's own, packed before)."""
+    if src is not None and pack is not None:
+        return src, pack
     if src is None:
         src = workdir / "src"
         classes = 10
@@ -287,18 +297,21 @@ def _ratio(value: float | None) -> str:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: all cores).")
 @click.option("--src", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Use this image folder instead of generating one.")
+@click.option("--pack", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --src: that folder's pack, made before (otherwise it is packed here).")
 @click.option("--device", default="cpu", show_default=True,
               help="Where the backends deliver batches (cpu, cuda); (a) and (b) stay on the CPU.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results here.")
 def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int, seconds: float | None, backends: str,
-         repeat: int, workers: int | None, src: Path | None, device: str, json_out: Path | None) -> None:
+         repeat: int, workers: int | None, src: Path | None, pack: Path | None, device: str,
+         json_out: Path | None) -> None:
     """Time the notebook loader, a decode-only ceiling and the dali_pipes backends."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     names = [b.strip() for b in backends.split(",") if b.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         click.echo("preparing data ...")
-        src, pack = prepare_pack(src, Path(tmp), images, min_size, max_size, workers)
+        src, pack = prepare_pack(src, Path(tmp), images, min_size, max_size, workers, pack)
         counts = PackReader(pack).split_counts()
         click.echo(f"{src}: {sum(counts.values())} images, train {counts['train']}; batch {batch_size}, "
                    f"{workers} workers, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -308,7 +321,8 @@ def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int
         config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size, epochs=epochs,
                       device=device, seconds=seconds, repeat=repeat, workers=workers, cores=os.cpu_count(),
                       torch=torch.__version__)
-        json_out.write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
+        text = json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2)
+        atomic_write_bytes(json_out, lambda f: f.write(text.encode()))
         click.echo(f"wrote {json_out}")
 
 

@@ -1,6 +1,7 @@
 """What a checkpoint holds (`make_payload`, `read_payload`), and saving and loading it atomically.
 
-Checkpoints load with plain `torch.load(weights_only=True)` too.
+Every tensor of a checkpoint is on the CPU, so checkpoints load with plain
+`torch.load(path, weights_only=True)` too, on a machine without a GPU and without `map_location`.
 """
 from __future__ import annotations
 
@@ -143,11 +144,23 @@ class Checkpoint:
         return int(self.scheduler.get("epochs", self.config.get("epochs", 0)))
 
 
+def on_cpu(value: Any) -> Any:
+    """`value` with every tensor in it (through dicts, lists and tuples) detached and on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
 def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  scheduler: dict[str, Any], early_stopping: dict[str, Any], epoch: int, config: dict[str, Any],
                  head: dict[str, Any], classes: list[str], spec: dict[str, Any], metrics: dict[str, Any],
                  position: dict[str, Any] | None = None, trained_classes: list[str] | None = None) -> dict[str, Any]:
-    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and tensors.
+    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and CPU
+    tensors.
 
     `trained_classes`: the classes the run had training images of (None: all `classes`).
     """
@@ -170,7 +183,7 @@ def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
     }
     if position is not None:
         payload["position"] = dict(position)
-    return payload
+    return on_cpu(payload)
 
 
 def read_payload(ckpt: dict[str, Any]) -> Checkpoint:

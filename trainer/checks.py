@@ -12,7 +12,7 @@ from torch import nn
 
 from dali_pipes import PackReader, plural, samples_per_rank, split_kind
 from trainer.config import RunConfig
-from trainer.distributed import DistContext, resolve_device
+from trainer.distributed import DistContext, rank_device
 from trainer.errors import TrainerError, first_line
 
 
@@ -84,15 +84,11 @@ def check_sync_bn(sync_bn: bool, device_type: str) -> None:
                            "drop it on the CPU")
 
 
-def launch_device(choice: str) -> str:
-    """The device type ("cuda" or "cpu") `--device` gives every process, refused in one line when CUDA is asked for
-    and missing; it makes no CUDA context (the launching process only waits for torchrun)."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(choice).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        resolve_device(choice, DistContext())  # refuses in its one line before it would select a device
-    return kind
+def launch_device(choice: str, world_size: int) -> str:
+    """The device type ("cuda" or "cpu") `--device` gives each of `world_size` processes on this node, refused in
+    the one line `rank_device` raises; it makes no CUDA context (the launching process only waits for torchrun)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return rank_device(choice, DistContext(world_size=world_size, local_world_size=world_size), gpus).type
 
 
 def dropped_note(split_size: int, used: int, batch_size: int, world_size: int) -> str | None:

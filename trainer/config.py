@@ -28,7 +28,7 @@ HEAD_TYPES = ("linear", "mlp", *MARGIN_HEADS)  # what --head takes (trainer.mode
 BACKEND_HELP = "Data backend (auto: dali on CUDA when installed, else torch)."
 WORKERS_HELP = ("Worker processes that decode images (DALI: threads); 0: this process decodes. Default: the usable "
                 "cores // LOCAL_WORLD_SIZE (the processes torchrun starts on this node), at least 1.")
-DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (under --nproc or torchrun: cuda, each process on the GPU of its LOCAL_RANK)."
 # The one overwrite rule of every command that writes a result file (the packer, export, embed, eval and verify --out).
 FORCE_HELP = "Replace output files that exist (without it, an existing output is an error)."
 

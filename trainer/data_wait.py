@@ -24,6 +24,7 @@ class DataWaitClock:
 
     def __init__(self, device: torch.device, seconds: float = 0.0) -> None:
         self.seconds = seconds
+        self._device = device
         self._cuda = device.type == "cuda"
         self._step_done: Any = None  # event after the last queued step (CUDA), None before the first
         self._pending: list[tuple[Any, Any]] = []
@@ -33,7 +34,7 @@ class DataWaitClock:
         """Call as soon as the loop holds the next batch, before using it."""
         if self._cuda and self._step_done is not None:
             ready = torch.cuda.Event(enable_timing=True)
-            ready.record()
+            ready.record(torch.cuda.current_stream(self._device))
             self._pending.append((self._step_done, ready))
         else:  # the CPU, or the epoch's first batch on a GPU that had nothing queued
             self.seconds += time.perf_counter() - self._asked
@@ -42,7 +43,7 @@ class DataWaitClock:
         """Call when the loop has queued the step and goes back for the next batch."""
         if self._cuda:
             self._step_done = torch.cuda.Event(enable_timing=True)
-            self._step_done.record()
+            self._step_done.record(torch.cuda.current_stream(self._device))
         self._asked = time.perf_counter()
 
     def settle(self) -> float:

@@ -24,6 +24,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -74,6 +75,19 @@ class DistContext:
                 dist.broadcast(tensor, src=0)
 
 
+def data_parallel(model: torch.nn.Module, device: torch.device, *, sync_bn: bool) -> torch.nn.Module:
+    """`model` under DDP as the trainer runs it.
+
+    Gradients are views into DDP's all-reduce buckets (`gradient_as_bucket_view`): no
+    second copy of every gradient, no copy between them per step. Buffers are broadcast
+    from rank 0 before each forward unless SyncBatchNorm already keeps the running
+    statistics the same on every rank (`sync_bn`), where that broadcast is wasted traffic.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                     broadcast_buffers=not sync_bn)
+
+
 def stop_check(ctx: DistContext, signals: StopSignals, every: int) -> Callable[[int], bool]:
     """`stop_requested(step)` for the training loop: whether a stop signal arrived, the same answer on every rank.
 
@@ -96,21 +110,45 @@ def env_context() -> DistContext:
     """Rank, world size and local rank from torchrun's environment (single process without it)."""
     try:
         return DistContext(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                           int(os.environ.get("LOCAL_RANK", 0)))
+                           int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     except ValueError:
-        raise TrainerError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+        raise TrainerError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (set by torchrun)") \
+            from None
+
+
+def rank_device(choice: str, ctx: DistContext, gpus: int) -> torch.device:
+    """The device `--device` `choice` means for this rank on a node with `gpus` CUDA devices (no CUDA call).
+
+    auto: this rank's GPU when there is one, else the CPU; cuda: the GPU of this rank's
+    LOCAL_RANK; cuda:N: GPU N, refused when several processes on this node would all take
+    it (NCCL refuses ranks that share a GPU, at init, with a long traceback per rank).
+    Every refusal is one line, raised before any process group exists.
+    """
+    if choice == "auto":
+        choice = "cuda" if gpus else "cpu"
+    device = torch.device(choice)
+    if device.type != "cuda":
+        return device
+    if gpus == 0:
+        raise TrainerError(f"--device {choice}: CUDA is not available on this machine; use --device cpu")
+    processes = ctx.local_world_size
+    if processes > gpus:
+        raise TrainerError(f"--device {choice}: {processes} processes on this node but {gpus} GPU(s); "
+                           f"run at most {gpus} (one per GPU)")
+    if device.index is None:
+        return torch.device("cuda", ctx.local_rank)
+    if processes > 1:
+        raise TrainerError(f"--device {choice} would put all {processes} processes of this node on GPU "
+                           f"{device.index}; pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
+    if device.index >= gpus:
+        raise TrainerError(f"--device {choice}: this machine has {gpus} GPU(s), numbered from 0")
+    return device
 
 
 def resolve_device(choice: str, ctx: DistContext) -> torch.device:
-    """`--device`: auto is this rank's GPU when CUDA is available, else the CPU."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(choice)
+    """`--device` for this rank (`rank_device`), made the current CUDA device when it is one."""
+    device = rank_device(choice, ctx, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainerError(f"--device {choice}: CUDA is not available on this machine; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
 

@@ -21,6 +21,7 @@ from trainer.checkpoint import atomic_write_bytes
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.inference import checkpoint_file, image_batches, load_model
+from trainer.loop import HostGather
 from trainer.models import embed
 from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, parse_pairs, verification_report
 
@@ -30,17 +31,21 @@ DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pa
 @torch.no_grad()
 def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *,
                   amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, list[Any]]:
-    """L2-normalized float32 embeddings of every batch `(key, images)`, and the keys (labels or paths) in order."""
+    """L2-normalized float32 embeddings of every batch `(key, images)`, and the keys (labels or paths) in order.
+
+    The embeddings stay on the device and reach the host in a few large copies (`loop.HostGather`).
+    """
     model.eval()
-    chunks, keys = [], []
+    chunks, keys = HostGather(), []
     for key, images in batches:
         with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             features = embed(model, images)
-        chunks.append(nn.functional.normalize(features.float(), dim=1).cpu())
+        chunks.add(nn.functional.normalize(features.float(), dim=1))
         keys.append(key)
-    if not chunks:
+    embeddings = chunks.result()
+    if embeddings is None:
         raise TrainerError("no images to embed")
-    return torch.cat(chunks).numpy(), keys
+    return embeddings.numpy(), keys
 
 
 def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.ndarray, expected: int) -> tuple[np.ndarray, np.ndarray]:

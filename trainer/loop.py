@@ -154,6 +154,12 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
+def nonfinite_check_every(device: torch.device, log_every: int) -> int:
+    """Steps between checks for a non-finite loss: every step on the CPU, where reading it costs nothing,
+    every `log_every` steps elsewhere, where each read is a host sync."""
+    return 1 if device.type == "cpu" else log_every
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
                     device: torch.device, set_lr: Callable[[int], float], set_train_mode: Callable[[], None],
                     progress: Progress | None = None, first_step: int = 0, resume_state: EpochState | None = None,
@@ -176,7 +182,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     """
     set_train_mode()
     state = resume_state or EpochState(device)
-    check_every = 1 if device.type == "cpu" else step.log_every
+    check_every = nonfinite_check_every(device, step.log_every)
     # An epoch resumed after its last step trains no step: its rate is still the last step's.
     lr = set_lr(first_step - 1) if first_step > 0 else float("nan")
     start = time.perf_counter()
@@ -281,6 +287,35 @@ def _running(state: EpochState, step_loss: torch.Tensor | None = None) -> dict[s
     return running
 
 
+class HostGather:
+    """Device tensors gathered batch by batch and copied to the host `every` batches, not each one.
+
+    Each copy to the host waits for the GPU; one per batch would stall the loop that many
+    times. Concatenated in order by `result`.
+    """
+
+    def __init__(self, every: int = 64) -> None:
+        self._every = every
+        self._pending: list[torch.Tensor] = []
+        self._host: list[torch.Tensor] = []
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """Keep `tensor` (on any device) for `result`."""
+        self._pending.append(tensor)
+        if len(self._pending) >= self._every:
+            self._copy()
+
+    def _copy(self) -> None:
+        if self._pending:
+            self._host.append(torch.cat(self._pending).cpu())
+            self._pending = []
+
+    def result(self) -> torch.Tensor | None:
+        """Everything added, in order, as one CPU tensor (None when nothing was)."""
+        self._copy()
+        return torch.cat(self._host) if self._host else None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device, num_classes: int, topk: int = 5,
              amp_dtype: torch.dtype | None = None,
@@ -305,7 +340,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
     class_correct = torch.zeros(num_classes, device=device, dtype=torch.float64)
     class_count = torch.zeros(num_classes, device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    targets, predictions = [], []
+    targets, predictions = HostGather(), HostGather()
     for images, labels in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
@@ -317,8 +352,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
         class_count.index_add_(0, labels, torch.ones_like(credit[0]))
         count += labels.shape[0]
         if keep_predictions:
-            targets.append(labels.cpu())
-            predictions.append(logits.argmax(1).cpu())
+            targets.add(labels)
+            predictions.add(logits.argmax(1))
     # The skip count rides along in the same all_reduce (every rank has the same backend).
     keeps_skips = isinstance(loader, BatchLoader)  # a plain iterable of batches has no skip log
     skipped = torch.tensor([float(len(loader.skipped) if keeps_skips else 0)], device=device, dtype=torch.float64)
@@ -337,7 +372,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
     result["per_class_correct"] = totals[1 + len(ks) : 1 + len(ks) + num_classes].tolist()
     result["per_class_count"] = [int(c) for c in totals[1 + len(ks) + num_classes : -2].tolist()]
     if keep_predictions:
-        result["targets"] = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64)
-        result["predictions"] = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)
+        none, kept_targets, kept_predictions = torch.zeros(0, dtype=torch.int64), targets.result(), predictions.result()
+        result["targets"] = none if kept_targets is None else kept_targets
+        result["predictions"] = none if kept_predictions is None else kept_predictions
     return result
 

@@ -26,7 +26,7 @@ def preflight(cfg: RunConfig, world_size: int, resume: Path | None = None) -> No
     """Raise the one-line `TrainerError` any process of a `world_size` run of `cfg` would raise before training."""
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
-    check_sync_bn(cfg.sync_bn and world_size > 1, launch_device(cfg.device))
+    check_sync_bn(cfg.sync_bn and world_size > 1, launch_device(cfg.device, world_size))
     validation_kind(reader).check_monitor(reader, cfg.monitor)
     if cfg.tensorboard:
         require("tensorboard", "tb", "--tensorboard")

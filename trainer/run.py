@@ -22,7 +22,7 @@ from dali_pipes import BatchLoader, PackReader, PipelineSpec, Progress, build_lo
 from trainer.checkpoint import load_checkpoint, read_payload, save_checkpoint, unwrap
 from trainer.checks import check_forward, check_pack, dropped_note
 from trainer.config import RunConfig
-from trainer.distributed import DistContext, stop_check
+from trainer.distributed import DistContext, data_parallel, stop_check
 from trainer.errors import RunInterrupted
 from trainer.loop import EpochResult, StepConfig, amp_name, resolve_amp, train_one_epoch
 from trainer.metrics import SYNTHETIC_NOTE, write_json, write_metrics
@@ -72,8 +72,7 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, ctx.world_size, cfg.scheduler)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+    tune_backends(device)
     backend, note = choose_backend(cfg.backend, device)
     run = RunContext(cfg, ctx, device, reader, PipelineSpec(image_size=cfg.image_size), Path(cfg.out),
                      resolve_amp(cfg.amp, device), backend, echo if ctx.is_main else (lambda _: None))
@@ -118,7 +117,7 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
     cfg, ctx = run.cfg, run.ctx
     if state.early.should_stop:
         return True, "early stopping: " + state.early.reason()
-    train_model = _wrap(state.model, cfg, ctx, run.device)
+    train_model = wrap_model(state.model, cfg, ctx, run.device)
     train_loader = run.loader("train", train=True)
     synthetic = f"{SYNTHETIC_NOTE}: " if run.backend == "synthetic" else ""
     used = train_loader.num_samples * ctx.world_size
@@ -163,13 +162,21 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
     return False, f"reached --epochs {cfg.epochs}"
 
 
-def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device) -> nn.Module:
+def tune_backends(device: torch.device) -> None:
+    """Backend settings for training on `device` (also what tools/bench_train.py measures with)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+
+
+def wrap_model(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device,
+               compile_backend: str = "inductor") -> nn.Module:
+    """The model as the training steps call it: under DDP with several processes, compiled with `--compile`
+    (by `compile_backend`: tools/bench_train.py's smoke run asks for torch.compile's "eager" one)."""
     wrapped = model
     if ctx.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        wrapped = data_parallel(model, device, sync_bn=cfg.sync_bn)
     if cfg.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, backend=compile_backend)
     return wrapped
 
 
