@@ -108,6 +108,8 @@ class Checkpoint:
     metrics: dict[str, Any]
     position: dict[str, Any] | None  # where a mid-epoch checkpoint stopped (read by `trainer.resume.read_position`)
     metrics_epoch_base: int  # how the run's metrics.jsonl counts epochs
+    ema: dict[str, Any] | None = None  # the averaged weights and their update count (`trainer.ema.ModelEma`)
+    model_weights: str = "raw"  # what `model` holds: the trained weights ("raw") or their average ("ema")
 
     @property
     def schedule_epochs(self) -> int:
@@ -118,8 +120,14 @@ class Checkpoint:
 def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  scheduler: dict[str, Any], early_stopping: dict[str, Any], epoch: int, config: dict[str, Any],
                  head: dict[str, Any], classes: list[str], spec: dict[str, Any], metrics: dict[str, Any],
-                 position: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and tensors."""
+                 position: dict[str, Any] | None = None, ema: dict[str, Any] | None = None,
+                 model_weights: str = "raw") -> dict[str, Any]:
+    """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and tensors.
+
+    `ema` is the averaged weights' state (`ModelEma.state_dict`), kept under "ema" to resume
+    them; `model_weights` says whether `model` is the trained weights ("raw") or the
+    averaged ones ("ema", a best.pt whose average validated better).
+    """
     payload = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -135,9 +143,12 @@ def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         "spec": dict(spec),
         "metrics": dict(metrics),
         "metrics_epoch_base": METRICS_EPOCH_BASE,
+        "model_weights": model_weights,
     }
     if position is not None:
         payload["position"] = dict(position)
+    if ema is not None:
+        payload["ema"] = dict(ema)
     return payload
 
 
@@ -148,7 +159,8 @@ def read_payload(ckpt: dict[str, Any]) -> Checkpoint:
         classes=list(ckpt["classes"]), config=dict(ckpt.get("config", {})), epoch=int(ckpt["epoch"]),
         optimizer=ckpt.get("optimizer", {}), scheduler=dict(ckpt.get("scheduler", {})), scaler=ckpt.get("scaler", {}),
         early_stopping=ckpt.get("early_stopping", {}), rng=ckpt.get("rng", {}), metrics=ckpt.get("metrics", {}),
-        position=ckpt.get("position") or None, metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)))
+        position=ckpt.get("position") or None, metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)),
+        ema=ckpt.get("ema"), model_weights=str(ckpt.get("model_weights", "raw")))
 
 
 def first_difference(ours: list[str], theirs: list[str]) -> str:

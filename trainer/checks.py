@@ -49,16 +49,21 @@ def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
 
 
 def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line."""
+    """One forward pass of two blank images at each size the run uses (`--image-size`, `--progressive`,
+    `--eval-image-size`), so a model that cannot take one fails now, in one line."""
     model.eval()  # no batch-norm statistics change
-    try:
-        with torch.no_grad():
-            blank = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device)
-            model(blank.contiguous(memory_format=torch.channels_last))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} "
-                           f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
-                           "(torchvision's ViTs need their training size, 224)") from None
+    sizes = {"--image-size": cfg.image_size, "--progressive": cfg.progressive, "--eval-image-size": cfg.eval_image_size}
+    for option, size in sizes.items():
+        if size is None:
+            continue
+        try:
+            with torch.no_grad():
+                blank = torch.zeros(2, 3, size, size, device=device)
+                model(blank.contiguous(memory_format=torch.channels_last))
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise TrainerError(f"--arch {cfg.arch} does not run at {option} {size} "
+                               f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
+                               "(torchvision's ViTs need their training size, 224)") from None
 
 
 def preflight(cfg: RunConfig, world_size: int) -> None:

@@ -1,9 +1,9 @@
 """`trainer embed` and `trainer verify`, and the embeddings verification during training uses.
 
 Embeddings are L2-normalized: a margin head's own, the penultimate features of linear
-and mlp heads (`models.embed`). Under torchrun every rank embeds its shard and the
-shards are gathered once, back into pack order; the figures come from
-`trainer.verification`.
+and mlp heads (`models.embed`), with `--tta flip` fused with the mirror's (`trainer.tta`).
+Under torchrun every rank embeds its shard and the shards are gathered once, back into
+pack order; the figures come from `trainer.verification`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from trainer.checkpoint import atomic_write_bytes
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.inference import image_batches, load_model
-from trainer.models import embed
+from trainer.tta import tta_embed
 from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, read_pairs, verification_report
 
 DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pairs
@@ -29,13 +29,13 @@ DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pa
 
 @torch.no_grad()
 def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *,
-                  amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, list[Any]]:
+                  amp_dtype: torch.dtype | None = None, tta: str = "none") -> tuple[np.ndarray, list[Any]]:
     """L2-normalized float32 embeddings of every batch `(key, images)`, and the keys (labels or paths) in order."""
     model.eval()
     chunks, keys = [], []
     for key, images in batches:
         with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            features = embed(model, images)
+            features = tta_embed(model, images, tta)
         chunks.append(nn.functional.normalize(features.float(), dim=1).cpu())
         keys.append(key)
     if not chunks:
@@ -67,7 +67,7 @@ def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.nd
 
 
 def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: DistContext | None = None,
-                     amp_dtype: torch.dtype | None = None, loader: BatchLoader | None = None,
+                     amp_dtype: torch.dtype | None = None, loader: BatchLoader | None = None, tta: str = "none",
                      **loader_args: Any) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and labels of every image of `split`, in pack order, on every rank.
 
@@ -77,7 +77,8 @@ def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: D
     if loader is None:
         loader = build_loader(reader, split, train=False, rank=ctx.rank, world_size=ctx.world_size, **loader_args)
     loader.set_epoch(0)
-    embeddings, labels = embed_batches(model, ((l, images) for images, l in loader), amp_dtype=amp_dtype)
+    embeddings, labels = embed_batches(model, ((batch_labels, images) for images, batch_labels in loader),
+                                       amp_dtype=amp_dtype, tta=tta)
     local_labels = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, dtype=np.int64)
     return gather_in_pack_order(ctx, embeddings, local_labels, len(reader.split_indices(split)))
 
@@ -123,22 +124,27 @@ def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) ->
 
 def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str | None, inputs: Sequence[Path],
                   device: torch.device, batch_size: int = 64, backend: str = "auto", workers: int | None = None,
-                  warn: Callable[[str], None] = print) -> dict[str, Any]:
-    """`trainer embed`: embeddings of a pack split (with labels and paths) or of image files (with paths)."""
+                  warn: Callable[[str], None] = print, tta: str | None = None) -> dict[str, Any]:
+    """`trainer embed`: embeddings of a pack split (with labels and paths) or of image files (with paths).
+
+    `tta` None is the checkpoint's own (its run's --tta).
+    """
     if (pack is None) == (not inputs):
         raise TrainerError("give either --pack PACK --split SPLIT or image PATHS, not both and not neither")
     loaded = load_model(checkpoint, device)
-    meta: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": loaded.arch}
+    tta = tta or loaded.tta
+    meta: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": loaded.arch, "tta": tta}
     if pack is not None:
         reader = PackReader(pack)
         split = split or "test"
-        embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
-                                              num_workers=workers, spec=loaded.spec)
+        embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size,
+                                              device=device, num_workers=workers, spec=loaded.spec, tta=tta)
         indices = reader.split_indices(split)
         paths = [reader.paths[i] for i in indices] if len(labels) == len(indices) else []
         meta.update(pack=str(pack), split=split, labels=labels.astype(np.int64), paths=paths, classes=list(reader.classes))
     else:
-        embeddings, keys = embed_batches(loaded.model, image_batches(inputs, loaded.spec, device, batch_size, warn))
+        embeddings, keys = embed_batches(loaded.model, image_batches(inputs, loaded.spec, device, batch_size, warn),
+                                         tta=tta)
         meta["paths"] = [str(p) for batch in keys for p in batch]
     written = write_embeddings(out, embeddings, meta)
     return {"num_embeddings": int(len(embeddings)), "dim": int(embeddings.shape[1]), "files": [str(p) for p in written]}
@@ -146,12 +152,16 @@ def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str 
 
 def verify_command(checkpoint: Path, pack: Path, *, split: str = "test", pairs_file: Path | None = None,
                    num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0, device: torch.device, batch_size: int = 64,
-                   backend: str = "auto", workers: int | None = None, out: Path | None = None) -> dict[str, Any]:
-    """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`."""
+                   backend: str = "auto", workers: int | None = None, out: Path | None = None,
+                   tta: str | None = None) -> dict[str, Any]:
+    """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`.
+
+    `tta` None is the checkpoint's own (its run's --tta).
+    """
     reader = PackReader(pack)
     loaded = load_model(checkpoint, device)
-    embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
-                                          num_workers=workers, spec=loaded.spec)
+    embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size,
+                                          device=device, num_workers=workers, spec=loaded.spec, tta=tta or loaded.tta)
     pairs = None
     if pairs_file is not None:
         indices = reader.split_indices(split)

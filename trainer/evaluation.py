@@ -16,16 +16,21 @@ from trainer.errors import TrainerError
 from trainer.inference import image_batches, load_model, load_predictor
 from trainer.loop import evaluate
 from trainer.plots import confusion_matrix, most_confused, plot_confusion
+from trainer.tta import with_tta
 
 CONFUSION_PLOT_MAX_CLASSES = 50
 
 
 def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", topk: int = 5, batch_size: int = 64,
                         backend: str = "auto", device: torch.device, workers: int | None = None,
-                        out: Path | None = None, warn: Any = print) -> dict[str, Any]:
-    """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`; plots with `out`."""
+                        out: Path | None = None, warn: Any = print, tta: str | None = None) -> dict[str, Any]:
+    """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`; plots with `out`.
+
+    `tta` None is the checkpoint's own (its run's --tta), so the figures match its summary.json.
+    """
     reader = PackReader(pack)
     loaded = load_model(checkpoint, device)
+    tta = tta or loaded.tta
     if list(reader.classes) != loaded.classes:
         raise TrainerError(f"{pack}: its {reader.num_classes} classes differ from the checkpoint's "
                            f"{len(loaded.classes)} ({first_difference(reader.classes, loaded.classes)}); "
@@ -39,14 +44,14 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
         warn(note)
     loader = build_loader(reader, split, backend=backend, batch_size=batch_size, train=False, device=device,
                           num_workers=workers, spec=loaded.spec)
-    result = evaluate(loaded.model, loader, device=device, num_classes=reader.num_classes, topk=topk,
+    result = evaluate(with_tta(loaded.model, tta), loader, device=device, num_classes=reader.num_classes, topk=topk,
                       keep_predictions=True)
     targets, predictions = result.pop("targets").numpy(), result.pop("predictions").numpy()
     correct, count = result.pop("per_class_correct"), result.pop("per_class_count")
     result["per_class"] = {name: {"top1": correct[i] / count[i] if count[i] else None, "num_samples": count[i]}
                            for i, name in enumerate(reader.classes)}
     result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch,
-                  epoch=loaded.epoch + 1)  # epochs count from 1, as in metrics.jsonl
+                  epoch=loaded.epoch + 1, tta=tta)  # epochs count from 1, as in metrics.jsonl
     result["most_confused"] = most_confused(targets, predictions, reader.classes)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,19 +97,21 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
 
 
 def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, device: torch.device,
-                  batch_size: int = 32, warn: Any = print) -> list[dict[str, Any]]:
+                  batch_size: int = 32, warn: Any = print, tta: str | None = None) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file (folders are walked), with the checkpoint's preprocessing.
 
     `checkpoint` may also be an exported .onnx file; its sidecar gives preprocessing and classes.
+    `tta` None is the checkpoint's own (its run's --tta; none for an ONNX file).
 
     Unreadable files are reported through `warn` and skipped.
     """
     loaded = load_predictor(checkpoint, device)
+    model = with_tta(loaded.model, tta or loaded.tta)
     k = min(topk, len(loaded.classes))
     results: list[dict[str, Any]] = []
     for batch_paths, images in image_batches(inputs, loaded.spec, device, batch_size, warn):
         with torch.no_grad():
-            probs = torch.softmax(loaded.model(images).float(), dim=1)
+            probs = torch.softmax(model(images).float(), dim=1)
         top_p, top_i = probs.topk(k, dim=1)
         for path, p_row, i_row in zip(batch_paths, top_p.tolist(), top_i.tolist()):
             top = [{"class": loaded.classes[i], "probability": p} for p, i in zip(p_row, i_row)]

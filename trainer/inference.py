@@ -37,6 +37,7 @@ class LoadedModel:
     spec: PipelineSpec
     arch: str
     epoch: int  # 0-based index of the checkpoint's last completed epoch
+    tta: str = "none"  # the test-time augmentation its run validated and tested with (the inference default)
 
 
 def load_model(path: Path, device: torch.device) -> LoadedModel:
@@ -49,7 +50,8 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
         raise TrainerError(f"{path}: weights do not fit {ckpt.arch} ({first_line(exc, 100)})") from None
     channels_last = ckpt.config.get("channels_last", True)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch)
+    return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch,
+                       str(ckpt.config.get("tta", "none")))
 
 
 def load_predictor(path: Path, device: torch.device) -> LoadedModel:
