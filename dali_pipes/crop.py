@@ -18,16 +18,6 @@ TRIES = 10
 DRAWS = 2 * TRIES + 2
 
 
-def check_range(name: str, bounds: Sequence[float], low: float, high: float) -> tuple[float, float]:
-    """`bounds` as a (min, max) pair with low < min <= max <= high, or a one-line ValueError."""
-    if len(bounds) != 2:
-        raise ValueError(f"{name} needs two values MIN,MAX, got {list(bounds)}")
-    lo, hi = float(bounds[0]), float(bounds[1])
-    if not low < lo <= hi <= high:
-        raise ValueError(f"{name} must satisfy {low:g} < MIN <= MAX <= {high:g}, got {lo:g},{hi:g}")
-    return lo, hi
-
-
 def box_sides(areas: np.ndarray, scale: Sequence[float], ratio: Sequence[float], u_area: np.ndarray,
               u_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rounded sides (sqrt(a r), sqrt(a / r)) of each try's box: a = area x U(scale), r = exp(U(log ratio)).

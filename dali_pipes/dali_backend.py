@@ -20,7 +20,7 @@ How a batch is made:
   operator follows its input onto the GPU; without CUDA the same graph runs on CPU
   operators (`device_id=None`), which is how CI tests it.
 * Train geometry is one `fn.warp_affine` per sample with its 2x3 matrix from
-  `geometry.train_matrices` (resize, flip and rotation in one bilinear pass). DALI's
+  `geometry.train_matrices` (crop, resize, flip and rotation in one bilinear pass). DALI's
   convention, checked against `cv2.warpAffine` in tests/test_dali_backend.py: with
   `inverse_map=False` the matrix maps source to output, coordinates continuous with
   pixel centres at +0.5 (cv2 puts them at integers), which is `geometry`'s own
@@ -37,9 +37,13 @@ How a batch is made:
   couple of levels out of 255; a photo over 4x the size is first pre-shrunk by the
   same graph steps with `geometry`'s eval factors, as the torch backend does.
 * DALI returns uint8 HWC; `feed_ndarray` copies it into a torch tensor on the target
-  device, and `loader.to_model_input` normalizes and casts it there. On CUDA the
-  outputs are bound to torch's current stream (`pipe.run(stream)`), which needs DALI's
-  dynamic executor (`exec_dynamic=True`; the default only from DALI 1.51, so asked for).
+  device, and `loader.to_model_input` normalizes and casts it there, with the batch's
+  colour jitter and random erasing (`augment.batch_augmentation`, drawn for the
+  batch's pack indices as DALI hands it back). On CUDA the outputs are bound to torch's
+  current stream (`pipe.run(stream)`), which needs DALI's dynamic executor
+  (`exec_dynamic=True`; the default only from DALI 1.51, so asked for).
+* A new image size (`set_epoch(..., image_size=)`, progressive resizing) is a new graph:
+  the pipeline is rebuilt for it at the next iteration.
 
 Epoch end: the feed raises StopIteration when the plan is exhausted; DALI first hands
 out the batches it had already prefetched (`prefetch_queue_depth`), then raises
@@ -59,6 +63,7 @@ error is raised with the pack indices of the batches in flight.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import re
 from dataclasses import dataclass
@@ -67,6 +72,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .augment import batch_augmentation
 from .geometry import (
     eval_shrinks,
     resize_shrink_factors,
@@ -315,6 +321,9 @@ class DaliLoader(BatchLoader):
             raise LoaderError("the dali backend trains with linear or nearest interpolation, not cubic; "
                               "use --backend torch or change the spec's interpolation")
         super().__init__(reader, request)
+        if request.train and geometry == "separate" and spec.crop_scale is not None:
+            raise LoaderError("the dali backend's separate geometry (resize, flip, rotate) has no random-resized crop; "
+                              "use the fused warp")
         self._reader = reader
         self._device = request.device
         self._dtype = request.dtype
@@ -326,18 +335,26 @@ class DaliLoader(BatchLoader):
         self._pipe: Any = None  # built on first use: no DALI work until iteration
         self._mid_epoch = False  # DALI may still hold batches of an unfinished epoch
 
+    def _spec_changed(self) -> None:
+        """A new image size: drop the pipeline (and what it still holds); the next iteration builds one for it."""
+        if self._mid_epoch:
+            self._drain()
+        self._graph = dataclasses.replace(self._graph, spec=self.spec)
+        self._feed = _Feed(self._reader, self._graph, self.request.seed)
+        self._pipe = None
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._cursor.start_batch >= len(self):
             return
         try:
-            for outputs in self._outputs():
-                yield self._to_torch(outputs)
+            for outputs, indices in self._outputs():
+                yield self._to_torch(outputs, indices)
         finally:
             if self._mid_epoch:  # abandoned mid-epoch (`break`) or failed: nothing may stay in DALI
                 self._drain()
 
-    def _outputs(self) -> Iterator[Any]:
-        """DALI's outputs for the rest of the epoch, in order, across undecodable samples.
+    def _outputs(self) -> Iterator[tuple[Any, np.ndarray]]:
+        """DALI's outputs for the rest of the epoch with their pack indices, in order, across undecodable samples.
 
         Each failed `run()` leaves out the in-flight samples the host cannot decode
         (`_without_culprits`), then a rebuilt pipeline is fed the rest.
@@ -356,15 +373,14 @@ class DaliLoader(BatchLoader):
                     raise
                 pending = iter(self._without_culprits(exc))
 
-    def _run_epoch(self, pipe: Any) -> Iterator[Any]:
+    def _run_epoch(self, pipe: Any) -> Iterator[tuple[Any, np.ndarray]]:
         """Run `pipe` until the feed is exhausted and DALI has handed out what it holds; then reset it."""
         while True:
             try:
                 outputs = pipe.run(self._stream())
             except StopIteration:
                 break
-            self._feed.done()
-            yield outputs
+            yield outputs, self._feed.done()
         pipe.reset()
         self._mid_epoch = False
 
@@ -390,7 +406,7 @@ class DaliLoader(BatchLoader):
         except Exception:
             self._pipe = None  # a failure in a discarded batch: rebuild next time
 
-    def _to_torch(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, outputs: Any, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         images_tl, labels_tl = outputs[0].as_tensor(), outputs[1].as_tensor()
@@ -399,7 +415,9 @@ class DaliLoader(BatchLoader):
         labels = torch.empty(labels_tl.shape(), dtype=torch.int64, device=self._device)
         feed_ndarray(images_tl, images, cuda_stream=stream)
         feed_ndarray(labels_tl, labels, cuda_stream=stream)
-        return to_model_input(images, self.spec, self._dtype), labels
+        train = self._graph.train
+        augmentation = batch_augmentation(self.spec, self.request.seed, self.epoch, indices) if train else None
+        return to_model_input(images, self.spec, self._dtype, augmentation), labels
 
     def _stream(self) -> Any:
         """Torch's current stream on a CUDA device: DALI's outputs and our copies are ordered on it."""

@@ -14,10 +14,10 @@ A sample's matrix is a product of factors, applied right to left::
     rotate(angle) @ flip @ box_to_output(source box -> S x S) [@ diag(fx, fy, 1)]
 
 with the flip and the angle drawn from (seed, epoch, index) alone (`sample_augmentation`),
-and the source box the whole image. More geometry is more factors of the same product,
-built in `train_matrices`, so no backend changes for it: a random-resized crop is a box
-drawn per sample (from further draws of the same generator, which leave the first two
-as they are) given to `_box_to_output` in place of the whole image.
+and the source box the whole image or, with the spec's `crop_scale`, a random-resized
+crop box (`crop.crop_boxes`, from the sample's own further draws, `draws.CROP`, which
+leave the flip and the angle as they are). More geometry is more factors of the same
+product, built in `train_matrices`, so no backend changes for it.
 
 The integer pre-shrink (the last section) is the factor on the right: before a large
 downscale the image is averaged over fy x fx blocks, and the matrix is re-expressed on
@@ -33,10 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .seeded import uniforms
+from . import draws
+from .crop import crop_boxes
 from .spec import PipelineSpec
 
 ArrayLike = Sequence[float] | np.ndarray
+_FLIP_ANGLE = slice(draws.FLIP, draws.ANGLE + 1)  # a sample's first two uniforms: u_flip, u_angle
 
 
 def sample_augmentation(spec: PipelineSpec, seed: int, epoch: int,
@@ -46,20 +48,38 @@ def sample_augmentation(spec: PipelineSpec, seed: int, epoch: int,
     Every backend draws through this (most via `train_matrices`), so a sample's augmentation does not
     depend on worker scheduling, batch composition, rank or resumption. Sample `index`
     gets the first two draws u_flip, u_angle of `np.random.default_rng((seed, epoch,
-    index))`: flip when u_flip < flip_prob, angle (2 u_angle - 1) * rotation_degrees.
-    The whole batch is drawn in one vectorized call (`seeded.uniforms`), same values.
+    index))` (`draws.FLIP`, `draws.ANGLE`): flip when u_flip < flip_prob, angle
+    (2 u_angle - 1) * rotation_degrees. The whole batch is drawn in one vectorized call
+    (`seeded.uniforms`), same values.
     """
-    draws = uniforms((seed, epoch), indices, 2)
-    flips = draws[:, 0] < spec.flip_prob
-    angles = ((2.0 * draws[:, 1] - 1.0) * spec.rotation_degrees).astype(np.float32)
-    return flips, angles
+    (flip_and_angle,) = draws.sample_draws(seed, epoch, indices, _FLIP_ANGLE)
+    return _flips_and_angles(spec, flip_and_angle)
+
+
+def _flips_and_angles(spec: PipelineSpec, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip flags and angles from each sample's N x 2 uniforms (u_flip, u_angle)."""
+    return u[:, 0] < spec.flip_prob, ((2.0 * u[:, 1] - 1.0) * spec.rotation_degrees).astype(np.float32)
 
 
 def train_matrices(spec: PipelineSpec, seed: int, epoch: int, indices: np.ndarray, heights: ArrayLike,
                    widths: ArrayLike) -> np.ndarray:
-    """N x 2 x 3: the training geometry of samples `indices` (stored `heights` x `widths`) in `epoch`."""
-    flips, angles = sample_augmentation(spec, seed, epoch, indices)
-    return affine_matrices(heights, widths, spec.image_size, flips, angles)
+    """N x 2 x 3: the training geometry of samples `indices` (stored `heights` x `widths`) in `epoch`.
+
+    rotate @ flip @ (source box -> S x S): the box is the whole image, or with
+    `spec.crop_scale` a random-resized crop box as torchvision draws it (`crop.crop_boxes`).
+    One vectorized draw serves the flip, the angle and the box.
+    """
+    heights = np.asarray(heights, dtype=np.float64)
+    widths = np.asarray(widths, dtype=np.float64)
+    if spec.crop_scale is None:
+        (flip_and_angle,) = draws.sample_draws(seed, epoch, indices, _FLIP_ANGLE)
+        top, left, box_h, box_w = np.zeros_like(heights), np.zeros_like(widths), heights, widths
+    else:
+        flip_and_angle, crop = draws.sample_draws(seed, epoch, indices, _FLIP_ANGLE, draws.CROP)
+        top, left, box_h, box_w = crop_boxes(heights, widths, spec.crop_scale, spec.crop_ratio, crop).T
+    flips, angles = _flips_and_angles(spec, flip_and_angle)
+    size = spec.image_size
+    return _compose(_rotate(size, angles), _flip(size, flips), _box_to_output(left, top, box_w, box_h, size))
 
 
 def affine_matrix(height: int, width: int, size: int, flip: bool, angle_degrees: float) -> np.ndarray:

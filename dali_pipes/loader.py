@@ -6,20 +6,23 @@ backend shares is written once here:
 * `LoaderRequest`: the frozen request `build_loader` hands to a backend's
   `make_loader(reader, request)`, and the one place a request is checked.
 * `samples_per_rank`, `plan_epoch`, `EpochPlan`, `EpochCursor`: the order of samples,
-  their sharding across ranks and their cutting into batches.
+  their sharding across ranks and their cutting into batches, and the spec of each epoch
+  (its image size can change from epoch to epoch: progressive resizing).
 * `ImageDecodeError` and `SkippedSample`: one unreadable-sample concept, as an error
   (raised where one image is decoded) and as a record (what a loader left out), and
   `SkipLog`, the bookkeeping of those records.
 * `BatchLoader`: the base every backend's loader extends; it owns the cursor and the
   skip log, so `set_epoch`, `len()`, `num_samples` and `skipped` mean the same thing
   everywhere, and a backend writes only `_batches()`.
-* `to_model_input`: the final normalization on the device.
+* `to_model_input`: the final normalization on the device, with the batch's colour
+  jitter and random erasing (`augment`).
 
-Augmentation parameters come from `geometry`.
+Augmentation parameters come from `geometry` (the warp) and `augment` (the batch-level ones).
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import logging
 import math
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterator
 import numpy as np
 import torch
 
+from .augment import BatchAugmentation
 from .spec import PipelineSpec
 from .words import plural
 
@@ -227,7 +231,7 @@ def plan_epoch(split_indices: np.ndarray, *, train: bool, seed: int, epoch: int,
 
 
 class EpochCursor:
-    """The epoch a loader is on, its plan, and the batch it starts from.
+    """The epoch a loader is on, its plan, the batch it starts from, and the spec its batches follow.
 
     `len()` is a whole epoch's batches, also when resumed mid-epoch.
     """
@@ -237,17 +241,21 @@ class EpochCursor:
         self.epoch = 0
         self.start_batch = 0
         self.plan: EpochPlan = self._plan(0)
+        self.spec: PipelineSpec = request.spec
 
     def _plan(self, epoch: int) -> EpochPlan:
         r = self._request
         return plan_epoch(r.split_indices, train=r.train, seed=r.seed, epoch=epoch, batch_size=r.batch_size,
                           rank=r.rank, world_size=r.world_size, drop_last=r.drop_last)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Move to epoch `epoch`, starting at batch `start_batch` (earlier batches are skipped)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
+        """Move to epoch `epoch`, starting at batch `start_batch` (earlier batches are skipped), at `image_size`
+        (None: the size so far)."""
         plan = self._plan(epoch)
         if not 0 <= start_batch <= len(plan):
             raise ValueError(f"start_batch {start_batch} outside 0..{len(plan)}")
+        if image_size is not None and image_size != self.spec.image_size:
+            self.spec = dataclasses.replace(self.spec, image_size=image_size)
         self.epoch, self.start_batch, self.plan = epoch, start_batch, plan
 
     def batches(self) -> Iterator[np.ndarray]:
@@ -268,17 +276,29 @@ def normalization_constants(mean_255: tuple[float, ...], std_255: tuple[float, .
     return mean.to(device), inv_std.to(device)
 
 
-def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, spec: PipelineSpec, dtype: torch.dtype,
+                   augmentation: BatchAugmentation | None = None) -> torch.Tensor:
     """uint8 N x H x W x C pixels -> N x C x H x W channels_last, normalized, in `dtype`.
 
-    `torch.uint8` returns the raw pixels in the same layout. Runs wherever `images`
-    lives, so on a GPU the host ships uint8 and the device does the arithmetic.
+    `augmentation` (host tensors, shipped to the images' device without blocking) adds
+    the batch's colour jitter before the normalization and its random erasing after it.
+    `torch.uint8` returns the pixels in the same layout, not normalized (erased boxes in
+    the mean colour). Runs wherever `images` lives, so on a GPU the host ships uint8 and
+    the device does the arithmetic.
     """
     nchw = images.permute(0, 3, 1, 2)  # a view: NHWC memory is exactly channels_last NCHW
-    if dtype == torch.uint8:
+    if dtype == torch.uint8 and augmentation is None:
         return nchw.contiguous(memory_format=torch.channels_last)
     mean, inv_std = normalization_constants(spec.mean_255, spec.std_255, images.device)
-    out = nchw.float().sub_(mean).mul_(inv_std)  # in place: one full-size float buffer, not two
+    pixels = nchw.float()
+    if augmentation is not None:
+        augmentation = augmentation.to(images.device)
+        pixels = augmentation.jitter(pixels)
+    out = pixels.sub_(mean).mul_(inv_std)  # in place: one full-size float buffer, not two
+    if augmentation is not None:
+        out = augmentation.erase(out)
+    if dtype == torch.uint8:
+        out = out.div_(inv_std).add_(mean).round_().clamp_(0, 255)
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
@@ -304,15 +324,28 @@ class BatchLoader(abc.ABC):
 
     def __init__(self, reader: PackReader, request: LoaderRequest) -> None:
         self.request = request
-        self.spec: PipelineSpec = request.spec
         self.num_classes: int = reader.num_classes
         self._cursor = EpochCursor(request)
         self._skips = SkipLog(reader.path)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Start epoch `epoch` at batch `start_batch` (resuming mid-epoch; earlier batches are skipped)."""
-        self._cursor.set_epoch(epoch, start_batch)
+    @property
+    def spec(self) -> PipelineSpec:
+        """The spec the current epoch's batches follow (the request's, at the size `set_epoch` chose)."""
+        return self._cursor.spec
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
+        """Start epoch `epoch` at batch `start_batch` (resuming mid-epoch; earlier batches are skipped).
+
+        `image_size` makes this epoch's batches that size (progressive resizing); None keeps the size.
+        """
+        before = self._cursor.spec
+        self._cursor.set_epoch(epoch, start_batch, image_size)
         self._skips.new_epoch()
+        if self._cursor.spec != before:
+            self._spec_changed()
+
+    def _spec_changed(self) -> None:
+        """Called after `set_epoch` changed the spec: a backend that built something for the old size rebuilds."""
 
     @property
     def epoch(self) -> int:

@@ -1,8 +1,10 @@
 """The `torch` backend: a DataLoader over the pack whose items are whole batches.
 
-Two paths share the sampler, the epoch plan and the per-sample geometry
-(`geometry.train_matrices`, drawn from (seed, epoch, index), never from a worker's RNG,
-so batches do not depend on worker count or scheduling):
+Two paths share the sampler, the epoch plan and the per-sample augmentation
+(`geometry.train_matrices` and `augment.batch_augmentation`, drawn from (seed, epoch,
+index) in the workers, never from a worker's RNG, so batches do not depend on worker
+count or scheduling; the sampler hands each batch the epoch's spec, so a new image size
+reaches persistent workers too):
 
 - CPU path (any device; `torch_cpu`): workers decode with OpenCV and warp on uint8 into
   one batch in shared memory.
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .augment import BatchAugmentation, batch_augmentation
 from .device import host_to_device
 from .geometry import train_matrices
 from .loader import BatchLoader, EpochCursor, LoaderRequest, SkipLog, SkippedSample, to_model_input
@@ -46,7 +49,7 @@ PREFETCH_FACTOR = 4
 
 
 class _PlanSampler(Sampler):
-    """Yields `(epoch, batch pack indices)` for the current epoch from `start_batch` on.
+    """Yields `(epoch, spec, batch pack indices)` for the current epoch from `start_batch` on.
 
     It runs in the main process, so it is where samples already known bad (`skips`) are
     left out: no worker tries them again. A batch left with no sample is not yielded.
@@ -56,42 +59,47 @@ class _PlanSampler(Sampler):
         self.cursor = cursor
         self._skips = skips
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        epoch = self.cursor.epoch
+    def __iter__(self) -> Iterator[tuple[int, PipelineSpec, np.ndarray]]:
+        epoch, spec = self.cursor.epoch, self.cursor.spec
         for batch in self._skips.known_good(self.cursor.batches()):
-            yield epoch, batch
+            yield epoch, spec, batch
 
     def __len__(self) -> int:
         return max(0, len(self.cursor.plan) - self.cursor.start_batch)
 
 
 class _PackBatches(Dataset):
-    """Items are whole batches: `(epoch, pack indices)` -> what one worker prepares.
+    """Items are whole batches: `(epoch, spec, pack indices)` -> what one worker prepares.
 
-    CPU path: `(uint8 N x S x S x 3 pixels, labels, skipped)`, the rows of undecodable
-    images left out and listed in `skipped`. GPU path: the batch's encoded bytes back to
-    back with their offsets, plus indices, warp matrices (None in eval) and labels
-    (decode failures show only on the device, in the main process).
+    CPU path: `(uint8 N x S x S x 3 pixels, labels, skipped, augmentation)`, the rows of
+    undecodable images left out and listed in `skipped`. GPU path: the batch's encoded
+    bytes back to back with their offsets, plus indices, warp matrices (None in eval),
+    labels and augmentation (decode failures show only on the device, in the main
+    process). `augmentation` is the batch's colour jitter and erasing (None in eval).
     """
 
-    def __init__(self, reader: PackReader, spec: PipelineSpec, *, train: bool, seed: int, bytes_only: bool) -> None:
-        self.reader, self.spec, self.train, self.seed, self.bytes_only = reader, spec, train, seed, bytes_only
+    def __init__(self, reader: PackReader, *, train: bool, seed: int, bytes_only: bool) -> None:
+        self.reader, self.train, self.seed, self.bytes_only = reader, train, seed, bytes_only
 
-    def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[Any, ...]:
-        epoch, indices = key
+    def __getitem__(self, key: tuple[int, PipelineSpec, np.ndarray]) -> tuple[Any, ...]:
+        epoch, spec, indices = key
         labels = torch.from_numpy(self.reader.labels[indices])
         matrices = None
         if self.train:
-            matrices = train_matrices(self.spec, self.seed, epoch, indices, self.reader.heights[indices],
+            matrices = train_matrices(spec, self.seed, epoch, indices, self.reader.heights[indices],
                                       self.reader.widths[indices])
         if self.bytes_only:
             data, offsets = self._gather_bytes(indices)
             warps = None if matrices is None else torch.from_numpy(matrices)
-            return data, offsets, torch.from_numpy(indices), warps, labels
-        pixels, skipped = render_batch_cpu(self.reader, indices, self.spec, matrices)
+            return data, offsets, torch.from_numpy(indices), warps, labels, self._augmentation(spec, epoch, indices)
+        pixels, skipped = render_batch_cpu(self.reader, indices, spec, matrices)
         if skipped:
-            labels = labels[torch.from_numpy(_kept(indices, skipped))]
-        return pixels, labels, skipped
+            kept = _kept(indices, skipped)
+            labels, indices = labels[torch.from_numpy(kept)], indices[kept]
+        return pixels, labels, skipped, self._augmentation(spec, epoch, indices)
+
+    def _augmentation(self, spec: PipelineSpec, epoch: int, indices: np.ndarray) -> BatchAugmentation | None:
+        return batch_augmentation(spec, self.seed, epoch, indices) if self.train else None
 
     def _gather_bytes(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         sizes = self.reader.offsets[indices + 1] - self.reader.offsets[indices]
@@ -162,8 +170,7 @@ class TorchLoader(BatchLoader):
         # The sampler holds the cursor and the skip log, not the loader: no reference cycle
         # keeps the persistent workers alive after the loader is dropped.
         self._sampler = _PlanSampler(self._cursor, self._skips)
-        self._dataset = _PackBatches(reader, request.spec, train=request.train, seed=request.seed,
-                                     bytes_only=gpu_decode)
+        self._dataset = _PackBatches(reader, train=request.train, seed=request.seed, bytes_only=gpu_decode)
         self._loader: DataLoader | None = None
 
     def _data_loader(self) -> DataLoader:
@@ -196,15 +203,15 @@ class TorchLoader(BatchLoader):
             self._skips.add(sample)
 
     def _finish_cpu(self, item: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        pixels, labels, skipped = item
+        pixels, labels, skipped, augmentation = item
         self._record(skipped)
         if len(labels) == 0:
             return None
         pixels = host_to_device(pixels, self.device)
-        return to_model_input(pixels, self.spec, self.dtype), host_to_device(labels, self.device)
+        return to_model_input(pixels, self.spec, self.dtype, augmentation), host_to_device(labels, self.device)
 
     def _finish_gpu(self, item: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        data, offsets, indices, matrices, labels = item
+        data, offsets, indices, matrices, labels, augmentation = item
         bounds = offsets.tolist()
         encoded = [data[bounds[j] : bounds[j + 1]] for j in range(len(bounds) - 1)]
         images, skipped = decode_on_device(self._reader, indices.numpy(), encoded, self.device)
@@ -215,8 +222,9 @@ class TorchLoader(BatchLoader):
                 return None
             labels = labels[torch.from_numpy(good)]
             matrices = None if matrices is None else matrices[torch.from_numpy(good)]
+            augmentation = None if augmentation is None else augmentation.select(good)
         pixels = transform_images(images, self.spec, None if matrices is None else matrices.numpy())
-        return to_model_input(pixels, self.spec, self.dtype), host_to_device(labels, self.device)
+        return to_model_input(pixels, self.spec, self.dtype, augmentation), host_to_device(labels, self.device)
 
 
 def make_loader(reader: PackReader, request: LoaderRequest) -> TorchLoader:

@@ -9,8 +9,9 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from dali_pipes import draws
-from dali_pipes.crop import DRAWS, TRIES, check_range, crop_boxes
-from dali_pipes.spec import PipelineSpec, sample_augmentation
+from dali_pipes.crop import DRAWS, TRIES, crop_boxes
+from dali_pipes.geometry import sample_augmentation
+from dali_pipes.spec import PipelineSpec, check_range
 
 
 def reference_box(height: int, width: int, scale, ratio, u: np.ndarray) -> tuple[int, int, int, int]:

@@ -12,19 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_pack
 
 from dali_pipes import plan_epoch
-from conftest import make_pack
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--backend", "torch",
        "--workers", "0", "--log-every", "2", "--scheduler", "step"]
+# Every training mechanic at once, so the two-process run shows each one works under DDP.
+MECHANICS = ["--crop-scale", "0.5,1", "--color-jitter", "0.2,0.2,0.2", "--random-erasing", "0.25", "--mixup", "0.2",
+             "--ema", "0.9", "--accum-steps", "2", "--progressive", "16", "--tta", "flip"]
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 9 val and 9 test images: odd, so two ranks get unequal eval shards.
     return make_pack(tmp_path_factory.mktemp("ddp"), classes=3, per_class=15, seed=2)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _trainer(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -55,7 +62,7 @@ def test_shards_are_disjoint_and_complete(n: int, world_size: int, batch_size: i
 @pytest.mark.slow
 def test_two_process_run_matches_one_process_eval(pack: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "2", "--out", str(out), "--nproc", "2")
+    result = _trainer("run", "--pack", str(pack), *RUN, *MECHANICS, "--epochs", "2", "--out", str(out), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stdout and result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
     for epoch in (1, 2):  # each epoch's last progress line shows the epoch line's figures: every rank's
@@ -64,6 +71,7 @@ def test_two_process_run_matches_one_process_eval(pack: Path, tmp_path: Path) ->
         figures = re.search(r"train (loss \S+ top1 \S+)", summary_line).group(1)
         assert f"  {figures} " in closing and "rank 0" not in closing, (closing, summary_line)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["tta"] == "flip" and [r["image_size"] for r in _metrics(out)] == [16, 32]
     evaluated = _trainer("eval", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", "--backend", "torch", "--workers", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     single = json.loads(evaluated.stdout)

@@ -20,14 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_pack
+
 from trainer.cli import main as trainer_main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--backend", "torch",
        "--workers", "0", "--log-every", "1", "--optimizer", "adamw", "--scheduler", "step", "--head", "mlp", "--hidden", "16",
        "--patience", "0"]
+EMA = ["--ema", "0.9"]  # the averaged weights must survive a stop and a kill as exactly as the weights do
 
 
 @pytest.fixture(scope="module")
@@ -69,27 +70,29 @@ SIGNAL_AT_STEP = """
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_signal_mid_epoch_writes_a_resumable_position(pack: Path, tmp_path: Path, signame: str, code: int) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
-    assert _trainer("run", "--pack", str(pack), *RUN, "--epochs", "2", "--out", str(full)).returncode == 0
+    assert _trainer("run", "--pack", str(pack), *RUN, *EMA, "--epochs", "2", "--out", str(full)).returncode == 0
     # 36 training images, batch 8: 4 steps an epoch; step 6 is the 2nd step of epoch 2.
     env = _hook(tmp_path, SIGNAL_AT_STEP.format(step=6, signal=signame))
-    stopped = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "2", "--out", str(part), env=env)
+    stopped = _trainer("run", "--pack", str(pack), *RUN, *EMA, "--epochs", "2", "--out", str(part), env=env)
     assert stopped.returncode == code, stopped.stderr[-2000:]
     assert f"stopped by {signame} at epoch 2, step 2" in stopped.stderr and "--resume" in stopped.stderr
     ckpt = torch.load(part / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["position"]["epoch"] == 1 and ckpt["position"]["step"] == 2
+    assert ckpt["ema"]["updates"] == 6  # one update per optimizer step, up to the stop
     resumed = _trainer("run", "--resume", str(part))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _metrics(full), _metrics(part)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
-        for key in ("train_loss", "train_top1", "val_loss", "val_top1"):
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_loss_ema", "val_top1_ema"):
             assert round(ra[key], 4) == round(rb[key], 4), (ra["epoch"], key)
 
 
 @pytest.mark.slow
 def test_kill_9_while_training_then_resume(pack: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", "--pack", str(pack), *RUN, "--epochs", "5", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", "--pack", str(pack), *RUN, *EMA, "--epochs", "5",
+                             "--out", str(out)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and time.time() < deadline:
@@ -102,6 +105,9 @@ def test_kill_9_while_training_then_resume(pack: Path, tmp_path: Path) -> None:
     resumed = _trainer("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["epoch"] for r in _metrics(out)] == list(range(1, 6))
+    assert all(isinstance(r["val_loss_ema"], float) for r in _metrics(out))
+    # 4 optimizer steps an epoch: the average went on from the checkpoint's count rather than starting again.
+    assert torch.load(out / "last.pt", weights_only=True)["ema"]["updates"] == 5 * 4
     assert not list(out.glob(".*"))  # no temporaries left behind
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 5
 

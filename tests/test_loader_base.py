@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipes import (BatchLoader, ImageDecodeError, LoaderError, LoaderRequest, PackReader, PipelineSpec, SkippedSample,
-                        build_loader, preprocess, samples_per_rank)
+from dali_pipes import (
+    BatchLoader,
+    ImageDecodeError,
+    LoaderError,
+    LoaderRequest,
+    PackReader,
+    PipelineSpec,
+    SkippedSample,
+    build_loader,
+    preprocess,
+    samples_per_rank,
+)
 
 SIZE = 32
 BACKENDS = ["torch", "synthetic", pytest.param("dali", marks=pytest.mark.dali)]

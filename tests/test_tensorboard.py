@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_pack
+
 from dali_pipes import PipelineSpec
 from trainer.cli import main as trainer_main
 

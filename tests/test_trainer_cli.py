@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import make_pack
 
 from dali_pipes import PackOptions, PackReader, pack_folder
 from tools.make_demo_dataset import make_demo_dataset
-from conftest import make_pack
 from trainer.cli import main as trainer_main
 
 FAST = ["--weights", "none", "--image-size", "32", "--workers", "0", "--log-every", "2"]

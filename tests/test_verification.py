@@ -4,8 +4,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.verification import (Pairs, auc, best_threshold, cosine_scores, draw_pairs, eer, kfold_accuracy, parse_pairs,
-                                  rank_identification, read_pairs, roc_curve, tar_at_far, verification_report)
+from trainer.verification import (
+    Pairs,
+    auc,
+    best_threshold,
+    cosine_scores,
+    draw_pairs,
+    eer,
+    kfold_accuracy,
+    parse_pairs,
+    rank_identification,
+    read_pairs,
+    roc_curve,
+    tar_at_far,
+    verification_report,
+)
 
 
 def _scores(pos: list[float], neg: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -137,6 +137,8 @@ class Checkpoint:
     position: dict[str, Any] | None  # where a mid-epoch checkpoint stopped (read by `trainer.resume.read_position`)
     metrics_epoch_base: int  # how the run's metrics.jsonl counts epochs
     trained_classes: list[str]  # the classes with training images: all of them, unless the pack is split by class
+    ema: dict[str, Any] | None = None  # the averaged weights and their update count (`trainer.ema.ModelEma`)
+    model_weights: str = "raw"  # what `model` holds: the trained weights ("raw") or their average ("ema")
 
     @property
     def schedule_epochs(self) -> int:
@@ -158,11 +160,15 @@ def on_cpu(value: Any) -> Any:
 def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  scheduler: dict[str, Any], early_stopping: dict[str, Any], epoch: int, config: dict[str, Any],
                  head: dict[str, Any], classes: list[str], spec: dict[str, Any], metrics: dict[str, Any],
-                 position: dict[str, Any] | None = None, trained_classes: list[str] | None = None) -> dict[str, Any]:
+                 position: dict[str, Any] | None = None, trained_classes: list[str] | None = None,
+                 ema: dict[str, Any] | None = None, model_weights: str = "raw") -> dict[str, Any]:
     """The checkpoint after epoch index `epoch` completed (and `position` into the next): containers and CPU
     tensors.
 
     `trained_classes`: the classes the run had training images of (None: all `classes`).
+    `ema` is the averaged weights' state (`ModelEma.state_dict`), kept under "ema" to resume
+    them; `model_weights` says whether `model` is the trained weights ("raw") or the
+    averaged ones ("ema", a best.pt whose average validated better).
     """
     payload = {
         "model": unwrap(model).state_dict(),
@@ -180,9 +186,12 @@ def make_payload(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         "metrics": dict(metrics),
         "metrics_epoch_base": METRICS_EPOCH_BASE,
         "trained_classes": list(classes if trained_classes is None else trained_classes),
+        "model_weights": model_weights,
     }
     if position is not None:
         payload["position"] = dict(position)
+    if ema is not None:
+        payload["ema"] = dict(ema)
     return on_cpu(payload)
 
 
@@ -194,7 +203,8 @@ def read_payload(ckpt: dict[str, Any]) -> Checkpoint:
         optimizer=ckpt.get("optimizer", {}), scheduler=dict(ckpt.get("scheduler", {})), scaler=ckpt.get("scaler", {}),
         early_stopping=ckpt.get("early_stopping", {}), rng=ckpt.get("rng", {}), metrics=ckpt.get("metrics", {}),
         position=ckpt.get("position") or None, metrics_epoch_base=int(ckpt.get("metrics_epoch_base", 0)),
-        trained_classes=list(ckpt.get("trained_classes", ckpt["classes"])))
+        trained_classes=list(ckpt.get("trained_classes", ckpt["classes"])),
+        ema=ckpt.get("ema"), model_weights=str(ckpt.get("model_weights", "raw")))
 
 
 def first_difference(ours: list[str], theirs: list[str]) -> str:

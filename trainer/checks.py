@@ -50,22 +50,27 @@ def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
 
 
 def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line.
+    """One forward pass of two blank images at each size the run uses (`--image-size`, `--progressive`,
+    `--eval-image-size`), so a model that cannot take one fails now, in one line.
 
-    The line names torchvision's minimum input size for the architecture when that is what `--image-size` misses.
+    The line names torchvision's minimum input size for the architecture when that is what a size misses.
     """
     model.eval()  # no batch-norm statistics change
-    try:
-        with torch.no_grad():
-            blank = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device)
-            model(blank.contiguous(memory_format=torch.channels_last))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        smallest = torchvision_min_size(cfg.arch)
-        if smallest > cfg.image_size:
-            raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size}: torchvision gives "
-                               f"it a minimum input of {smallest} px; pass --image-size {smallest} or more") from None
-        raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} ({first_line(exc)}); "
-                           "choose a size it accepts") from None
+    sizes = {"--image-size": cfg.image_size, "--progressive": cfg.progressive, "--eval-image-size": cfg.eval_image_size}
+    for option, size in sizes.items():
+        if size is None:
+            continue
+        try:
+            with torch.no_grad():
+                blank = torch.zeros(2, 3, size, size, device=device)
+                model(blank.contiguous(memory_format=torch.channels_last))
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            smallest = torchvision_min_size(cfg.arch)
+            if smallest > size:
+                raise TrainerError(f"--arch {cfg.arch} does not run at {option} {size}: torchvision gives it a "
+                                   f"minimum input of {smallest} px; pass {option} {smallest} or more") from None
+            raise TrainerError(f"--arch {cfg.arch} does not run at {option} {size} ({first_line(exc)}); "
+                               "choose a size it accepts") from None
 
 
 def torchvision_min_size(arch: str) -> int:

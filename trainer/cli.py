@@ -15,7 +15,7 @@ import click
 
 from dali_pipes import LoaderError, OutputError, PackError, plural
 from trainer.cli_usage import HELP_OPTIONS, TrainerGroup
-from trainer.config import BACKEND_HELP, DEVICE_HELP, FORCE_HELP, WORKERS_HELP, run_options
+from trainer.config import BACKEND_HELP, DEVICE_HELP, FORCE_HELP, TTA_HELP, TTA_MODES, WORKERS_HELP, run_options
 from trainer.errors import RunInterrupted, TrainerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,8 +94,9 @@ def info(pack: Path, as_json: bool) -> None:
 
 @main.command(context_settings={"show_default": False})
 @run_options
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="YAML or JSON file of option names to values; command-line options win.")
+@click.option("--config", "config_file", metavar="FILE|RECIPE",
+              help="YAML or JSON file of option names to values, or the name of a shipped recipe (`trainer recipes` "
+                   "lists them); command-line options win. config.json records it as `recipe`.")
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue the run in this folder from its last.pt (its config.json, overridden by options given "
                    "here).")
@@ -105,20 +106,21 @@ def info(pack: Path, as_json: bool) -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=1,
               help="Processes on this machine: launches torchrun with DDP (one per GPU; gloo on the CPU).")
 @one_line_errors
-def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: int, **options: Any) -> None:
+def run(config_file: str | None, resume: Path | None, reschedule: bool, nproc: int, **options: Any) -> None:
     """Train a classifier on a pack: fine-tuning, frozen blocks, early stopping, top-k metrics.
 
     \b
-    Example:
+    Examples:
       trainer run --pack pack.h5 --arch mobilenet_v2 --freeze 10 --head mlp --optimizer adamw
+      trainer run --pack pack.h5 --config fast --epochs 30
     """
-    from trainer.config import build_config, load_config_file
+    from trainer.config import build_config, load_config
     from trainer.distributed import destroy_process_group, env_context, init_process_group, resolve_device
     from trainer.resume import resume_values
     from trainer.run import fit
     from trainer.run_folder import default_out_dir, discard_untrained, prepare_out_dir
 
-    file_values = load_config_file(config_file) if config_file else {}
+    file_values = load_config(config_file) if config_file else {}
     if resume is not None:
         file_values = resume_values(resume, file_values)
     cfg = build_config(options, file_values)
@@ -146,6 +148,29 @@ def run(config_file: Path | None, resume: Path | None, reschedule: bool, nproc: 
             raise
     finally:
         destroy_process_group()
+
+
+@main.command()
+@one_line_errors
+def recipes() -> None:
+    """The recipes shipped with the trainer, for `trainer run --config NAME`: name and what each is.
+
+    \b
+    Example:
+      trainer run --pack pack.h5 --config fast --epochs 30
+    """
+    from trainer.config import shipped_recipes
+
+    listed = shipped_recipes()
+    width = max(map(len, listed), default=0)
+    for name, description in listed.items():
+        click.echo(f"{name:{width}}  {description}")
+
+
+def tta_option(func: F) -> F:
+    """--tta for the inference commands; the default is the checkpoint's own (its run's --tta)."""
+    return click.option("--tta", type=click.Choice(TTA_MODES), default=None,
+                        help=TTA_HELP + " [default: the checkpoint's, as its run validated]")(func)
 
 
 def launch_torchrun(cfg: Any, nproc: int, resume: Path | None, reschedule: bool = False) -> int:
@@ -209,17 +234,19 @@ def loader_options(backends: tuple[str, ...] = ("auto", "dali", "torch")) -> Cal
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1),
               help="Report top-1 .. top-k accuracy.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the confusion-matrix PNG.")
+@tta_option
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
 def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size: int, backend: str,
-                 workers: int | None, device: str, out: Path | None, force: bool, as_json: bool) -> None:
+                 workers: int | None, device: str, out: Path | None, tta: str | None, force: bool,
+                 as_json: bool) -> None:
     """Top-1..top-k accuracy, loss and per-class accuracy of a checkpoint on a pack split."""
     from trainer.evaluation import evaluate_checkpoint, format_eval
 
     result, plot = evaluate_checkpoint(checkpoint, pack, split=split, topk=topk, batch_size=batch_size,
                                        backend=backend, device=_eval_device(device), workers=workers, out=out,
-                                       force=force, warn=_warn)
+                                       force=force, warn=_warn, tta=tta)
     click.echo(json.dumps(result) if as_json else "\n".join(format_eval(result)))
     if plot is not None:  # after the figures: a failed write loses only the picture
         plot.write()
@@ -232,13 +259,15 @@ def eval_command(checkpoint: Path, pack: Path, split: str, topk: int, batch_size
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to list per image.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@tta_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
 @one_line_errors
-def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, as_json: bool) -> None:
+def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, tta: str | None,
+            as_json: bool) -> None:
     """Top-k classes with probabilities for each IMAGE_OR_DIR, with the checkpoint's own preprocessing."""
     from trainer.evaluation import predict_files
 
-    results = predict_files(checkpoint, inputs, topk=topk, device=_eval_device(device), warn=_warn)
+    results = predict_files(checkpoint, inputs, topk=topk, device=_eval_device(device), warn=_warn, tta=tta)
     for r in results:
         if as_json:
             click.echo(json.dumps(r))
@@ -255,10 +284,11 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], topk: int, device: str, 
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="FILE.h5 (HDF5), or FILE.npy with FILE.json beside it.")
 @loader_options()
+@tta_option
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @one_line_errors
 def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, ...], out: Path, batch_size: int,
-          backend: str, workers: int | None, device: str, force: bool) -> None:
+          backend: str, workers: int | None, device: str, tta: str | None, force: bool) -> None:
     """L2-normalized embeddings of a pack split (--pack P --split S) or of image PATHS, written to --out.
 
     Margin heads give their embedding; linear and mlp heads their penultimate features.
@@ -267,7 +297,7 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
 
     result = embed_command(checkpoint, out, pack=pack, split=split if pack is not None else None, inputs=inputs,
                            device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
-                           warn=_warn, force=force)
+                           warn=_warn, force=force, tta=tta)
     click.echo(f"wrote {plural(result['num_embeddings'], 'embedding')} of dimension {result['dim']} "
                f"to {', '.join(result['files'])}")
 
@@ -284,18 +314,19 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
               help="Genuine and as many impostor pairs to draw.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the drawn pairs and of the 10 folds.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for roc.png.")
+@tta_option
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
 def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int,
-           batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, force: bool,
-           as_json: bool) -> None:
+           batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, tta: str | None,
+           force: bool, as_json: bool) -> None:
     """Face verification (AUC, EER, 10-fold accuracy, TAR@FAR) and rank-1/5 identification on a pack split."""
     from trainer.embedding import format_verification, verify_command
 
     figures = verify_command(checkpoint, pack, split=split, pairs_file=pairs_file, num_pairs=num_pairs, seed=seed,
                              device=_eval_device(device), batch_size=batch_size, backend=backend, workers=workers,
-                             out=out, force=force)
+                             out=out, force=force, tta=tta)
     click.echo(json.dumps(figures) if as_json else "\n".join(format_verification(figures)))
 
 

@@ -2,18 +2,23 @@
 
 The click options of `trainer run` are generated from the fields below, so a name, a
 default, a choice list or a help text is written once. Values come from, in rising
-priority: the defaults here, an optional YAML/JSON file (`--config`), the command line.
+priority: the defaults here, an optional YAML/JSON file or shipped recipe (`--config`),
+the command line. Recipes are YAML files shipped inside the package (`trainer/recipes/`,
+package data), named by their file name; the first comment line of each says what it is.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import click
 
+from dali_pipes.spec import CROP_RATIO, check_range
 from trainer.errors import TrainerError
 from trainer.margins import MARGIN_HEADS
 from trainer.monitor import MONITORS
@@ -31,11 +36,36 @@ WORKERS_HELP = ("Worker processes that decode images (DALI: threads); 0: this pr
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (under --nproc or torchrun: cuda, each process on the GPU of its LOCAL_RANK)."
 # The one overwrite rule of every command that writes a result file (the packer, export, embed, eval and verify --out).
 FORCE_HELP = "Replace output files that exist (without it, an existing output is an error)."
+TTA_MODES = ("none", "flip")  # what --tta takes (trainer.tta applies each)
+TTA_HELP = ("Test-time augmentation: flip averages the logits of each image and its mirror (embeddings: the sum of "
+            "both normalized, as insightface).")
 
 
-def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-         flag: bool = False) -> dict[str, Any]:
-    return {"help": help, "choices": choices, "min": minimum, "flag": flag}
+def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None, flag: bool = False,
+         count: int = 0, number: type = float, metavar: str | None = None, cli: bool = True) -> dict[str, Any]:
+    """A field's option: help, choices, lower bound, on/off flag, `count` comma-separated numbers of type `number`
+    (shown as `metavar`), and whether it is a command-line option at all."""
+    return {"help": help, "choices": choices, "min": minimum, "flag": flag, "count": count, "number": number,
+            "metavar": metavar, "cli": cli}
+
+
+class NumberList(click.ParamType):
+    """`count` comma-separated numbers (`0.35,1`); a config file may give a list. Converted to a tuple of `kind`."""
+
+    name = "numbers"
+
+    def __init__(self, count: int, kind: type = float) -> None:
+        self.count, self.kind = count, kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+        try:
+            numbers = tuple(self.kind(item) for item in items)
+        except (TypeError, ValueError):
+            numbers = ()
+        if len(numbers) != self.count:
+            self.fail(f"expected {self.count} comma-separated numbers, got {value!r}", param, ctx)
+        return numbers
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,14 @@ class RunConfig:
     label_smoothing: float = field(default=0.0, metadata=_opt("Label smoothing of the loss.", minimum=0.0))
     grad_clip: float | None = field(default=None, metadata=_opt(
         "Clip the gradients' global norm to this value (default: no clipping).", minimum=0.0))
+    accum_steps: int = field(default=1, metadata=_opt(
+        "Gradient accumulation: one optimizer step every N batches (the global batch is --batch-size x N x "
+        "processes; DDP all-reduces only at the step). Schedules and --log-every count optimizer steps.", minimum=1,
+        metavar="N"))
+    ema: float = field(default=0.0, metadata=_opt(
+        "Keep an exponential moving average of the weights with this decay (e.g. 0.999; timm's ModelEmaV3 warm-up), "
+        "updated every optimizer step and validated each epoch beside them (val_*_ema); best.pt takes the better. "
+        "0: off.", minimum=0.0, metavar="DECAY"))
     epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
     scheduler: str = field(default="cosine", metadata=_opt(
         "Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
@@ -88,6 +126,41 @@ class RunConfig:
         "Epochs between decays (step), or patience epochs (plateau).", minimum=1))
     gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))
     warmup_epochs: float = field(default=0.0, metadata=_opt("Linear warm-up length in epochs.", minimum=0.0))
+    # Augmentation and image sizes
+    crop_scale: tuple[float, float] | None = field(default=None, metadata=_opt(
+        "Random-resized crop of each training image: its area a fraction MIN,MAX of the image's (torchvision's "
+        "RandomResizedCrop scale, e.g. 0.08,1), part of the one warp. [default: off: the whole image, resized]",
+        count=2, metavar="MIN,MAX"))
+    crop_ratio: tuple[float, float] = field(default=CROP_RATIO, metadata=_opt(
+        "Aspect-ratio range MIN,MAX (width / height) of the random-resized crop. [default: 0.75,1.333]", count=2,
+        metavar="MIN,MAX"))
+    color_jitter: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0), metadata=_opt(
+        "Colour jitter strengths B,C,S of brightness, contrast and saturation (torchvision's ColorJitter), applied "
+        "per training batch on the device. [default: 0,0,0: off]", count=3, metavar="B,C,S"))
+    random_erasing: float = field(default=0.0, metadata=_opt(
+        "Probability of erasing a random box of each training image to the mean colour (torchvision's "
+        "RandomErasing, after normalization).", minimum=0.0, metavar="P"))
+    mixup: float = field(default=0.0, metadata=_opt(
+        "Mixup alpha: a mixed batch is blended with itself reversed, weight ~ Beta(alpha, alpha), with soft targets "
+        "(label smoothing folded in) and train top-1 counted against the larger label; 0: off.", minimum=0.0,
+        metavar="ALPHA"))
+    cutmix: float = field(default=0.0, metadata=_opt(
+        "CutMix alpha: a box of the reversed batch pasted in instead (half the mixed batches when --mixup is on too); "
+        "0: off.", minimum=0.0, metavar="ALPHA"))
+    mix_prob: float = field(default=1.0, metadata=_opt("Probability that a batch is mixed (--mixup, --cutmix).",
+                                                       minimum=0.0, metavar="P"))
+    progressive: int | None = field(default=None, metadata=_opt(
+        "Progressive resizing: train at MIN_SIZE px first, rising linearly to --image-size over --ramp-epochs in "
+        "multiples of 32 (FFCV's rule); metrics.jsonl's image_size says each epoch's. [default: off]", minimum=8,
+        metavar="MIN_SIZE"))
+    ramp_epochs: tuple[int, int] | None = field(default=None, metadata=_opt(
+        "START,END: the epochs (counted from 1) between which --progressive rises. [default: 1,EPOCHS]", count=2,
+        number=int, metavar="START,END"))
+    eval_image_size: int | None = field(default=None, metadata=_opt(
+        "Size validation, test and the checkpoint's preprocessing (eval, predict, export) use. [default: "
+        "--image-size]", minimum=8, metavar="SIZE"))
+    tta: str = field(default="none", metadata=_opt(TTA_HELP + " Used by validation and the test; summary.json "
+                                                   "records it.", choices=TTA_MODES))
     # Precision and placement
     device: str = field(default="auto", metadata=_opt(DEVICE_HELP))
     amp: str = field(default="auto", metadata=_opt(
@@ -114,6 +187,8 @@ class RunConfig:
         "Write TensorBoard logs into OUT/tb/: loss and lr every --log-every steps, the epoch metrics, one training "
         "batch (needs the tb extra).", flag=True))
     out: str = field(default="", metadata=_opt("Run folder (default: runs/<arch>-<timestamp>)."))
+    # Not an option: the shipped recipe (or config file) --config named, recorded in config.json.
+    recipe: str = field(default="", metadata=_opt("The recipe or config file the run started from.", cli=False))
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:  # resolved here, so config.json and checkpoints hold the value used
@@ -129,7 +204,7 @@ class RunConfig:
 
 
 def config_fields() -> tuple[dataclasses.Field[Any], ...]:
-    """The dataclass fields, each an option of `trainer run`."""
+    """The dataclass fields (each an option of `trainer run`, `recipe` aside)."""
     return dataclasses.fields(RunConfig)
 
 
@@ -142,6 +217,8 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a click command with one option per `RunConfig` field (defaults None = not given)."""
     for f in reversed(config_fields()):
         meta = f.metadata
+        if not meta["cli"]:
+            continue
         default = f.default
         shown = "" if default in ("", None) or "[default:" in meta["help"] else f" [default: {default}]"
         if meta["flag"]:
@@ -151,12 +228,15 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
             func = click.option(*decls, f.name, default=None, help=meta["help"] + shown)(func)
             continue
         kind = _click_type(f)
-        func = click.option(option_name(f.name), f.name, type=kind, default=None, help=meta["help"] + shown)(func)
+        func = click.option(option_name(f.name), f.name, type=kind, default=None, metavar=meta["metavar"],
+                            help=meta["help"] + shown)(func)
     return func
 
 
 def _click_type(f: dataclasses.Field[Any]) -> click.ParamType:
     meta = f.metadata
+    if meta["count"]:
+        return NumberList(meta["count"], meta["number"])
     if meta["choices"]:
         return click.Choice(meta["choices"])
     base = f.type if isinstance(f.type, type) else str(f.type)
@@ -165,6 +245,31 @@ def _click_type(f: dataclasses.Field[Any]) -> click.ParamType:
     if base in (float, "float", "float | None"):
         return click.FloatRange(min=meta["min"]) if meta["min"] is not None else click.FLOAT
     return click.STRING
+
+
+def shipped_recipes() -> dict[str, str]:
+    """The recipes shipped with the package, name -> the first comment line of its file (what it is)."""
+    found = {}
+    for entry in sorted(importlib.resources.files("trainer").joinpath("recipes").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = next((line for line in entry.read_text().splitlines() if line.startswith("#")), "#")
+            found[entry.name[: -len(".yaml")]] = first.lstrip("#").strip()
+    return found
+
+
+def load_config(source: str) -> dict[str, Any]:
+    """`--config SOURCE`: a YAML or JSON file, or else a shipped recipe's name; the values, with `recipe` set to
+    SOURCE unless the file already records one (a run's own config.json does)."""
+    path = Path(source)
+    if path.is_file():
+        values = load_config_file(path)
+    elif source in shipped_recipes():
+        values = load_config_file(Path(str(importlib.resources.files("trainer").joinpath("recipes", f"{source}.yaml"))))
+    else:
+        raise TrainerError(f"--config {source}: no such file, nor a shipped recipe of that name (recipes: "
+                           f"{', '.join(shipped_recipes())}; `trainer recipes` describes them)")
+    values.setdefault("recipe", source)
+    return values
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -234,6 +339,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Cross-field checks that a single option's type cannot express."""
     if not cfg.pack:
         raise TrainerError("no pack given: pass --pack PACK.h5 (make one with tools/pack_dataset.py)")
+    _check_augmentation(cfg)
+    _check_mechanics(cfg)
     if cfg.dropout >= 1:
         raise TrainerError(f"--dropout must be below 1, got {cfg.dropout}")
     if cfg.label_smoothing >= 1:
@@ -243,3 +350,38 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
         raise TrainerError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg
+
+
+def _check_range(option: str, bounds: Sequence[float] | None, low: float, high: float) -> None:
+    """A MIN,MAX option inside (low, high], or one line naming it (the spec's own rule, `check_range`)."""
+    if bounds is not None:
+        try:
+            check_range(option, bounds, low, high)
+        except ValueError as exc:
+            raise TrainerError(str(exc)) from None
+
+
+def _check_augmentation(cfg: RunConfig) -> None:
+    _check_range("--crop-scale", cfg.crop_scale, 0.0, 1.0)
+    _check_range("--crop-ratio", cfg.crop_ratio, 0.0, math.inf)
+    if min(cfg.color_jitter) < 0:
+        raise TrainerError(f"--color-jitter needs three strengths >= 0, got {','.join(map(str, cfg.color_jitter))}")
+    for option, value in (("--random-erasing", cfg.random_erasing), ("--mix-prob", cfg.mix_prob)):
+        if value > 1:
+            raise TrainerError(f"{option} is a probability, at most 1; got {value}")
+    if cfg.progressive is not None and cfg.progressive > cfg.image_size:
+        raise TrainerError(f"--progressive {cfg.progressive} is the smallest training size; it must not exceed "
+                           f"--image-size {cfg.image_size}")
+    if cfg.ramp_epochs is not None:
+        start, end = cfg.ramp_epochs
+        if not 1 <= start <= end:
+            raise TrainerError(f"--ramp-epochs START,END needs 1 <= START <= END (epochs count from 1), got "
+                               f"{start},{end}")
+
+
+def _check_mechanics(cfg: RunConfig) -> None:
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.head in MARGIN_HEADS:
+        raise TrainerError(f"--mixup and --cutmix mix two classes in one image, which a margin head ({cfg.head}) "
+                           "cannot take: drop them, or use --head linear or mlp")
+    if cfg.ema >= 1:
+        raise TrainerError(f"--ema is a decay below 1 (e.g. 0.999), got {cfg.ema}")

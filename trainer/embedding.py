@@ -1,9 +1,9 @@
 """`trainer embed` and `trainer verify`, and the embeddings verification during training uses.
 
 Embeddings are L2-normalized: a margin head's own, the penultimate features of linear
-and mlp heads (`models.embed`). Under torchrun every rank embeds its shard and the
-shards are gathered once, back into pack order; the figures come from
-`trainer.verification`.
+and mlp heads (`models.embed`), with `--tta flip` fused with the mirror's (`trainer.tta`).
+Under torchrun every rank embeds its shard and the shards are gathered once, back into
+pack order; the figures come from `trainer.verification`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.inference import checkpoint_file, image_batches, load_model
 from trainer.loop import HostGather
-from trainer.models import embed
+from trainer.tta import tta_embed
 from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, parse_pairs, verification_report
 
 DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pairs
@@ -30,7 +30,7 @@ DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pa
 
 @torch.no_grad()
 def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *,
-                  amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, list[Any]]:
+                  amp_dtype: torch.dtype | None = None, tta: str = "none") -> tuple[np.ndarray, list[Any]]:
     """L2-normalized float32 embeddings of every batch `(key, images)`, and the keys (labels or paths) in order.
 
     The embeddings stay on the device and reach the host in a few large copies (`loop.HostGather`).
@@ -39,7 +39,7 @@ def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]],
     chunks, keys = HostGather(), []
     for key, images in batches:
         with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            features = embed(model, images)
+            features = tta_embed(model, images, tta)
         chunks.add(nn.functional.normalize(features.float(), dim=1))
         keys.append(key)
     embeddings = chunks.result()
@@ -72,7 +72,7 @@ def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.nd
 
 
 def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: DistContext | None = None,
-                     amp_dtype: torch.dtype | None = None, loader: BatchLoader | None = None,
+                     amp_dtype: torch.dtype | None = None, loader: BatchLoader | None = None, tta: str = "none",
                      **loader_args: Any) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and labels of every image of `split`, in pack order, on every rank.
 
@@ -82,7 +82,8 @@ def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: D
     if loader is None:
         loader = build_loader(reader, split, train=False, rank=ctx.rank, world_size=ctx.world_size, **loader_args)
     loader.set_epoch(0)
-    embeddings, labels = embed_batches(model, ((l, images) for images, l in loader), amp_dtype=amp_dtype)
+    embeddings, labels = embed_batches(model, ((batch_labels, images) for images, batch_labels in loader),
+                                       amp_dtype=amp_dtype, tta=tta)
     local_labels = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, dtype=np.int64)
     return gather_in_pack_order(ctx, embeddings, local_labels, len(reader.split_indices(split)))
 
@@ -135,27 +136,30 @@ def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) ->
 
 def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str | None, inputs: Sequence[Path],
                   device: torch.device, batch_size: int = 64, backend: str = "auto", workers: int | None = None,
-                  warn: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
+                  warn: Callable[[str], None] = print, force: bool = False, tta: str | None = None) -> dict[str, Any]:
     """`trainer embed`: embeddings of a pack split (with labels and paths) or of image files (with paths).
 
     `out` is checked before any work; existing files are replaced only with `force`.
+    `tta` None is the checkpoint's own (its run's --tta).
     """
     if (pack is None) == (not inputs):
         raise TrainerError("give either --pack PACK --split SPLIT or image PATHS, not both and not neither")
     embedding_files(out, force)
     checkpoint = checkpoint_file(checkpoint)
     loaded = load_model(checkpoint, device)
-    meta: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": loaded.arch}
+    tta = tta or loaded.tta
+    meta: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": loaded.arch, "tta": tta}
     if pack is not None:
         reader = PackReader(pack)
         split = split or "test"
-        embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
-                                              num_workers=workers, spec=loaded.spec)
+        embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size,
+                                              device=device, num_workers=workers, spec=loaded.spec, tta=tta)
         indices = reader.split_indices(split)
         paths = [reader.paths[i] for i in indices] if len(labels) == len(indices) else []
         meta.update(pack=str(pack), split=split, labels=labels.astype(np.int64), paths=paths, classes=list(reader.classes))
     else:
-        embeddings, keys = embed_batches(loaded.model, image_batches(inputs, loaded.spec, device, batch_size, warn))
+        embeddings, keys = embed_batches(loaded.model, image_batches(inputs, loaded.spec, device, batch_size, warn),
+                                         tta=tta)
         meta["paths"] = [str(p) for batch in keys for p in batch]
     written = write_embeddings(out, embeddings, meta)
     return {"num_embeddings": int(len(embeddings)), "dim": int(embeddings.shape[1]), "files": [str(p) for p in written]}
@@ -199,15 +203,18 @@ def _packed_name(path: str, packed: Mapping[str, int], source: Path) -> str | No
 def verify_command(checkpoint: Path, pack: Path, *, split: str = "test", pairs_file: Path | None = None,
                    num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0, device: torch.device, batch_size: int = 64,
                    backend: str = "auto", workers: int | None = None, out: Path | None = None,
-                   force: bool = False) -> dict[str, Any]:
-    """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`."""
+                   force: bool = False, tta: str | None = None) -> dict[str, Any]:
+    """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`.
+
+    `tta` None is the checkpoint's own (its run's --tta).
+    """
     if out is not None:  # checked before any work; an existing roc.png is replaced only with `force`
         check_output(check_output_folder(out) / "roc.png", force)
     reader = PackReader(pack)
     pairs = read_split_pairs(pairs_file, reader, split) if pairs_file is not None else None
     loaded = load_model(checkpoint, device)
-    embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size, device=device,
-                                          num_workers=workers, spec=loaded.spec)
+    embeddings, labels = split_embeddings(loaded.model, reader, split, backend=backend, batch_size=batch_size,
+                                          device=device, num_workers=workers, spec=loaded.spec, tta=tta or loaded.tta)
     unread = len(reader.split_indices(split)) - len(labels)
     if pairs is not None and unread:
         raise TrainerError(f"{pack}: {plural(unread, 'image')} of {split} could not be read, so a pairs file cannot be "

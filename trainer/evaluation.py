@@ -20,6 +20,7 @@ from trainer.inference import checkpoint_file, closed_set, closed_set_note, imag
 from trainer.loop import evaluate
 from trainer.metrics import SYNTHETIC_NOTE
 from trainer.plots import confusion_matrix, most_confused, plot_confusion
+from trainer.tta import with_tta
 
 CONFUSION_PLOT_MAX_CLASSES = 50
 
@@ -40,17 +41,19 @@ class ConfusionPlot:
 
 def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", topk: int = 5, batch_size: int = 64,
                         backend: str = "auto", device: torch.device, workers: int | None = None,
-                        out: Path | None = None, force: bool = False,
-                        warn: Any = print) -> tuple[dict[str, Any], ConfusionPlot | None]:
+                        out: Path | None = None, force: bool = False, warn: Any = print,
+                        tta: str | None = None) -> tuple[dict[str, Any], ConfusionPlot | None]:
     """Loss, top-1..top-k, per-class accuracy of `checkpoint` on `split` of `pack`, and the plot for `out`.
 
     `out`'s folder and plot are checked before any work (an existing plot is replaced only
-    with `force`); the caller writes the plot after it has shown the figures.
+    with `force`); the caller writes the plot after it has shown the figures. `tta` None is
+    the checkpoint's own (its run's --tta), so the figures match its summary.json.
     """
     reader = PackReader(pack)
     plot_path = _plot_path(out, split, reader.num_classes, force)
     checkpoint = checkpoint_file(checkpoint)
     loaded = load_model(checkpoint, device)
+    tta = tta or loaded.tta
     if list(reader.classes) != loaded.classes:
         raise TrainerError(f"{pack}: its {plural(reader.num_classes, 'class')} differ from the checkpoint's "
                            f"{len(loaded.classes)} ({first_difference(reader.classes, loaded.classes)}); "
@@ -66,7 +69,8 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
         warn(note)
     loader = build_loader(reader, split, backend=backend, batch_size=batch_size, train=False, device=device,
                           num_workers=workers, spec=loaded.spec)
-    result = evaluate(closed_set(loaded, trained), loader, device=device, num_classes=reader.num_classes, topk=topk,
+    result = evaluate(with_tta(closed_set(loaded, trained), tta), loader, device=device, num_classes=reader.num_classes,
+                      topk=topk,
                       keep_predictions=True)
     targets, predictions = result.pop("targets").numpy(), result.pop("predictions").numpy()
     correct, count = result.pop("per_class_correct"), result.pop("per_class_count")
@@ -75,7 +79,7 @@ def evaluate_checkpoint(checkpoint: Path, pack: Path, *, split: str = "test", to
                            for i, name in enumerate(reader.classes) if name in listed}
     result.update(checkpoint=str(checkpoint), pack=str(pack), split=split, topk=topk, arch=loaded.arch,
                   epoch=loaded.epoch, num_classes=reader.num_classes, closed_set_classes=len(trained), backend=backend,
-                  synthetic_data=backend == "synthetic")  # random images: the figures measure speed only
+                  synthetic_data=backend == "synthetic", tta=tta)  # synthetic: random images, the figures measure speed
     result["most_confused"] = most_confused(targets, predictions, reader.classes)
     if plot_path is None:
         return result, None
@@ -132,19 +136,20 @@ def format_eval(result: dict[str, Any], max_classes: int = 30) -> list[str]:
 
 
 def predict_files(checkpoint: Path, inputs: Iterable[Path], *, topk: int = 5, device: torch.device,
-                  batch_size: int = 32, warn: Any = print) -> list[dict[str, Any]]:
+                  batch_size: int = 32, warn: Any = print, tta: str | None = None) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file (folders are walked), with the checkpoint's preprocessing.
 
     `checkpoint` may also be a run folder (its best.pt) or an exported .onnx file, whose
     sidecar gives preprocessing and classes. Probabilities are over the classes the model
     trained on (all of them, unless its pack was split by class: then it says so through `warn`).
+    `tta` None is the checkpoint's own (its run's --tta; none for an ONNX file).
     Unreadable files, and files the packer would reject as too small, are reported through `warn` and skipped.
     """
     loaded = load_predictor(checkpoint, device)
     note = closed_set_note(len(loaded.trained_classes), len(loaded.classes))
     if note:
         warn(f"note: {checkpoint}: {note}; predictions are among those")
-    model = closed_set(loaded)
+    model = with_tta(closed_set(loaded), tta or loaded.tta)
     k = min(topk, len(loaded.trained_classes))
     results: list[dict[str, Any]] = []
     for batch_paths, images in image_batches(inputs, loaded.spec, device, batch_size, warn):

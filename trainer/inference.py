@@ -38,6 +38,7 @@ class LoadedModel:
     arch: str
     epoch: int  # the checkpoint's last completed epoch, counted from 1 (as metrics.jsonl and every output)
     trained_classes: list[str]  # the classes it had training images of; its closed-set outputs cover only these
+    tta: str = "none"  # the test-time augmentation its run validated and tested with (the inference default)
 
 
 def closed_set_note(trained: int, classes: int) -> str | None:
@@ -74,7 +75,7 @@ def load_model(path: Path, device: torch.device, instead: str = "") -> LoadedMod
     channels_last = ckpt.config.get("channels_last", True)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return LoadedModel(model, ckpt.classes, PipelineSpec.from_dict(ckpt.spec), ckpt.arch, ckpt.epoch + 1,
-                       ckpt.trained_classes)
+                       ckpt.trained_classes, str(ckpt.config.get("tta", "none")))
 
 
 def load_predictor(path: Path, device: torch.device) -> LoadedModel:

@@ -1,9 +1,15 @@
-"""The engine: one train step path, `train_one_epoch`, `evaluate`, top-k.
+"""The engine: one train step path, `train_one_epoch`, `evaluate`, top-k; mixing, accumulation and EMA in the step.
 
 The loop receives an iterable of `(images, labels)` already on the device and never
 learns which backend made it. Host-device syncs (`.item()`) happen only every
-`log_every` steps (counted across epochs, so short epochs are logged too), at the first
-step of each epoch, and at its end.
+`log_every` optimizer steps (counted across epochs, so short epochs are logged too), at the
+first optimizer step of each epoch, and at its end.
+
+Each batch is one micro-step; with `accum_steps` N the optimizer steps at the last batch
+of each group of N (`trainer.accumulation`), so the learning rate, `log_every`, the
+averaged weights (`trainer.ema`) and stop requests count optimizer steps, while an
+epoch's position stays in batches (samples). Mixup and CutMix (`trainer.mixing`) are drawn
+per batch from (seed, epoch, batch index), on the host, and applied on the device.
 """
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ import torch
 from torch import nn
 
 from dali_pipes import BatchLoader, Progress
+from trainer.accumulation import gradient_sync, group_length, is_update_step
 from trainer.data_wait import DataWaitClock
+from trainer.ema import ModelEma
 from trainer.errors import TrainerError
+from trainer.mixing import MixConfig, draw_mix, mix_batch, soft_target_cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -65,13 +74,19 @@ class StepConfig:
     criterion: nn.Module
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler
-    log_every: int = 20
+    log_every: int = 20  # optimizer steps between host syncs
     grad_clip: float | None = None
     skip_nonfinite: bool = False
     with_labels: bool = False  # the model takes the labels too (a margin head: see models.takes_labels)
-    # Called as on_log(global step, {"loss": this step's loss, "lr": ...}, images) at each sync (TensorBoard); the
-    # global step counts from the run's first step, across epochs.
+    # Called as on_log(global optimizer step, {"loss": this batch's loss, "lr": ...}, images) at each sync
+    # (TensorBoard); the global step counts from the run's first optimizer step, across epochs.
     on_log: Callable[[int, dict[str, float], torch.Tensor], None] | None = None
+    accum_steps: int = 1  # batches per optimizer step
+    ema: ModelEma | None = None  # updated after every optimizer step
+    mix: MixConfig = field(default_factory=MixConfig)  # mixup / CutMix (off by default)
+    num_classes: int = 0  # the soft targets' width, when mixing
+    label_smoothing: float = 0.0  # folded into the soft targets, when mixing
+    seed: int = 0  # of the mixing draws
 
 
 @dataclass
@@ -121,17 +136,25 @@ class EpochResult:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               step: StepConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Forward, backward and update for one batch.
+               step: StepConfig, *, targets: torch.Tensor | None = None, group: int = 1, first: bool = True,
+               update: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Forward and backward for one batch, and the optimizer step (with the EMA update) when `update`.
 
+    The loss is `step.criterion` against `labels`, or the soft-target cross-entropy against
+    `targets` (a mixed batch). Accumulation: the gradients are cleared first only when
+    `first` (the group's first batch) and the loss is divided by `group` (the group's
+    length), so a group's summed gradient is that of one batch of all its samples.
     Returns (loss, logits) still on the device, and whether the update was skipped
     (only with `skip_nonfinite`, which costs one host sync per step to decide).
     """
     with torch.autocast(images.device.type, dtype=step.amp_dtype or torch.float32, enabled=step.amp_dtype is not None):
         logits = model(images, labels) if step.with_labels else model(images)
-        loss = step.criterion(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    step.scaler.scale(loss).backward()
+        loss = step.criterion(logits, labels) if targets is None else soft_target_cross_entropy(logits, targets)
+    if first:
+        optimizer.zero_grad(set_to_none=True)
+    step.scaler.scale(loss / group if group > 1 else loss).backward()
+    if not update:
+        return loss.detach(), logits.detach(), False
     if step.grad_clip or step.skip_nonfinite:
         step.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
     if step.grad_clip:
@@ -144,6 +167,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         return loss.detach(), logits.detach(), True
     step.scaler.step(optimizer)
     step.scaler.update()
+    if step.ema is not None:
+        step.ema.update(model)
     return loss.detach(), logits.detach(), False
 
 
@@ -163,28 +188,32 @@ def nonfinite_check_every(device: torch.device, log_every: int) -> int:
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
                     device: torch.device, set_lr: Callable[[int], float], set_train_mode: Callable[[], None],
                     progress: Progress | None = None, first_step: int = 0, resume_state: EpochState | None = None,
-                    stop_requested: Callable[[int], bool] | None = None, step_offset: int = 0,
+                    stop_requested: Callable[[int], bool] | None = None, epoch: int = 0,
+                    batches: int | None = None, step_offset: int = 0,
                     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochResult:
-    """One pass over `loader` (which starts at step `first_step` of the epoch).
+    """One pass over `loader` (which starts at batch `first_step` of epoch `epoch`, of `batches`, default its len()).
 
-    `set_lr(i)` is called before step i and returns the rate it set. After each step,
-    `stop_requested(i)` may end the epoch early (a signal): the result then says
-    `interrupted` and carries the sums so far, for a mid-epoch checkpoint. A
-    non-finite loss stops training with the step named (checked every step on the CPU,
-    every `log_every` steps on a GPU, where each check is a host sync), unless
-    `skip_nonfinite`, which skips such steps and counts them.
+    `set_lr(u)` is called before each batch of optimizer step u and returns the rate it
+    set. After each optimizer step, `stop_requested(u)` may end the epoch early (a
+    signal): the result then says `interrupted` and carries the sums so far, for a
+    mid-epoch checkpoint. A non-finite loss stops training with the step named (checked
+    every step on the CPU, every `log_every` steps on a GPU, where each check is a host
+    sync), unless `skip_nonfinite`, which skips such optimizer steps and counts them.
 
-    `step_offset` is the run's count of steps before this epoch: `log_every` counts
-    across epochs. Under DDP, `all_reduce` sums the epoch's figures over the ranks at
-    its end (train_loss, train_top1, train_samples and skipped_samples are then every
+    `step_offset` is the run's count of optimizer steps before this epoch: `log_every`
+    counts across epochs. Under DDP, `all_reduce` sums the epoch's figures over the ranks
+    at its end (train_loss, train_top1, train_samples and skipped_samples are then every
     rank's); the running figures of the progress line between syncs are this process's,
     and say so ("rank 0": only rank 0 draws it).
     """
     set_train_mode()
     state = resume_state or EpochState(device)
+    batches = len(loader) if batches is None else batches  # type: ignore[arg-type]
+    accum = step.accum_steps
     check_every = nonfinite_check_every(device, step.log_every)
-    # An epoch resumed after its last step trains no step: its rate is still the last step's.
-    lr = set_lr(first_step - 1) if first_step > 0 else float("nan")
+    # An epoch resumed after its last batch trains nothing: its rate is still that of its last optimizer step.
+    lr = set_lr((first_step - 1) // accum) if first_step > 0 else float("nan")
+    logged = False  # the first optimizer step of this pass is logged, so every epoch has a point
     start = time.perf_counter()
     prior_seconds = state.seconds  # of a resumed epoch's earlier session
     clock = DataWaitClock(device, state.data_wait)
@@ -197,29 +226,36 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     interrupted = False
     for i, (images, labels) in enumerate(loader, start=first_step):
         clock.batch_arrived()
-        lr = set_lr(i)
-        loss, logits, skipped = train_step(model, optimizer, images, labels, step)
+        update, optimizer_step = is_update_step(i, accum, batches), i // accum
+        lr = set_lr(optimizer_step)
+        images, targets, top1_labels = _mixed(images, labels, step, epoch, i)
+        with gradient_sync(model, update):
+            loss, logits, skipped = train_step(model, optimizer, images, labels, step, targets=targets,
+                                               group=group_length(i, accum, batches),
+                                               first=i % accum == 0 or i == first_step, update=update)
         n = labels.shape[0]
         state.steps += 1
         if skipped:
             state.skipped_steps += 1
-        else:
+        elif not (step.skip_nonfinite and not update and not torch.isfinite(loss)):  # its update will be skipped
             first_bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
             state.first_bad_step = torch.where(first_bad, i, state.first_bad_step)
             state.loss_sum += loss.double() * n
-            state.correct += (logits.argmax(1) == labels).sum()
+            state.correct += (logits.argmax(1) == top1_labels).sum()
             state.samples += n
         if state.steps % check_every == 0:
             _raise_if_nonfinite(state)
-        if i == first_step or (step_offset + i + 1) % step.log_every == 0:
+        if update and (not logged or (step_offset + optimizer_step + 1) % step.log_every == 0):
+            logged = True
             running = _running(state, loss)  # the only other host sync inside the epoch
             state.data_wait = clock.settle()
             if step.on_log is not None:
-                step.on_log(step_offset + i, {"loss": running["step_loss"], "lr": lr}, images)
+                step.on_log(step_offset + optimizer_step, {"loss": running["step_loss"], "lr": lr}, images)
         if progress is not None:
             progress.update(n)
         clock.step_queued()
-        if stop_requested is not None and stop_requested(i):
+        # Only after an update: a mid-epoch checkpoint never holds half a group's gradients.
+        if update and stop_requested is not None and stop_requested(optimizer_step):
             interrupted = True
             break
     state.data_wait = clock.settle()
@@ -244,6 +280,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         "data_wait_fraction": state.data_wait / max(state.seconds, 1e-9),
     }
     return EpochResult(metrics, False, i + 1, state)
+
+
+def _mixed(images: torch.Tensor, labels: torch.Tensor, step: StepConfig, epoch: int,
+           index: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(images, soft targets or None, the labels train top-1 counts against) of batch `index`, mixed when asked."""
+    if not step.mix.enabled:
+        return images, None, labels
+    height, width = images.shape[-2:]
+    draw = draw_mix(step.mix, step.seed, epoch, index, height, width)
+    return mix_batch(images, labels, step.num_classes, draw, step.label_smoothing)
 
 
 def progress_postfix(running: dict[str, float | None], data_wait: float, seconds: float, scope: str = "") -> str:

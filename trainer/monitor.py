@@ -19,6 +19,16 @@ def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
+def monitored_value(record: dict[str, Any], monitor: str) -> tuple[float | None, str]:
+    """An epoch record's monitored figure and whose it is: the trained weights' ("raw"), or the averaged weights'
+    (`<monitor>_ema`, "ema") when they are strictly better."""
+    raw, averaged = record[monitor], record.get(monitor + "_ema")
+    if raw is None or averaged is None:
+        return raw, "raw"
+    better = averaged < raw if monitor_mode(monitor) == "min" else averaged > raw
+    return (averaged, "ema") if better else (raw, "raw")
+
+
 @dataclass
 class Improvement:
     """The best value of a figure so far, and how many updates in a row brought nothing better."""

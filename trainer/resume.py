@@ -132,13 +132,19 @@ def schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int, str |
 
 
 def restore_state(state: TrainingState, ckpt: Checkpoint, records: list[dict[str, Any]]) -> None:
-    """Continue from a checkpoint: weights, optimizer, scaler, schedules, RNG, and the run's `records` so far.
+    """Continue from a checkpoint: weights, averaged weights, optimizer, scaler, schedules, RNG, and the run's
+    `records` so far.
+
+    A run with --ema resumed from a checkpoint without averaged weights (written without
+    --ema, or by an older version) starts the average from the checkpoint's weights.
 
     `records` are metrics.jsonl's lines; those of a run that counted epochs from 0 are
     renumbered from 1, and lines written after the checkpoint (a crash between the two
     writes) are dropped.
     """
     unwrap(state.model).load_state_dict(ckpt.model)
+    if state.ema is not None:
+        state.ema.load_state_dict(ckpt.ema or {"module": unwrap(state.model).state_dict(), "updates": 0})
     state.optimizer.load_state_dict(ckpt.optimizer)
     state.scaler.load_state_dict(ckpt.scaler)
     state.early.load_state_dict(ckpt.early_stopping)

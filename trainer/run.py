@@ -1,8 +1,10 @@
 """`trainer run`: build the parts from a `RunConfig`, train epoch by epoch, checkpoint, test.
 
 Read top to bottom: `fit` opens the pack, chooses the validation and builds the training
-state (or restores it), `_train` runs the epochs, `_train_epoch` one of them, `_epoch_record`
-makes its metrics.jsonl line, and `_finish` tests the best weights. Each part lives in the
+state (or restores it), `_train` runs the epochs, `_train_epoch` one of them (at the size
+`train_image_size` gives it), `_epoch_record` makes its metrics.jsonl line (the averaged
+weights validated beside the trained ones), `_save_best` keeps the better of the two in
+best.pt, and `_finish` tests the best weights. Each part lives in the
 module that owns it: the step and the epoch in `trainer.loop`, validation in
 `trainer.validation`, resume in `trainer.resume`, the training state in `trainer.state`, what a
 checkpoint holds in `trainer.checkpoint`, the checks in `trainer.checks`, and the data in
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from dali_pipes import BatchLoader, PackReader, PipelineSpec, Progress, build_loader, choose_backend
+from trainer.accumulation import optimizer_steps
 from trainer.checkpoint import load_checkpoint, read_payload, save_checkpoint, unwrap
 from trainer.checks import check_forward, check_pack, dropped_note
 from trainer.config import RunConfig
@@ -26,11 +29,14 @@ from trainer.distributed import DistContext, data_parallel, stop_check
 from trainer.errors import RunInterrupted
 from trainer.loop import EpochResult, StepConfig, amp_name, resolve_amp, train_one_epoch
 from trainer.metrics import SYNTHETIC_NOTE, write_json, write_metrics
+from trainer.mixing import MixConfig
 from trainer.models import set_train_mode, takes_labels
+from trainer.monitor import monitored_value
 from trainer.optim import lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.resume import Position, epoch_start, finished_summary, restore_run, stop_message, stopped_at
 from trainer.run_folder import link_best
+from trainer.schedules import progressive_size
 from trainer.signals import StopSignals
 from trainer.state import TrainingState, build_state
 from trainer.tensorboard import open_tensorboard
@@ -62,6 +68,24 @@ class RunContext:
         return self.loader(split, train=False)
 
 
+def pipeline_spec(cfg: RunConfig) -> PipelineSpec:
+    """The run's preprocessing: evaluation at --eval-image-size, and the training augmentations asked for.
+
+    The checkpoints store it, so `eval`, `predict` and `export` see images as validation did;
+    training takes it at the size of each epoch (`train_image_size`).
+    """
+    return PipelineSpec(image_size=cfg.eval_image_size or cfg.image_size, crop_scale=cfg.crop_scale,
+                        crop_ratio=cfg.crop_ratio, color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing)
+
+
+def train_image_size(cfg: RunConfig, epoch: int) -> int:
+    """The training image size of 0-based `epoch`: --image-size, or with --progressive its ramp (epochs from 1)."""
+    if cfg.progressive is None:
+        return cfg.image_size
+    start, end = cfg.ramp_epochs or (1, cfg.epochs)
+    return progressive_size(epoch + 1, cfg.progressive, cfg.image_size, start, end)
+
+
 def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool = False, reschedule: bool = False,
         echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as `cfg` says; returns the summary also written to summary.json.
@@ -74,10 +98,10 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     check_pack(reader, cfg.batch_size, ctx.world_size, cfg.scheduler)
     tune_backends(device)
     backend, note = choose_backend(cfg.backend, device)
-    run = RunContext(cfg, ctx, device, reader, PipelineSpec(image_size=cfg.image_size), Path(cfg.out),
-                     resolve_amp(cfg.amp, device), backend, echo if ctx.is_main else (lambda _: None))
+    run = RunContext(cfg, ctx, device, reader, pipeline_spec(cfg), Path(cfg.out), resolve_amp(cfg.amp, device),
+                     backend, echo if ctx.is_main else (lambda _: None))
     validation = choose_validation(reader, cfg.monitor, run.eval_loader, ctx=ctx, device=device,
-                                   amp_dtype=run.amp_dtype, topk=cfg.topk, seed=cfg.seed)
+                                   amp_dtype=run.amp_dtype, topk=cfg.topk, seed=cfg.seed, tta=cfg.tta)
     state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled, amp_dtype=run.amp_dtype)
     check_forward(state.model, cfg, device)
     position = None
@@ -130,10 +154,14 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
         run.say(dropped)
     if not validation.validates:
         run.say(f"{run.reader.path} has no val split: no early stopping, and best.pt is the last epoch")
-    tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec, len(train_loader))
+    tb = open_tensorboard(cfg.tensorboard and ctx.is_main, run.out / "tb", run.spec,
+                          optimizer_steps(len(train_loader), cfg.accum_steps))
     step = StepConfig(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), run.amp_dtype, state.scaler,
                       cfg.log_every, grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite,
-                      with_labels=takes_labels(state.model), on_log=tb.on_log if tb is not None else None)
+                      with_labels=takes_labels(state.model), on_log=tb.on_log if tb is not None else None,
+                      accum_steps=cfg.accum_steps, ema=state.ema,
+                      mix=MixConfig(cfg.mixup, cfg.cutmix, cfg.mix_prob), num_classes=run.reader.num_classes,
+                      label_smoothing=cfg.label_smoothing, seed=cfg.seed)
     stop_requested = stop_check(ctx, signals, cfg.log_every)
     for epoch in range(state.next_epoch, cfg.epochs):
         outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, position, stop_requested)
@@ -142,9 +170,9 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
                 stop = stopped_at(epoch, outcome.next_step, outcome.state.state_dict(), cfg.batch_size, ctx.world_size)
                 _save_last(run, state, epoch - 1, stop)
             raise RunInterrupted(stop_message(signals.name, epoch, outcome.next_step, run.out), signals.exit_code)
-        record = _epoch_record(run, train_model, validation, epoch, outcome)
-        improved = (state.early.update(record[cfg.monitor], epoch) if validation.validates
-                    else state.early.last_is_best(epoch))
+        record = _epoch_record(run, state, train_model, validation, epoch, outcome, train_loader)
+        value, weights = monitored_value(record, cfg.monitor)
+        improved = state.early.update(value, epoch) if validation.validates else state.early.last_is_best(epoch)
         if cfg.scheduler == "plateau":
             state.plateau.step(record[cfg.monitor])
         state.records.append(record)
@@ -154,9 +182,10 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
             write_metrics(run.out / "metrics.jsonl", state.records)
             _save_last(run, state, epoch)
             if improved:
-                link_best(run.out)
+                _save_best(run, state, epoch, weights)
         ctx.barrier()
-        run.say(validation.epoch_line(record, cfg.epochs, improved))
+        run.say(validation.epoch_line(record, cfg.epochs, improved) + ("  (ema)" if improved and weights == "ema"
+                                                                       else ""))
         if state.early.should_stop:
             return True, "early stopping: " + state.early.reason()
     return False, f"reached --epochs {cfg.epochs}"
@@ -187,17 +216,29 @@ def _save_last(run: RunContext, state: TrainingState, epoch: int, position: Posi
     save_checkpoint(run.out / "last.pt", payload)
 
 
+def _save_best(run: RunContext, state: TrainingState, epoch: int, weights: str) -> None:
+    """best.pt after epoch index `epoch`: last.pt itself, or with `weights` "ema" its averaged weights as `model`."""
+    if weights == "raw":
+        link_best(run.out)
+        return
+    payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch, trained_classes=run.reader.classes_in("train"),
+                            weights=weights)
+    save_checkpoint(run.out / "best.pt", payload)
+
+
 def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, train_loader: BatchLoader,
                  step: StepConfig, epoch: int, position: Position | None,
                  stop_requested: Callable[[int], bool]) -> EpochResult:
     cfg, world_size = run.cfg, run.ctx.world_size
     steps = len(train_loader)  # a whole epoch's batches, also when resumed mid-epoch
     first_step, resume_state = epoch_start(position, epoch, steps, cfg.batch_size, world_size, run.device)
-    train_loader.set_epoch(epoch, first_step)
+    train_loader.set_epoch(epoch, first_step, image_size=train_image_size(cfg, epoch))
+    updates = optimizer_steps(steps, cfg.accum_steps)  # the schedule counts optimizer steps
 
-    def set_lr_at(i: int) -> float:
-        lr = cfg.lr * lr_factor(cfg.scheduler, epoch + i / steps, epochs=state.schedule_epochs, step_size=cfg.step_size,
-                                gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs, plateau_scale=state.plateau.scale)
+    def set_lr_at(u: int) -> float:
+        lr = cfg.lr * lr_factor(cfg.scheduler, epoch + u / updates, epochs=state.schedule_epochs,
+                                step_size=cfg.step_size, gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
+                                plateau_scale=state.plateau.scale)
         set_lr(state.optimizer, lr)
         return lr
 
@@ -208,23 +249,28 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     outcome = train_one_epoch(train_model, train_loader, state.optimizer, step, device=run.device, set_lr=set_lr_at,
                               set_train_mode=lambda: set_train_mode(state.model, state.frozen), progress=progress,
                               first_step=first_step, resume_state=resume_state, stop_requested=stop_requested,
-                              step_offset=epoch * steps, all_reduce=run.ctx.all_reduce if run.ctx.enabled else None)
+                              epoch=epoch, batches=steps, step_offset=epoch * updates,
+                              all_reduce=run.ctx.all_reduce if run.ctx.enabled else None)
     progress.close()
     return outcome
 
 
-def _epoch_record(run: RunContext, train_model: nn.Module, validation: Validation, epoch: int,
-                  outcome: EpochResult) -> dict[str, Any]:
-    """The epoch's metrics.jsonl line: the train figures (every rank's: `train_one_epoch` sums them), and the val
-    figures."""
+def _epoch_record(run: RunContext, state: TrainingState, train_model: nn.Module, validation: Validation, epoch: int,
+                  outcome: EpochResult, train_loader: BatchLoader) -> dict[str, Any]:
+    """The epoch's metrics.jsonl line: the train figures (every rank's: `train_one_epoch` sums them), the training
+    image size, and the val figures of the trained weights and (keys ending in _ema) the averaged ones."""
     ctx, train = run.ctx, outcome.metrics
     val_start = time.perf_counter()
     ctx.broadcast_buffers(unwrap(train_model))
     val = validation.validate(unwrap(train_model), epoch)
+    if state.ema is not None:
+        ctx.broadcast_buffers(state.ema.module)  # each rank averaged its own batch-norm statistics
+        val.update(validation.validate(state.ema.module, epoch, suffix="_ema"))
     return {
         "epoch": epoch + 1,  # metrics count epochs from 1, as the console does
         "train_loss": train["train_loss"],
         "train_top1": train["train_top1"],
+        "image_size": train_loader.spec.image_size,
         **val,
         "lr": train["lr"],
         "epoch_seconds": train["epoch_seconds"] + (time.perf_counter() - val_start),
@@ -242,14 +288,18 @@ def _finish(run: RunContext, state: TrainingState, validation: Validation) -> di
     Only rank 0 reads best.pt (other nodes may not share its folder) and sends the
     weights to every rank.
     """
-    model = unwrap(state.model)
+    model, weights = unwrap(state.model), None
     if run.ctx.is_main:
-        model.load_state_dict(read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device)).model)
+        best = read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device))
+        model.load_state_dict(best.model)
+        weights = best.model_weights
     run.ctx.broadcast_module(model)
     return {
         "best_epoch": state.early.best_epoch + 1,  # counted from 1, as in metrics.jsonl
         "best_" + run.cfg.monitor: state.early.best,
+        "best_weights": run.ctx.broadcast_object(weights),  # raw, or ema: the averaged weights validated better
         "test_split": validation.test_split,
+        "tta": run.cfg.tta,  # how the test (and validation) saw each image
         "backend": run.backend,
         "synthetic_data": run.backend == "synthetic",  # random images: the figures measure speed only
         **validation.test(model),

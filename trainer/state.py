@@ -1,7 +1,8 @@
 """The training state: everything that changes while a run trains and goes into its checkpoints.
 
 `build_state` makes it from a `RunConfig` (model with its head, optimizer, scaler, early
-stopping, plateau tracker); `TrainingState.payload` turns it into a checkpoint's contents.
+stopping, plateau tracker, the averaged weights with `--ema`); `TrainingState.payload`
+turns it into a checkpoint's contents.
 Restoring it from a checkpoint is `trainer.resume`'s.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dali_pipes import PipelineSpec
 from trainer.checkpoint import make_payload
 from trainer.checks import check_freeze, check_sync_bn
 from trainer.config import RunConfig
+from trainer.ema import ModelEma
 from trainer.loop import resolve_amp
 from trainer.models import HeadConfig, build_model, freeze_blocks
 from trainer.monitor import EarlyStopping, monitor_mode
@@ -36,19 +38,25 @@ class TrainingState:
     schedule_epochs: int  # the length the learning-rate schedule was planned for (see `trainer.resume.schedule`)
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl: "epoch" counts from 1
     next_epoch: int = 0  # 0-based index of the next epoch to train
+    ema: ModelEma | None = None  # the averaged weights (--ema), updated after every optimizer step
 
     def payload(self, cfg: RunConfig, classes: list[str], spec: PipelineSpec, epoch: int,
-                position: dict[str, Any] | None = None, trained_classes: list[str] | None = None) -> dict[str, Any]:
+                position: dict[str, Any] | None = None, trained_classes: list[str] | None = None,
+                weights: str = "raw") -> dict[str, Any]:
         """The checkpoint after epoch index `epoch` completed, and `position` into the next (a mid-epoch stop).
 
-        `trained_classes`: those of `classes` with training images (None: all).
+        `trained_classes`: those of `classes` with training images (None: all). Its `model` is
+        the trained weights, or with `weights` "ema" the averaged ones (a best.pt).
         """
         scheduler = {"name": cfg.scheduler, "plateau": self.plateau.state_dict(), "epochs": self.schedule_epochs}
-        return make_payload(model=self.model, optimizer=self.optimizer, scaler=self.scaler, scheduler=scheduler,
+        ema = None if self.ema is None else self.ema.state_dict()
+        model = self.ema.module if weights == "ema" and self.ema is not None else self.model
+        return make_payload(model=model, optimizer=self.optimizer, scaler=self.scaler, scheduler=scheduler,
                             early_stopping=self.early.state_dict(), epoch=epoch, config=cfg.to_dict(),
                             head=self.head.to_dict(), classes=classes, spec=spec.to_dict(),
                             metrics=self.records[-1] if self.records else {}, position=position,
-                            trained_classes=trained_classes)
+                            trained_classes=trained_classes, ema=ema,
+                            model_weights="ema" if model is not self.model else "raw")
 
 
 def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False,
@@ -73,4 +81,5 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     early = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
     plateau = Plateau(monitor_mode(cfg.monitor), cfg.step_size, cfg.gamma)
-    return TrainingState(model, head, optimizer, scaler, early, plateau, frozen, schedule_epochs=cfg.epochs)
+    ema = ModelEma(model, cfg.ema) if cfg.ema > 0 else None
+    return TrainingState(model, head, optimizer, scaler, early, plateau, frozen, schedule_epochs=cfg.epochs, ema=ema)

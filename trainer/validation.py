@@ -7,7 +7,8 @@ orchestrator asks it for the epoch's figures, the test figures, the monitor chec
 lines it prints and the curves `plots.plot_curves` draws, and never looks at metric keys itself.
 
 `validate(model, epoch, suffix=...)` measures any set of weights: a second set (averaged
-weights, say) is validated by the same call with its own `suffix` on every key.
+weights, say) is validated by the same call with its own `suffix` on every key. Validation
+and test see each image as `tta` says (`trainer.tta`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from trainer.embedding import split_embeddings, verification_figures
 from trainer.errors import TrainerError
 from trainer.loop import evaluate
 from trainer.plots import CURVE_COLORS, Curve
+from trainer.tta import with_tta
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
 VERIFICATION_KEYS = ("auc", "accuracy", "eer", "rank1")  # the scalars an epoch record holds
@@ -38,9 +40,9 @@ class Validation(ABC):
     monitors: tuple[str, ...] = ()  # the --monitor values this validation measures
 
     def __init__(self, reader: PackReader, eval_loader: Callable[[str], BatchLoader], *, ctx: DistContext,
-                 device: torch.device, amp_dtype: torch.dtype | None, topk: int, seed: int) -> None:
+                 device: torch.device, amp_dtype: torch.dtype | None, topk: int, seed: int, tta: str = "none") -> None:
         self.reader, self.ctx, self.device, self.amp_dtype = reader, ctx, device, amp_dtype
-        self.topk, self.seed = topk, seed
+        self.topk, self.seed, self.tta = topk, seed, tta
         self._eval_loader = eval_loader
         self._loaders: dict[str, BatchLoader] = {}
 
@@ -80,8 +82,8 @@ class Validation(ABC):
         """The test figures of `model` on `test_split`, as summary.json holds them."""
 
     @abstractmethod
-    def val_text(self, record: dict[str, Any]) -> str:
-        """The val part of the epoch line."""
+    def val_text(self, record: dict[str, Any], suffix: str = "") -> str:
+        """The val part of the epoch line, from the keys ending in `suffix`."""
 
     @abstractmethod
     def test_line(self, summary: dict[str, Any]) -> str:
@@ -94,8 +96,9 @@ class Validation(ABC):
     def epoch_line(self, record: dict[str, Any], epochs: int, best: bool) -> str:
         """The one summary line printed after each epoch (`record` is its metrics.jsonl line)."""
         r = record
+        averaged = f"  |  ema {self.val_text(r, '_ema')}" if any(key.endswith("_ema") for key in r) else ""
         return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}  |  "
-                f"{self.val_text(r)}  |  lr {r['lr']:.2e}  {r['images_per_second']:,.0f} img/s  "
+                f"{self.val_text(r)}{averaged}  |  lr {r['lr']:.2e}  {r['images_per_second']:,.0f} img/s  "
                 f"data wait {100 * r['data_wait_fraction']:.0f}%  {r['epoch_seconds']:.1f}s"
                 + (f"  skipped {r['skipped_samples']}" if r.get("skipped_samples") else "")
                 + ("  * best" if best else ""))
@@ -129,7 +132,7 @@ class ClosedSetValidation(Validation):
     def _evaluate(self, model: nn.Module, split: str, epoch: int) -> dict[str, Any]:
         loader = self.loader(split)
         loader.set_epoch(epoch)
-        return evaluate(model, loader, device=self.device, num_classes=self.reader.num_classes,
+        return evaluate(with_tta(model, self.tta), loader, device=self.device, num_classes=self.reader.num_classes,
                         topk=max(self.topk, REPORTED_TOPK), amp_dtype=self.amp_dtype, all_reduce=self.ctx.all_reduce)
 
     def validate(self, model: nn.Module, epoch: int, suffix: str = "") -> dict[str, Any]:
@@ -142,10 +145,11 @@ class ClosedSetValidation(Validation):
         return {"test_loss": result["loss"], **topk_keys(result, "test", self.topk, self.reader.num_classes),
                 "test_samples": result["num_samples"], "test_skipped_samples": result.get("skipped_samples", 0)}
 
-    def val_text(self, record: dict[str, Any]) -> str:
-        if record["val_loss"] is None:
+    def val_text(self, record: dict[str, Any], suffix: str = "") -> str:
+        if record[f"val_loss{suffix}"] is None:
             return "val -"
-        return f"val loss {record['val_loss']:.4f} top1 {record['val_top1']:.3f} top5 {record['val_top5']:.3f}"
+        return (f"val loss {record[f'val_loss{suffix}']:.4f} top1 {record[f'val_top1{suffix}']:.3f} "
+                f"top5 {record[f'val_top5{suffix}']:.3f}")
 
     def test_line(self, summary: dict[str, Any]) -> str:
         return (f"test loss {summary['test_loss']:.4f} top1 {summary['test_top1']:.3f} "
@@ -172,7 +176,7 @@ class VerificationValidation(Validation):
 
     def _figures(self, model: nn.Module, split: str) -> dict[str, Any]:
         embeddings, labels = split_embeddings(model, self.reader, split, ctx=self.ctx, amp_dtype=self.amp_dtype,
-                                              loader=self.loader(split))
+                                              loader=self.loader(split), tta=self.tta)
         return verification_figures(embeddings, labels, seed=self.seed)[0]
 
     def validate(self, model: nn.Module, epoch: int, suffix: str = "") -> dict[str, Any]:
@@ -182,8 +186,9 @@ class VerificationValidation(Validation):
     def test(self, model: nn.Module) -> dict[str, Any]:
         return {f"test_{key}": value for key, value in self._figures(model, self.test_split).items()}
 
-    def val_text(self, record: dict[str, Any]) -> str:
-        return f"val auc {record['val_auc']:.4f} accuracy {record['val_accuracy']:.3f} eer {record['val_eer']:.3f}"
+    def val_text(self, record: dict[str, Any], suffix: str = "") -> str:
+        return (f"val auc {record[f'val_auc{suffix}']:.4f} accuracy {record[f'val_accuracy{suffix}']:.3f} "
+                f"eer {record[f'val_eer{suffix}']:.3f}")
 
     def test_line(self, summary: dict[str, Any]) -> str:
         return (f"test verification auc {summary['test_auc']:.4f} accuracy {summary['test_accuracy']:.3f} "
@@ -201,8 +206,8 @@ def validation_kind(reader: PackReader) -> type[Validation]:
 
 def choose_validation(reader: PackReader, monitor: str, eval_loader: Callable[[str], BatchLoader], *,
                       ctx: DistContext, device: torch.device, amp_dtype: torch.dtype | None, topk: int,
-                      seed: int) -> Validation:
+                      seed: int, tta: str = "none") -> Validation:
     """The run's validation, chosen once from how `reader`'s pack is split; refuses a `monitor` it does not measure."""
     kind = validation_kind(reader)
     kind.check_monitor(reader, monitor)
-    return kind(reader, eval_loader, ctx=ctx, device=device, amp_dtype=amp_dtype, topk=topk, seed=seed)
+    return kind(reader, eval_loader, ctx=ctx, device=device, amp_dtype=amp_dtype, topk=topk, seed=seed, tta=tta)
