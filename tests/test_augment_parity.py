@@ -84,11 +84,15 @@ def test_dali_gives_the_torch_backends_pixels(demo_pack: Path, torch_cpu) -> Non
     images, labels = train_batches(demo_pack, "dali", AUGMENTED)
     assert np.array_equal(labels, torch_cpu[1])
     diff = np.abs(images - torch_cpu[0])
-    assert diff.max() <= 4 * LEVEL and diff.mean() <= 0.01 * LEVEL, (diff.max() / LEVEL, diff.mean() / LEVEL)
+    # The torch CPU path rounds the pre-shrunk image to uint8 (as OpenCV's INTER_AREA does); DALI warps the block
+    # means in float. That is up to half a level per pre-shrunk pixel: measured 0.10 level on average, 2.4 at most.
+    assert diff.max() <= 4 * LEVEL and diff.mean() <= 0.25 * LEVEL, (diff.max() / LEVEL, diff.mean() / LEVEL)
 
 
 def test_crop_and_flip_equal_torchvisions_on_the_drawn_box(demo_pack: Path) -> None:
-    spec = PipelineSpec(image_size=SIZE, crop_scale=(0.25, 1.0), rotation_degrees=0.0)
+    # The plain warp against torchvision's plain resize: the box and the flip are what is checked here (the
+    # pre-shrink that antialiases large downscales has its own tests against INTER_AREA and PIL).
+    spec = PipelineSpec(image_size=SIZE, crop_scale=(0.25, 1.0), rotation_degrees=0.0, train_antialias=False)
     ours = train_batches(demo_pack, "torch", spec, dtype=torch.uint8)[0].transpose(0, 2, 3, 1)
     reader, indices = PackReader(demo_pack), visited(demo_pack)
     (u,) = draws.sample_draws(SEED, EPOCH, indices, draws.CROP)
