@@ -108,7 +108,7 @@ def test_train_steps_never_sync_between_log_boundaries(demo_pack: Path) -> None:
     step = StepConfig(criterion=nn.CrossEntropyLoss(), amp_dtype=torch.bfloat16,
                       scaler=torch.amp.GradScaler("cuda", enabled=False), log_every=10_000)
     result = train_one_epoch(model, _sync_checked(loader), optimizer, step, device=device, set_lr=lambda i: 0.01,
-                             set_train_mode=model.train)
+                             set_train_mode=model.train, batches=len(loader))
     assert result.metrics["train_samples"] == loader.num_samples and len(loader) > 3
     assert 0.0 <= result.metrics["data_wait_fraction"] <= 1.0
 

@@ -408,6 +408,7 @@ def test_gpu_path_and_train_steps_never_sync_between_log_boundaries(demo_pack: P
                       scaler=torch.amp.GradScaler("cpu", enabled=False), log_every=10_000)
     with counting_host_syncs() as audit:
         result = train_one_epoch(model, _armed_after_first(loader, audit), optimizer, step, device=torch.device("cpu"),
-                                 set_lr=lambda i: 0.01, set_train_mode=model.train)
+                                 set_lr=lambda i: 0.01, set_train_mode=model.train,
+                                 batches=len(loader))
     assert result.metrics["train_samples"] == loader.num_samples
     assert audit.calls == [], "\n".join(audit.calls)

@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dali_pipes.atomic import atomic_write_bytes
+from trainer.cli_usage import HELP_OPTIONS
 from trainer.models import MarginHead
 from trainer.partial_fc import PartialFC, class_shard
 
@@ -183,7 +184,7 @@ def format_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--classes", default="100000,1000000", show_default=True, help="Identity counts, comma-separated.")
 @click.option("--dim", type=click.IntRange(min=1), default=512, show_default=True, help="Embedding width.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Embeddings per rank.")

@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 
-from trainer.cli_usage import OneLineUsageCommand
+from trainer.cli_usage import HELP_OPTIONS, OneLineUsageCommand
 from trainer.config import RunConfig, load_config
 from trainer.metrics import write_json
 from trainer.plots import CURVE_COLORS, pyplot, save_figure
@@ -177,7 +177,7 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-@click.command(cls=OneLineUsageCommand)
+@click.command(cls=OneLineUsageCommand, context_settings=HELP_OPTIONS)
 @click.argument("pack", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the runs.")
 @click.option("--recipes", default="seed,fast", show_default=True,

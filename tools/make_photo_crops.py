@@ -21,7 +21,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from trainer.cli_usage import OneLineUsageCommand
+from trainer.cli_usage import HELP_OPTIONS, OneLineUsageCommand
 
 SIDE = (0.2, 0.6)  # a crop's side, as a fraction of the photograph's shorter side
 ASPECT = (3 / 4, 4 / 3)
@@ -55,7 +55,7 @@ def make_photo_crops(photos: list[Path], out: Path, *, per_class: int = 100, min
     return written
 
 
-@click.command(cls=OneLineUsageCommand)
+@click.command(cls=OneLineUsageCommand, context_settings=HELP_OPTIONS)
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the tree into.")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(min=1), help="Crops per photograph.")
