@@ -34,8 +34,10 @@ demo: $(STAMP)
 	$(BIN)/trainer eval --checkpoint $(DEMO_RUN)/best.pt --pack $(DEMO_PACK) --topk 5 --out $(DEMO_RUN)
 	$(BIN)/trainer predict --checkpoint $(DEMO_RUN)/best.pt $(DEMO_NEW) --topk 3
 
+# The linter first (seconds), then the suite; the 25 slowest tests are listed, so a slow one shows in CI.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest --durations=25
 
 clean:
 	rm -rf $(VENV) demo_data runs .pytest_cache
