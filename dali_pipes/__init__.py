@@ -18,6 +18,8 @@ Where each concept lives:
   `backends`: the registry, `choose_backend` and `build_loader`.
 * `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` and
   `prefetch` for streams), `dali_backend`, `synthetic_backend`: one module per backend.
+* `cache`: the decoded cache (every image decoded once, in shared memory);
+  `cached_backend`: the loaders over it (`build_loader(cache=...)`).
 * `inputs`: model inputs from loose files; `atomic`: atomic file writes; `progress`: the
   progress line; `seeded`: the vectorized per-sample random draws.
 """
@@ -30,6 +32,8 @@ _EXPORTS = {
     **dict.fromkeys(["atomic_path", "atomic_write_bytes"], "atomic"),
     **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "choose_backend", "resolve_backend"],
                     "backends"),
+    **dict.fromkeys(["CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file",
+                     "default_cache_size", "free_room", "plan_cache", "shard_bytes"], "cache"),
     **dict.fromkeys(["sample_augmentation"], "geometry"),
     **dict.fromkeys(["preprocess"], "inputs"),
     **dict.fromkeys(["BatchLoader", "EpochPlan", "ImageDecodeError", "LoaderError", "LoaderRequest", "SkippedSample",
@@ -47,12 +51,27 @@ __all__ = [
     "PipelineSpec", "Progress", "SkippedSample", "atomic_path", "atomic_write_bytes", "available_backends",
     "build_loader", "choose_backend", "class_split", "encode_file", "format_report", "load_rgb", "pack_folder",
     "plan_epoch", "preprocess", "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind",
-    "to_model_input"
+    "to_model_input",
+    # the decoded cache
+    "CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file", "default_cache_size", "free_room",
+    "plan_cache", "shard_bytes",
 ]
 
 if TYPE_CHECKING:
     from .atomic import atomic_path, atomic_write_bytes
     from .backends import BACKENDS, available_backends, build_loader, choose_backend, resolve_backend
+    from .cache import (
+        CachePlan,
+        DecodedCache,
+        Room,
+        build_cache,
+        cache_dir,
+        cache_file,
+        default_cache_size,
+        free_room,
+        plan_cache,
+        shard_bytes,
+    )
     from .geometry import sample_augmentation
     from .inputs import preprocess
     from .loader import (

@@ -38,7 +38,7 @@ from .loader import BatchLoader, EpochCursor, LoaderRequest, SkipLog, SkippedSam
 from .pack_format import PackReader
 from .prefetch import Prefetcher
 from .spec import PipelineSpec
-from .torch_cpu import render_batch_cpu
+from .torch_cpu import Decoder, render_batch_cpu
 from .torch_gpu import decode_on_device, gpu_decode_works, transform_images
 
 PREFETCH_FACTOR = 4
@@ -73,8 +73,10 @@ class _PackBatches(Dataset):
     (decode failures show only on the device, in the main process).
     """
 
-    def __init__(self, reader: PackReader, spec: PipelineSpec, *, train: bool, seed: int, bytes_only: bool) -> None:
+    def __init__(self, reader: PackReader, spec: PipelineSpec, *, train: bool, seed: int, bytes_only: bool,
+                 decode: Decoder | None = None) -> None:
         self.reader, self.spec, self.train, self.seed, self.bytes_only = reader, spec, train, seed, bytes_only
+        self.decode = decode
 
     def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[Any, ...]:
         epoch, indices = key
@@ -87,7 +89,7 @@ class _PackBatches(Dataset):
             data, offsets = self._gather_bytes(indices)
             warps = None if matrices is None else torch.from_numpy(matrices)
             return data, offsets, torch.from_numpy(indices), warps, labels
-        pixels, skipped = render_batch_cpu(self.reader, indices, self.spec, matrices)
+        pixels, skipped = render_batch_cpu(self.reader, indices, self.spec, matrices, self.decode)
         if skipped:
             labels = labels[torch.from_numpy(_kept(indices, skipped))]
         return pixels, labels, skipped
@@ -152,7 +154,9 @@ class TorchLoader(BatchLoader):
 
     backend = "torch"
 
-    def __init__(self, reader: PackReader, request: LoaderRequest, gpu_decode: bool) -> None:
+    def __init__(self, reader: PackReader, request: LoaderRequest, gpu_decode: bool,
+                 decode: Decoder | None = None) -> None:
+        """`decode` (CPU path) gets each image: the pack's JPEG decoded (None), or the decoded cache's pixels."""
         super().__init__(reader, request)
         self.device, self.dtype = request.device, request.dtype
         self.gpu_decode = gpu_decode
@@ -162,7 +166,7 @@ class TorchLoader(BatchLoader):
         # keeps the persistent workers alive after the loader is dropped.
         self._sampler = _PlanSampler(self._cursor, self._skips)
         self._dataset = _PackBatches(reader, request.spec, train=request.train, seed=request.seed,
-                                     bytes_only=gpu_decode)
+                                     bytes_only=gpu_decode, decode=decode)
         self._loader: DataLoader | None = None
 
     def _data_loader(self) -> DataLoader:

@@ -1,8 +1,8 @@
 """Measure input-pipeline throughput against the original notebook loader, in one run.
 
     python tools/bench_pipeline.py [--images 2000] [--min-size 250 --max-size 450] [--batch-size 64]
-                                   [--epochs 2] [--seconds N] [--repeat 1] [--backends torch,dali] [--workers N]
-                                   [--src DIR] [--json OUT.json]
+                                   [--image-size 224] [--epochs 2] [--seconds N] [--repeat 1] [--backends torch,dali]
+                                   [--cache/--no-cache] [--cache-size N] [--workers N] [--src DIR] [--json OUT.json]
 
 Makes (or, with `--src`, reuses) an image-folder tree of JPEGs, packs it, then times on
 all cores, train mode, device cpu:
@@ -11,11 +11,14 @@ all cores, train mode, device cpu:
                  ToTensor, Normalize, DataLoader(shuffle=True, num_workers=all cores)
   (b) decode     workers that only decode the pack's JPEGs (torchvision.io.decode_jpeg), nothing returned
   (c) backends   `build_loader(backend=...)` with dtype uint8 and float32
+  (d) cache      the torch backend over a decoded cache of the train split (`trainer run --cache ram`,
+                 short side `--cache-size`), dtype uint8 and float32; "vs torch" is its speed over (c)'s torch row
 
 Each measurement warms up on one epoch, then times `--epochs` epochs' worth of images
-(capped by `--seconds`), keeping the best of `--repeat` runs. Memory is the peak growth of
-the proportional set size (PSS) of this process and its workers, sampled every 0.1 s:
-shared pages are counted once.
+(capped by `--seconds`), keeping the best of `--repeat` runs: the cache's figures are those
+of its second epoch on, when nothing decodes (building it is not timed, but its memory
+counts). Memory is the peak growth of the proportional set size (PSS) of this process and
+its workers, sampled every 0.1 s: shared pages (the cache's, the batches') are counted once.
 """
 from __future__ import annotations
 
@@ -33,7 +36,16 @@ import numpy as np
 import torch
 from make_demo_dataset import make_demo_dataset  # a script beside this one (its folder is on sys.path)
 
-from dali_pipes import IMAGENET_MEAN, IMAGENET_STD, PackOptions, PackReader, build_loader, pack_folder
+from dali_pipes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PackOptions,
+    PackReader,
+    build_cache,
+    build_loader,
+    default_cache_size,
+    pack_folder,
+)
 
 
 @dataclass
@@ -47,6 +59,7 @@ class Result:
     images_per_s: float = 0.0
     vs_notebook: float | None = None
     vs_decode: float | None = None
+    vs_uncached: float | None = None  # (d) rows: over the uncached torch row of the same dtype
 
 
 # ---------------------------------------------------------------------------- memory
@@ -196,11 +209,15 @@ def decode_only_loader(pack: Path, batch_size: int, workers: int) -> Callable[[i
     return lambda epoch: loader
 
 
-def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int, workers: int,
-                   device: str = "cpu") -> Callable[[int], Iterable]:
-    """(c) A `dali_pipes` backend in train mode on `device`."""
+def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int, workers: int, device: str = "cpu",
+                   image_size: int = 224, cache_size: int | None = None) -> Callable[[int], Iterable]:
+    """(c) A `dali_pipes` backend in train mode on `device`; (d) with `cache_size`, over a decoded cache."""
+    cache = None
+    if cache_size is not None:
+        reader = PackReader(pack)
+        cache, _ = build_cache(reader, reader.split_indices("train"), cache_size, workers=max(1, workers))
     loader = build_loader(pack, "train", backend=backend, batch_size=batch_size, train=True, device=device,
-                          dtype=dtype, num_workers=workers, seed=0)
+                          dtype=dtype, num_workers=workers, seed=0, image_size=image_size, cache=cache)
 
     def epoch_batches(epoch: int) -> Iterator:
         loader.set_epoch(epoch)
@@ -228,8 +245,9 @@ def prepare_pack(src: Path | None, workdir: Path, images: int, min_size: int, ma
 
 
 def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers: int, epochs: int,
-            seconds: float | None, echo: Callable[[str], None], repeat: int = 1, device: str = "cpu") -> list[Result]:
-    """Every measurement, in order, with ratios filled in."""
+            seconds: float | None, echo: Callable[[str], None], repeat: int = 1, device: str = "cpu",
+            image_size: int = 224, cache_size: int | None = None) -> list[Result]:
+    """Every measurement, in order, with ratios filled in; (d) rows when `cache_size` is given."""
     target = epochs * len(PackReader(pack).split_indices("train"))
     runs: list[tuple[str, bool, Callable[[], Callable[[int], Iterable]]]] = [
         ("(a) notebook PIL float32", False, lambda: notebook_loader(src, batch_size, workers)),
@@ -239,7 +257,13 @@ def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers
         for dtype in (torch.uint8, torch.float32):
             # DALI may be missing or unable to run CPU-only here: report it, keep the other rows.
             runs.append((f"{backend} {str(dtype).removeprefix('torch.')}", backend == "dali",
-                         lambda b=backend, d=dtype: backend_loader(pack, b, d, batch_size, workers, device)))
+                         lambda b=backend, d=dtype: backend_loader(pack, b, d, batch_size, workers, device,
+                                                                   image_size)))
+    if cache_size is not None:
+        for dtype in (torch.uint8, torch.float32):
+            runs.append((f"(d) torch {str(dtype).removeprefix('torch.')} cache ram", False,
+                         lambda d=dtype: backend_loader(pack, "torch", d, batch_size, workers, device, image_size,
+                                                        cache_size)))
     results = []
     for name, optional, make in runs:
         echo(f"  measuring {name} ...")
@@ -251,19 +275,23 @@ def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers
             echo(f"  skipped {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     notebook = next((r for r in results if r.name.startswith("(a)")), None)
     decode = next((r for r in results if r.name.startswith("(b)")), None)
+    uncached = {r.name: r for r in results}
     for r in results:
         r.vs_notebook = r.images_per_s / notebook.images_per_s if notebook else None
         r.vs_decode = r.images_per_s / decode.images_per_s if decode else None
+        plain = uncached.get(r.name.removeprefix("(d) ").removesuffix(" cache ram"))
+        if plain is not None and plain is not r:
+            r.vs_uncached = r.images_per_s / plain.images_per_s
     return results
 
 
 def format_table(results: list[Result]) -> list[str]:
     """The printed table."""
-    lines = [f"{'pipeline':28s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'vs (a)':>7s} {'vs (b)':>7s} "
-             f"{'peak mem MB':>12s}"]
+    lines = [f"{'pipeline':30s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'vs (a)':>7s} {'vs (b)':>7s} "
+             f"{'vs torch':>8s} {'peak mem MB':>12s}"]
     for r in results:
-        lines.append(f"{r.name:28s} {r.images:7d} {r.seconds:8.2f} {r.images_per_s:9.0f} {_ratio(r.vs_notebook):>7s} "
-                     f"{_ratio(r.vs_decode):>7s} {r.peak_mem_mb:12.0f}")
+        lines.append(f"{r.name:30s} {r.images:7d} {r.seconds:8.2f} {r.images_per_s:9.0f} {_ratio(r.vs_notebook):>7s} "
+                     f"{_ratio(r.vs_decode):>7s} {_ratio(r.vs_uncached):>8s} {r.peak_mem_mb:12.0f}")
     return lines
 
 
@@ -276,11 +304,17 @@ def _ratio(value: float | None) -> str:
 @click.option("--min-size", default=250, show_default=True, help="Smallest generated side (px).")
 @click.option("--max-size", default=450, show_default=True, help="Largest generated side (px).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
+              help="Training size of the backends' rows (the notebook's stays 224).")
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
               help="Timed images: this many train epochs' worth.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop each measurement after this long.")
 @click.option("--backends", default="torch,dali", show_default=True, help="Comma-separated dali_pipes backends.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Measure (d), the torch backend over a decoded cache (trainer run --cache ram).")
+@click.option("--cache-size", type=click.IntRange(min=8), default=None,
+              help="Short side of the cached images. [default: --image-size, as trainer run's]")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
               help="Keep the best of this many runs of each (other load on the machine only slows runs down).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: all cores).")
@@ -290,9 +324,10 @@ def _ratio(value: float | None) -> str:
               help="Where the backends deliver batches (cpu, cuda); (a) and (b) stay on the CPU.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results here.")
-def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int, seconds: float | None, backends: str,
-         repeat: int, workers: int | None, src: Path | None, device: str, json_out: Path | None) -> None:
-    """Time the notebook loader, a decode-only ceiling and the dali_pipes backends."""
+def main(images: int, min_size: int, max_size: int, batch_size: int, image_size: int, epochs: int,
+         seconds: float | None, backends: str, cache: bool, cache_size: int | None, repeat: int, workers: int | None,
+         src: Path | None, device: str, json_out: Path | None) -> None:
+    """Time the notebook loader, a decode-only ceiling, the dali_pipes backends and the decoded cache."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     names = [b.strip() for b in backends.split(",") if b.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
@@ -301,10 +336,12 @@ def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int
         counts = PackReader(pack).split_counts()
         click.echo(f"{src}: {sum(counts.values())} images, train {counts['train']}; batch {batch_size}, "
                    f"{workers} workers, {os.cpu_count()} cores, torch {torch.__version__}")
-        results = run_all(src, pack, names, batch_size, workers, epochs, seconds, click.echo, repeat, device)
+        results = run_all(src, pack, names, batch_size, workers, epochs, seconds, click.echo, repeat, device,
+                          image_size, (cache_size or default_cache_size(image_size)) if cache else None)
     click.echo("\n".join(format_table(results)))
     if json_out is not None:
-        config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size, epochs=epochs,
+        config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size,
+                      image_size=image_size, cache_size=cache_size if cache else None, epochs=epochs,
                       device=device, seconds=seconds, repeat=repeat, workers=workers, cores=os.cpu_count(),
                       torch=torch.__version__)
         json_out.write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))

@@ -13,6 +13,7 @@ from dali_pipes import PackReader, samples_per_rank, split_kind
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
 from trainer.models import HeadConfig, build_model, freeze_blocks
+from trainer.run_cache import need_cache
 
 
 def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
@@ -62,12 +63,14 @@ def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> Non
 
 
 def preflight(cfg: RunConfig, world_size: int) -> None:
-    """The checks that need no process group (pack, splits, batch size, classes, architecture, size).
+    """The checks that need no process group (pack, splits, batch size, classes, architecture, size, the cache's
+    shared memory).
 
     Run before `--nproc` launches torchrun, so a mistake is one line instead of one per process.
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
+    need_cache(cfg, reader, world_size, device=None)
     # The real weights are loaded by each process.
     model = build_model(cfg.arch, reader.num_classes, weights="none", head=HeadConfig.from_run(cfg))
     check_freeze(cfg, freeze_blocks(model, cfg.freeze))
