@@ -32,7 +32,7 @@ _EXPORTS = {
     **dict.fromkeys(["atomic_path", "atomic_write_bytes"], "atomic"),
     **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "choose_backend", "resolve_backend"],
                     "backends"),
-    **dict.fromkeys(["CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file",
+    **dict.fromkeys(["CACHE_DIR_ENV", "CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file",
                      "default_cache_size", "free_room", "plan_cache", "shard_bytes"], "cache"),
     **dict.fromkeys(["sample_augmentation"], "geometry"),
     **dict.fromkeys(["preprocess"], "inputs"),
@@ -53,14 +53,15 @@ __all__ = [
     "plan_epoch", "preprocess", "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind",
     "to_model_input",
     # the decoded cache
-    "CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file", "default_cache_size", "free_room",
-    "plan_cache", "shard_bytes",
+    "CACHE_DIR_ENV", "CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file",
+    "default_cache_size", "free_room", "plan_cache", "shard_bytes",
 ]
 
 if TYPE_CHECKING:
     from .atomic import atomic_path, atomic_write_bytes
     from .backends import BACKENDS, available_backends, build_loader, choose_backend, resolve_backend
     from .cache import (
+        CACHE_DIR_ENV,
         CachePlan,
         DecodedCache,
         Room,

@@ -8,7 +8,8 @@
 #   compute.json         compute-only images/s (synthetic backend) per architecture, eager
 #   compute_compiled.json  the same with --compile
 #   pipeline.json        pipeline-only images/s per backend on the GPU, with the notebook
-#                        loader and decode-only figures of the same images
+#                        loader and decode-only figures of the same images, and the torch
+#                        backend over a decoded cache (--cache ram and device)
 #   train.json           end-to-end training images/s and data-wait fraction per architecture
 #   summary.json         the headline figures against the targets
 # --smoke runs every step at toy sizes on the CPU in seconds (a test calls it, so the
@@ -68,7 +69,7 @@ run $PY "$ROOT/tools/pack_dataset.py" "$DATA/src" "$DATA/pack.h5" --quiet --work
 
 step "4/4 pipelines alone, then end-to-end training ($BACKENDS)"
 run $PY "$ROOT/tools/bench_pipeline.py" --src "$DATA/src" --backends "$BACKENDS" --device "$DEVICE" --batch-size "$BATCH" \
-    --epochs 1 --workers "$WORKERS" --json "$OUT/pipeline.json"
+    --epochs 1 --workers "$WORKERS" --cache ram,device --json "$OUT/pipeline.json"
 run $PY "$ROOT/tools/bench_train.py" --pack "$DATA/pack.h5" --archs "$ARCHS" --backends "$BACKENDS" --image-size "$SIZE" \
     --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --amp "$AMP" --device "$DEVICE" --workers "$WORKERS" \
     --json "$OUT/train.json"

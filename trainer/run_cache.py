@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dali_pipes import (
+    CACHE_DIR_ENV,
     CachePlan,
     DecodedCache,
     PackReader,
@@ -69,7 +70,7 @@ def need_cache(cfg: RunConfig, reader: PackReader, world_size: int,
     if plan.file_bytes > room.folder:
         raise TrainerError(f"--cache {cfg.cache} needs {amount(plan.file_bytes)} in {cache_dir()}, which has "
                            f"{amount(room.folder)} free; lower --cache-size (now {size}), give it room (docker: "
-                           "--shm-size), or set DALI_TRAINER_CACHE_DIR to a larger RAM disk")
+                           f"--shm-size), or set {CACHE_DIR_ENV} to a larger RAM disk")
     ram_limit, ram_why = _limit(cfg.cache_max_gb, room.ram, "the free RAM")
     _refuse_above(cfg, plan.file_bytes, ram_limit, ram_why, "of shared memory", size)
     where = f"{amount(plan.file_bytes)} in shared memory, one copy for all processes of a machine"
