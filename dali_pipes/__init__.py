@@ -20,6 +20,8 @@ Where each concept lives:
 * `torch_backend` (the DataLoader, over `torch_cpu` and `torch_gpu`, with `device` for
   streams and transfers and `prefetch` for the background thread), `dali_backend`,
   `synthetic_backend`: one module per backend.
+* `cache`: the decoded cache (every image decoded once, in shared memory);
+  `cached_backend`: the loaders over it (`build_loader(cache=...)`).
 * `inputs`: model inputs from loose files; `atomic`: atomic file writes and output checks;
   `progress`: the progress line; `seeded`: the vectorized per-sample random draws; `cores`:
   the default worker count; `words`: counts in words (`plural`).
@@ -35,6 +37,9 @@ _EXPORTS = {
     **dict.fromkeys(["BACKENDS", "available_backends", "build_loader", "choose_backend", "resolve_backend"],
                     "backends"),
     **dict.fromkeys(["default_workers"], "cores"),
+    **dict.fromkeys(["largest_zoom"], "crop"),
+    **dict.fromkeys(["CACHE_DIR_ENV", "CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file",
+                     "default_cache_size", "free_room", "plan_cache", "shard_bytes"], "cache"),
     **dict.fromkeys(["sample_augmentation"], "geometry"),
     **dict.fromkeys(["preprocess"], "inputs"),
     **dict.fromkeys(["BatchLoader", "EpochPlan", "ImageDecodeError", "LoaderError", "LoaderRequest", "SkippedSample",
@@ -53,13 +58,30 @@ __all__ = [
     "PackReport", "PipelineSpec", "Progress", "SkippedSample", "atomic_path", "atomic_write_bytes",
     "available_backends", "build_loader", "check_output", "check_output_folder", "choose_backend", "class_split",
     "default_workers", "encode_file", "format_report", "load_rgb", "pack_folder", "plan_epoch", "plural", "preprocess",
-    "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind", "to_model_input"
+    "resolve_backend", "sample_augmentation", "samples_per_rank", "split_kind", "to_model_input",
+    # the decoded cache
+    "CACHE_DIR_ENV", "CachePlan", "DecodedCache", "Room", "build_cache", "cache_dir", "cache_file",
+    "default_cache_size", "free_room", "largest_zoom", "plan_cache", "shard_bytes",
 ]
 
 if TYPE_CHECKING:
     from .atomic import OutputError, atomic_path, atomic_write_bytes, check_output, check_output_folder
     from .backends import BACKENDS, available_backends, build_loader, choose_backend, resolve_backend
+    from .cache import (
+        CACHE_DIR_ENV,
+        CachePlan,
+        DecodedCache,
+        Room,
+        build_cache,
+        cache_dir,
+        cache_file,
+        default_cache_size,
+        free_room,
+        plan_cache,
+        shard_bytes,
+    )
     from .cores import default_workers
+    from .crop import largest_zoom
     from .geometry import sample_augmentation
     from .inputs import preprocess
     from .loader import (

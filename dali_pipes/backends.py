@@ -5,6 +5,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from .cores import default_workers
 from .loader import BatchLoader, LoaderError, LoaderRequest
 from .pack_format import PackReader
 from .spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from .cache import DecodedCache
 
 log = logging.getLogger("dali_pipes")
 
@@ -22,6 +26,7 @@ BACKENDS = {
     "torch": "dali_pipes.torch_backend",
     "synthetic": "dali_pipes.synthetic_backend",
 }
+CACHED_BACKEND = "dali_pipes.cached_backend"  # serves a decoded cache, whatever the backend
 DALI_INSTALL_HINT = ("pip install nvidia-dali-cuda120 for CUDA 12, nvidia-dali-cuda130 for CUDA 13 "
                      "(from a checkout: pip install -e '.[dali]' or '.[dali-cu13]')")
 
@@ -71,7 +76,8 @@ def resolve_backend(backend: str, device: str | torch.device) -> str:
 def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backend: str = "auto", batch_size: int,
                  train: bool, image_size: int = 224, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, num_workers: int | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool | None = None, spec: PipelineSpec | None = None) -> BatchLoader:
+                 world_size: int = 1, drop_last: bool | None = None, spec: PipelineSpec | None = None,
+                 cache: DecodedCache | None = None) -> BatchLoader:
     """An iterable of `(images, labels)` batches of `split` of `pack`.
 
     images: N x 3 x S x S, channels_last, normalized by `spec` (or raw pixels when
@@ -79,8 +85,10 @@ def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backe
     exact `len()` (batches this rank yields per epoch) and `set_epoch(epoch)`. Train
     mode reshuffles each epoch and drops the last partial batch unless `drop_last` is
     False; eval mode yields every sample of the split exactly once across ranks.
-    `spec` overrides `image_size` (a checkpoint's spec, say). A request that cannot be
-    served raises `LoaderError` naming the pack.
+    `spec` overrides `image_size` (a checkpoint's spec, say). With `cache` (a
+    `cache.DecodedCache` holding the split) batches come from its pixels through the torch
+    path, whatever `backend` says (`cached_backend`). A request that cannot be served raises
+    `LoaderError` naming the pack.
     """
     reader = pack if isinstance(pack, PackReader) else PackReader(Path(pack))
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -91,6 +99,8 @@ def build_loader(pack: str | os.PathLike[str] | PackReader, split: str, *, backe
                                 rank=rank, world_size=world_size, drop_last=drop_last, split=split)
     except LoaderError as exc:
         raise LoaderError(f"{reader.path}: {exc}") from None
+    if cache is not None:
+        return importlib.import_module(CACHED_BACKEND).make_loader(reader, request, cache)
     name, note = choose_backend(backend, device)
     if note:
         # DEBUG: a caller building several loaders says the choice once (trainer run does, from rank 0).

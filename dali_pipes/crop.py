@@ -73,3 +73,16 @@ def central_boxes(heights: np.ndarray, widths: np.ndarray, ratio: Sequence[float
     w = np.where(in_ratio < lo, widths, np.where(in_ratio > hi, np.rint(heights * hi), widths))
     h = np.where(in_ratio < lo, np.rint(widths / lo), heights)
     return np.floor((heights - h) / 2), np.floor((widths - w) / 2), h, w
+
+
+def largest_zoom(scale: Sequence[float] | None, ratio: Sequence[float]) -> float:
+    """How many times larger than an image's short side a random-resized crop can be drawn: its largest
+    magnification, which a decoded cache must hold to lose nothing (1 without a crop).
+
+    A box of area s A and aspect r is sqrt(s A / r) high and sqrt(s A r) wide; against the
+    short side of any image of area A that is at least sqrt(s / max(r, 1 / r)), so the
+    output's side S needs a short side of at most S sqrt(max(r_max, 1 / r_min) / s_min).
+    """
+    if scale is None:
+        return 1.0
+    return float(np.sqrt(max(ratio[1], 1.0 / ratio[0]) / scale[0]))

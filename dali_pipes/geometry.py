@@ -145,6 +145,21 @@ def _compose(*factors: np.ndarray) -> np.ndarray:
     return out
 
 
+def on_resized_source(matrices: np.ndarray, heights: ArrayLike, widths: ArrayLike, new_heights: ArrayLike,
+                      new_widths: ArrayLike) -> np.ndarray:
+    """`matrices` of images stored at (heights, widths), for the same images resized to (new_heights, new_widths).
+
+    A resize maps source x to x * new_width / width, so the warp of the resized image is
+    M @ diag(width / new_width, height / new_height, 1): the same output pixels (the decoded
+    cache holds images at another size than the pack). Works on one 2 x 3 matrix with scalar
+    sizes and on N x 2 x 3 with length-N sizes.
+    """
+    out = np.array(matrices, dtype=np.float64)
+    out[..., 0] *= (np.asarray(widths, dtype=np.float64) / np.asarray(new_widths, dtype=np.float64))[..., None]
+    out[..., 1] *= (np.asarray(heights, dtype=np.float64) / np.asarray(new_heights, dtype=np.float64))[..., None]
+    return out
+
+
 def to_opencv(matrix: np.ndarray) -> np.ndarray:
     """`matrix` (2 x 3, or N x 2 x 3) in OpenCV's convention, pixel centres at integers.
 

@@ -42,7 +42,7 @@ from .loader import BatchLoader, EpochCursor, LoaderRequest, SkipLog, SkippedSam
 from .pack_format import PackReader
 from .prefetch import Prefetcher
 from .spec import PipelineSpec
-from .torch_cpu import render_batch_cpu
+from .torch_cpu import Decoder, render_batch_cpu
 from .torch_gpu import decode_on_device, gpu_decode_works, transform_images
 
 PREFETCH_FACTOR = 4
@@ -78,8 +78,10 @@ class _PackBatches(Dataset):
     process). `augmentation` is the batch's colour jitter and erasing (None in eval).
     """
 
-    def __init__(self, reader: PackReader, *, train: bool, seed: int, bytes_only: bool) -> None:
+    def __init__(self, reader: PackReader, *, train: bool, seed: int, bytes_only: bool,
+                 decode: Decoder | None = None) -> None:
         self.reader, self.train, self.seed, self.bytes_only = reader, train, seed, bytes_only
+        self.decode = decode
 
     def __getitem__(self, key: tuple[int, PipelineSpec, np.ndarray]) -> tuple[Any, ...]:
         epoch, spec, indices = key
@@ -92,7 +94,7 @@ class _PackBatches(Dataset):
             data, offsets = self._gather_bytes(indices)
             warps = None if matrices is None else torch.from_numpy(matrices)
             return data, offsets, torch.from_numpy(indices), warps, labels, self._augmentation(spec, epoch, indices)
-        pixels, skipped = render_batch_cpu(self.reader, indices, spec, matrices)
+        pixels, skipped = render_batch_cpu(self.reader, indices, spec, matrices, self.decode)
         if skipped:
             kept = _kept(indices, skipped)
             labels, indices = labels[torch.from_numpy(kept)], indices[kept]
@@ -161,7 +163,9 @@ class TorchLoader(BatchLoader):
 
     backend = "torch"
 
-    def __init__(self, reader: PackReader, request: LoaderRequest, gpu_decode: bool) -> None:
+    def __init__(self, reader: PackReader, request: LoaderRequest, gpu_decode: bool,
+                 decode: Decoder | None = None) -> None:
+        """`decode` (CPU path) gets each image: the pack's JPEG decoded (None), or the decoded cache's pixels."""
         super().__init__(reader, request)
         self.device, self.dtype = request.device, request.dtype
         self.gpu_decode = gpu_decode
@@ -170,7 +174,8 @@ class TorchLoader(BatchLoader):
         # The sampler holds the cursor and the skip log, not the loader: no reference cycle
         # keeps the persistent workers alive after the loader is dropped.
         self._sampler = _PlanSampler(self._cursor, self._skips)
-        self._dataset = _PackBatches(reader, train=request.train, seed=request.seed, bytes_only=gpu_decode)
+        self._dataset = _PackBatches(reader, train=request.train, seed=request.seed, bytes_only=gpu_decode,
+                                     decode=decode)
         self._loader: DataLoader | None = None
 
     def _data_loader(self) -> DataLoader:

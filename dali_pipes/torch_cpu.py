@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .geometry import preshrink_numpy, shrunk_matrices, to_opencv, warp_shrink_factors
+from .geometry import on_resized_source, preshrink_numpy, shrunk_matrices, to_opencv, warp_shrink_factors
 from .inputs import resize_cpu
 from .loader import ImageDecodeError, SkippedSample
 from .pack_format import PackReader
@@ -27,6 +28,8 @@ from .spec import PipelineSpec
 _CV2_INTERPOLATION = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 # OpenCV >= 4.10 can hand out RGB directly; older builds decode BGR and we convert.
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+# decode(reader, index, channels) -> H x W x channels uint8: how `render_batch_cpu` gets each image.
+Decoder = Callable[[PackReader, int, int], np.ndarray]
 
 
 def torchvision_reason(exc: Exception) -> str:
@@ -79,6 +82,14 @@ def warp_cpu(image: np.ndarray, spec: PipelineSpec, matrix: np.ndarray, out: np.
                    borderMode=cv2.BORDER_CONSTANT, borderValue=border)
 
 
+def _on_image(matrix: np.ndarray, reader: PackReader, index: int, image: np.ndarray) -> np.ndarray:
+    """`matrix`, made for image `index` at its stored size, for `image` as decoded (perhaps smaller)."""
+    stored = (int(reader.heights[index]), int(reader.widths[index]))
+    if image.shape[:2] == stored:
+        return matrix
+    return on_resized_source(matrix, *stored, *image.shape[:2])
+
+
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     if get_worker_info() is not None and hasattr(torch.UntypedStorage, "_new_shared"):
         # As default_collate does: allocate in shared memory, so handing the batch to the
@@ -88,17 +99,21 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.uint8)
 
 
-def render_batch_cpu(reader: PackReader, indices: np.ndarray, spec: PipelineSpec,
-                     matrices: np.ndarray | None) -> tuple[torch.Tensor, list[SkippedSample]]:
+def render_batch_cpu(reader: PackReader, indices: np.ndarray, spec: PipelineSpec, matrices: np.ndarray | None,
+                     decode: Decoder | None = None) -> tuple[torch.Tensor, list[SkippedSample]]:
     """Decode and transform pack images `indices` into one N x S x S x 3 uint8 tensor, and the samples left out.
 
-    `matrices` (N x 2 x 3, `geometry.train_matrices`) warps each image for training;
-    None resizes for evaluation. An image that cannot be decoded loses its row (the good
-    rows keep their order, so the tensor then has fewer than len(indices) rows) and is
-    listed as a `SkippedSample`. Workers hand these back as values: raising there would
-    fail the whole batch, reach the user wrapped in DataLoader's "Caught ... in worker"
-    text, and leave persistent workers' shutdown to the GC (a 5 s join).
+    `matrices` (N x 2 x 3, `geometry.train_matrices`, for the stored image sizes) warps
+    each image for training; None resizes for evaluation. `decode` (default
+    `decode_image`) may hand an image over at another size than the stored one (the
+    decoded cache's `DecodedCache.decode`): its matrix is then moved onto that size. An
+    image that cannot be decoded loses its row (the good rows keep their order, so the
+    tensor then has fewer than len(indices) rows) and is listed as a `SkippedSample`.
+    Workers hand these back as values: raising there would fail the whole batch, reach
+    the user wrapped in DataLoader's "Caught ... in worker" text, and leave persistent
+    workers' shutdown to the GC (a 5 s join).
     """
+    decode = decode_image if decode is None else decode
     size = spec.image_size
     batch = _batch_buffer((len(indices), size, size, 3))
     pixels = batch.numpy()
@@ -108,14 +123,14 @@ def render_batch_cpu(reader: PackReader, indices: np.ndarray, spec: PipelineSpec
     row = 0
     for j, index in enumerate(indices):
         try:
-            image = decode_image(reader, int(index), 3 if matrices is None else 4)
+            image = decode(reader, int(index), 3 if matrices is None else 4)
         except ImageDecodeError as exc:
             skipped.append(exc.sample)
             continue
         if matrices is None:
             resize_cpu(image, spec, batch[row])
         else:
-            warp_cpu(image, spec, matrices[j], rgba)
+            warp_cpu(image, spec, _on_image(matrices[j], reader, int(index), image), rgba)
             cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=pixels[row])
         row += 1
     return (batch if row == len(indices) else batch[:row]), skipped

@@ -35,6 +35,7 @@ def test_gpu_check_smoke_and_charts(tmp_path: Path) -> None:
     assert 0 <= row["backends"]["torch"]["data_wait_fraction"] <= 1
     names = [r["name"] for r in results["pipeline"]["results"]]
     assert names[:2] == ["(a) notebook PIL float32", "(b) decode only"] and "torch uint8" in names
+    assert {"(d) torch uint8 cache ram", "(d) torch uint8 cache device"} <= set(names)
     summary = results["summary"]
     assert "resnet18" in summary["end_to_end"] and summary["compute"]["resnet18"]["compile_seconds"] > 0
     assert summary["pipeline"]["torch uint8"]["target"] == 20000
@@ -73,3 +74,15 @@ def test_make_demo_dataset_does_not_depend_on_workers(tmp_path: Path) -> None:
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
     assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*")) and len(one) == 15
     assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
+
+
+@pytest.mark.slow
+def test_bench_cache_scale_runs(tmp_path: Path) -> None:
+    result = _python("tools/bench_cache_scale.py", "--images", "40", "--classes", "4", "--side", "40", "--cache-size",
+                     "36", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--workdir", str(tmp_path),
+                     "--json", str(tmp_path / "scale.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "scale.json").read_text())
+    assert figures["images"] == 40 and figures["cache_bytes"] == 40 * 36 * 36 * 3 and figures["peak_pss_mb"] > 0
+    assert "cache ram: decoded 40 images" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["scale.json"]  # the images, pack and run are gone

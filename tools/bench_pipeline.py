@@ -1,8 +1,9 @@
 """Measure input-pipeline throughput against the original notebook loader, in one run.
 
     python tools/bench_pipeline.py [--images 2000] [--min-size 250 --max-size 450] [--batch-size 64]
-                                   [--epochs 2] [--seconds N] [--repeat 1] [--backends torch,dali] [--workers N]
-                                   [--src DIR [--pack PACK]] [--device cpu] [--json OUT.json]
+                                   [--image-size 224] [--epochs 2] [--seconds N] [--repeat 1] [--backends torch,dali]
+                                   [--cache ram,device] [--cache-size N] [--workers N] [--src DIR [--pack PACK]]
+                                   [--device cpu] [--json OUT.json]
 
 Makes (or, with `--src`, reuses) an image-folder tree of JPEGs, packs it, then times on
 all cores, train mode, device cpu:
@@ -11,11 +12,15 @@ all cores, train mode, device cpu:
                  ToTensor, Normalize, DataLoader(shuffle=True, num_workers=all cores)
   (b) decode     workers that only decode the pack's JPEGs (torchvision.io.decode_jpeg), nothing returned
   (c) backends   `build_loader(backend=...)` with dtype uint8 and float32
+  (d) cache      the torch backend over a decoded cache of the train split (`trainer run --cache ram` or
+                 `device`, short side `--cache-size`), dtype uint8 and float32; "vs torch" is its speed over
+                 (c)'s torch row of the same dtype
 
 Each measurement warms up on one epoch, then times `--epochs` epochs' worth of images
-(capped by `--seconds`), keeping the best of `--repeat` runs. Memory is the peak growth of
-the proportional set size (PSS) of this process and its workers, sampled every 0.1 s:
-shared pages are counted once.
+(capped by `--seconds`), keeping the best of `--repeat` runs: the cache's figures are those
+of its second epoch on, when nothing decodes (building it is not timed, but its memory
+counts). Memory is the peak growth of the proportional set size (PSS) of this process and
+its workers, sampled every 0.1 s: shared pages (the cache's, the batches') are counted once.
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ from dali_pipes import (
     PackOptions,
     PackReader,
     atomic_write_bytes,
+    build_cache,
     build_loader,
+    default_cache_size,
     pack_folder,
 )
 from trainer.cli_usage import HELP_OPTIONS
@@ -56,6 +63,7 @@ class Result:
     images_per_s: float = 0.0
     vs_notebook: float | None = None
     vs_decode: float | None = None
+    vs_uncached: float | None = None  # (d) rows: over the uncached torch row of the same dtype
 
 
 # ---------------------------------------------------------------------------- memory
@@ -205,11 +213,17 @@ def decode_only_loader(pack: Path, batch_size: int, workers: int) -> Callable[[i
     return lambda epoch: loader
 
 
-def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int, workers: int,
-                   device: str = "cpu") -> Callable[[int], Iterable]:
-    """(c) A `dali_pipes` backend in train mode on `device`."""
+def backend_loader(pack: Path, backend: str, dtype: torch.dtype, batch_size: int, workers: int, device: str = "cpu",
+                   image_size: int = 224, cache_size: int | None = None,
+                   cache_mode: str = "ram") -> Callable[[int], Iterable]:
+    """(c) A `dali_pipes` backend in train mode on `device`; (d) with `cache_size`, over a decoded cache."""
+    cache = None
+    if cache_size is not None:
+        reader = PackReader(pack)
+        cache, _ = build_cache(reader, reader.split_indices("train"), cache_size, mode=cache_mode,
+                               workers=max(1, workers))
     loader = build_loader(pack, "train", backend=backend, batch_size=batch_size, train=True, device=device,
-                          dtype=dtype, num_workers=workers, seed=0)
+                          dtype=dtype, num_workers=workers, seed=0, image_size=image_size, cache=cache)
 
     def epoch_batches(epoch: int) -> Iterator:
         loader.set_epoch(epoch)
@@ -239,8 +253,9 @@ def prepare_pack(src: Path | None, workdir: Path, images: int, min_size: int, ma
 
 
 def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers: int, epochs: int,
-            seconds: float | None, echo: Callable[[str], None], repeat: int = 1, device: str = "cpu") -> list[Result]:
-    """Every measurement, in order, with ratios filled in."""
+            seconds: float | None, echo: Callable[[str], None], repeat: int = 1, device: str = "cpu",
+            image_size: int = 224, cache_size: int | None = None, cache_modes: tuple[str, ...] = ()) -> list[Result]:
+    """Every measurement, in order, with ratios filled in; (d) rows for each of `cache_modes`."""
     target = epochs * len(PackReader(pack).split_indices("train"))
     runs: list[tuple[str, bool, Callable[[], Callable[[int], Iterable]]]] = [
         ("(a) notebook PIL float32", False, lambda: notebook_loader(src, batch_size, workers)),
@@ -250,7 +265,14 @@ def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers
         for dtype in (torch.uint8, torch.float32):
             # DALI may be missing or unable to run CPU-only here: report it, keep the other rows.
             runs.append((f"{backend} {str(dtype).removeprefix('torch.')}", backend == "dali",
-                         lambda b=backend, d=dtype: backend_loader(pack, b, d, batch_size, workers, device)))
+                         lambda b=backend, d=dtype: backend_loader(pack, b, d, batch_size, workers, device,
+                                                                   image_size)))
+    for mode in cache_modes:
+        for dtype in (torch.uint8, torch.float32):
+            # A cache larger than /dev/shm (a container's is 64 MB) is refused: report it, keep the other rows.
+            runs.append((f"(d) torch {str(dtype).removeprefix('torch.')} cache {mode}", True,
+                         lambda d=dtype, m=mode: backend_loader(pack, "torch", d, batch_size, workers, device,
+                                                                image_size, cache_size or image_size, m)))
     results = []
     for name, optional, make in runs:
         echo(f"  measuring {name} ...")
@@ -262,19 +284,23 @@ def run_all(src: Path, pack: Path, backends: list[str], batch_size: int, workers
             echo(f"  skipped {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     notebook = next((r for r in results if r.name.startswith("(a)")), None)
     decode = next((r for r in results if r.name.startswith("(b)")), None)
+    uncached = {r.name: r for r in results}
     for r in results:
         r.vs_notebook = r.images_per_s / notebook.images_per_s if notebook else None
         r.vs_decode = r.images_per_s / decode.images_per_s if decode else None
+        plain = uncached.get(r.name.removeprefix("(d) ").split(" cache ")[0])
+        if plain is not None and plain is not r:
+            r.vs_uncached = r.images_per_s / plain.images_per_s
     return results
 
 
 def format_table(results: list[Result]) -> list[str]:
     """The printed table."""
-    lines = [f"{'pipeline':28s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'vs (a)':>7s} {'vs (b)':>7s} "
-             f"{'peak mem MB':>12s}"]
+    lines = [f"{'pipeline':30s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'vs (a)':>7s} {'vs (b)':>7s} "
+             f"{'vs torch':>8s} {'peak mem MB':>12s}"]
     for r in results:
-        lines.append(f"{r.name:28s} {r.images:7d} {r.seconds:8.2f} {r.images_per_s:9.0f} {_ratio(r.vs_notebook):>7s} "
-                     f"{_ratio(r.vs_decode):>7s} {r.peak_mem_mb:12.0f}")
+        lines.append(f"{r.name:30s} {r.images:7d} {r.seconds:8.2f} {r.images_per_s:9.0f} {_ratio(r.vs_notebook):>7s} "
+                     f"{_ratio(r.vs_decode):>7s} {_ratio(r.vs_uncached):>8s} {r.peak_mem_mb:12.0f}")
     return lines
 
 
@@ -287,11 +313,17 @@ def _ratio(value: float | None) -> str:
 @click.option("--min-size", default=250, show_default=True, help="Smallest generated side (px).")
 @click.option("--max-size", default=450, show_default=True, help="Largest generated side (px).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
+              help="Training size of the backends' rows (the notebook's stays 224).")
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
               help="Timed images: this many train epochs' worth.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop each measurement after this long.")
 @click.option("--backends", default="torch,dali", show_default=True, help="Comma-separated dali_pipes backends.")
+@click.option("--cache", "cache_modes", default="ram", show_default=True,
+              help="Comma-separated cache modes to measure in (d) (ram, device; none: no (d) rows).")
+@click.option("--cache-size", type=click.IntRange(min=8), default=None,
+              help="Short side of the cached images. [default: --image-size, as trainer run's]")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
               help="Keep the best of this many runs of each (other load on the machine only slows runs down).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: all cores).")
@@ -303,22 +335,28 @@ def _ratio(value: float | None) -> str:
               help="Where the backends deliver batches (cpu, cuda); (a) and (b) stay on the CPU.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results here.")
-def main(images: int, min_size: int, max_size: int, batch_size: int, epochs: int, seconds: float | None, backends: str,
-         repeat: int, workers: int | None, src: Path | None, pack: Path | None, device: str,
-         json_out: Path | None) -> None:
-    """Time the notebook loader, a decode-only ceiling and the dali_pipes backends."""
+def main(images: int, min_size: int, max_size: int, batch_size: int, image_size: int, epochs: int,
+         seconds: float | None, backends: str, cache_modes: str, cache_size: int | None, repeat: int,
+         workers: int | None, src: Path | None, pack: Path | None, device: str, json_out: Path | None) -> None:
+    """Time the notebook loader, a decode-only ceiling, the dali_pipes backends and the decoded cache."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     names = [b.strip() for b in backends.split(",") if b.strip()]
+    modes = tuple(m.strip() for m in cache_modes.split(",") if m.strip() not in ("", "none"))
+    if not set(modes) <= {"ram", "device"}:
+        raise click.BadParameter(f"{cache_modes!r}: give ram, device or both, or none", param_hint="'--cache'")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         click.echo("preparing data ...")
         src, pack = prepare_pack(src, Path(tmp), images, min_size, max_size, workers, pack)
         counts = PackReader(pack).split_counts()
         click.echo(f"{src}: {sum(counts.values())} images, train {counts['train']}; batch {batch_size}, "
                    f"{workers} workers, {os.cpu_count()} cores, torch {torch.__version__}")
-        results = run_all(src, pack, names, batch_size, workers, epochs, seconds, click.echo, repeat, device)
+        results = run_all(src, pack, names, batch_size, workers, epochs, seconds, click.echo, repeat, device,
+                          image_size, cache_size or default_cache_size(image_size), modes)
     click.echo("\n".join(format_table(results)))
     if json_out is not None:
-        config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size, epochs=epochs,
+        config = dict(images=images, min_size=min_size, max_size=max_size, batch_size=batch_size,
+                      image_size=image_size, cache=cache_modes, cache_size=cache_size or default_cache_size(image_size),
+                      epochs=epochs,
                       device=device, seconds=seconds, repeat=repeat, workers=workers, cores=os.cpu_count(),
                       torch=torch.__version__)
         text = json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2)

@@ -8,7 +8,8 @@
 #   compute   compute-only images/s (synthetic backend) per architecture: compute.json, eager;
 #             compute_compiled.json, compiled as `trainer run --compile` does (ResNet-50 only:
 #             compiling takes most of a minute)
-#   pipeline  pipeline-only images/s per backend on the GPU, beside the notebook loader and a
+#   pipeline  pipeline-only images/s per backend on the GPU (and the torch backend over a decoded
+#             cache, --cache ram and device), beside the notebook loader and a
 #             decode-only ceiling on the CPU: pipeline.json
 #   train     end-to-end training images/s and data-wait fraction per architecture: train.json
 # Each JSON file is written as soon as its step ends (bench_train.py rewrites its file after
@@ -111,7 +112,7 @@ for part in $PARTS; do
       say "pipelines alone ($BACKENDS on $DEVICE), the notebook loader and decode-only on the CPU"
       run pipeline $PY "$ROOT/tools/bench_pipeline.py" --src "$DATA/src" --pack "$DATA/pack.h5" --backends "$BACKENDS" \
           --device "$DEVICE" --batch-size "$BATCH" --epochs 1 --seconds "$CAP_SECONDS" --workers "$WORKERS" \
-          --json "$OUT/pipeline.json" ;;
+          --cache ram,device --json "$OUT/pipeline.json" ;;
     train)
       data
       say "end-to-end training ($BACKENDS)"

@@ -79,13 +79,15 @@ def _show_pipeline_log() -> None:
 @main.command()
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--cache-size", type=click.IntRange(min=8),
+              help="Also say what `trainer run --cache ram|device --cache-size N` would hold (JSON: cache).")
 @one_line_errors
-def info(pack: Path, as_json: bool) -> None:
+def info(pack: Path, as_json: bool, cache_size: int | None) -> None:
     """Counts per split and class, image sizes and rejected files of PACK."""
     from dali_pipes import PackReader
     from trainer.info import format_summary, pack_summary
 
-    summary = pack_summary(PackReader(pack))
+    summary = pack_summary(PackReader(pack), cache_size)
     if as_json:
         click.echo(json.dumps(summary))
     else:

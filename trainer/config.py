@@ -39,6 +39,7 @@ FORCE_HELP = "Replace output files that exist (without it, an existing output is
 TTA_MODES = ("none", "flip")  # what --tta takes (trainer.tta applies each)
 TTA_HELP = ("Test-time augmentation: flip averages the logits of each image and its mirror (embeddings: the sum of "
             "both normalized, as insightface).")
+CACHE_MODES = ("none", "ram", "device")
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None, flag: bool = False,
@@ -84,6 +85,18 @@ class RunConfig:
     backend: str = field(default="auto", metadata=_opt(BACKEND_HELP, choices=("auto", "dali", "torch", "synthetic")))
     workers: int | None = field(default=None, metadata=_opt(WORKERS_HELP, minimum=0))
     seed: int = field(default=0, metadata=_opt("Seed of initialization, data order and augmentation."))
+    cache: str = field(default="none", metadata=_opt(
+        "Decode every image once, before the first epoch, and keep the pixels: ram (in shared memory, one copy per "
+        "machine for all its processes and loader workers), device (each GPU holds its shard, staged from shared "
+        "memory), none. Cached batches go through the torch path, whatever --backend says.", choices=CACHE_MODES))
+    cache_size: int | None = field(default=None, metadata=_opt(
+        "Short side in px of the cached images (area-averaged, aspect ratio kept, never enlarged). [default: "
+        "the smallest that keeps all the run can show: --image-size (the training warp stretches each side of an "
+        "image onto it) times the largest magnification of --crop-scale/--crop-ratio, sqrt(max(ratio_max, "
+        "1/ratio_min) / scale_min), and at least --eval-image-size]", minimum=8))
+    cache_max_gb: float | None = field(default=None, metadata=_opt(
+        "Refuse a --cache larger than this many GB (its shared-memory copy, and each GPU's copy for device). "
+        "[default: half the free RAM, and half the GPU's free memory]", minimum=0.0))
     # Model and head
     arch: str = field(default="mobilenet_v2", metadata=_opt(f"Model: {ARCH_HELP}."))
     weights: str = field(default="imagenet", metadata=_opt(
@@ -347,6 +360,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise TrainerError(f"--label-smoothing must be below 1, got {cfg.label_smoothing}")
     if cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
         raise TrainerError(f"--warmup-epochs ({cfg.warmup_epochs}) must be shorter than --epochs ({cfg.epochs})")
+    if cfg.cache == "none" and (cfg.cache_size is not None or cfg.cache_max_gb is not None):
+        raise TrainerError("--cache-size and --cache-max-gb need --cache ram or --cache device")
+    if cfg.cache != "none" and cfg.backend == "synthetic":
+        raise TrainerError(f"--cache {cfg.cache} keeps the pack's images, --backend synthetic makes random ones: "
+                           "drop one of the two")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
         raise TrainerError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg

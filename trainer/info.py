@@ -5,7 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from dali_pipes import PackReader, plural, split_kind
+from dali_pipes import PackReader, plan_cache, plural, split_kind
+from trainer.run_cache import amount
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -15,8 +16,9 @@ def _stats(values: np.ndarray) -> dict[str, float]:
             "max": int(values.max())}
 
 
-def pack_summary(reader: PackReader) -> dict[str, Any]:
-    """Counts per split and class, image-size statistics, rejects and format of a pack."""
+def pack_summary(reader: PackReader, cache_size: int | None = None) -> dict[str, Any]:
+    """Counts per split and class, image-size statistics, rejects and format of a pack; with `cache_size`, what
+    `trainer run --cache ram|device --cache-size N` would hold (`cache`)."""
     counts = np.bincount(reader.labels, minlength=reader.num_classes)
     per_split_class = {split: reader.class_counts(split).tolist() for split in reader.split_counts()}
     sizes = np.diff(reader.offsets)
@@ -40,7 +42,14 @@ def pack_summary(reader: PackReader) -> dict[str, Any]:
         "rejects": reader.rejects(),
         "empty_classes": reader.empty_classes,
         "options": reader.options,
+        **({"cache": cache_summary(reader, cache_size)} if cache_size is not None else {}),
     }
+
+
+def cache_summary(reader: PackReader, size: int) -> dict[str, int]:
+    """The decoded cache of every image at short side `size`: its `size`, `images` and `bytes` of pixels."""
+    plan = plan_cache(reader, range(len(reader)), size)
+    return {"size": size, "images": len(plan), "bytes": plan.nbytes}
 
 
 def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
@@ -63,6 +72,10 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
     if len(summary["class_counts"]) > max_classes:
         lines.append(f"    ... and {len(summary['class_counts']) - max_classes} more (--json lists all)")
     rejects = summary["rejects"]
+    if "cache" in summary:
+        cache = summary["cache"]
+        lines.append(f"  --cache-size {cache['size']}: {amount(cache['bytes'])} of pixels for {cache['images']} images "
+                     "(--cache ram holds them once per machine; --cache device also about 1/N on each of N GPUs)")
     lines.append(f"  rejected files: {len(rejects)}")
     lines += [f"    {r['path']}: {r['reason']}" for r in rejects[:20]]
     if len(rejects) > 20:

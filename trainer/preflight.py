@@ -2,7 +2,7 @@
 
 Every check that needs no process group runs here, so a mistake is one line, not one per
 process followed by torchrun's traceback: the pack and its splits, the batch size, the
-device and --sync-bn, --monitor against the pack's kind of validation, --tensorboard's
+device and --sync-bn, the decoded cache's room, --monitor against the pack's kind of validation, --tensorboard's
 package, the weights, the architecture at --image-size, the run folder, and a resume's
 checkpoint. Each check is the one the processes run again where they meet its subject.
 """
@@ -18,6 +18,7 @@ from trainer.config import RunConfig
 from trainer.extras import require
 from trainer.models import HeadConfig, build_model, freeze_blocks
 from trainer.resume import resumable_checkpoint
+from trainer.run_cache import need_cache
 from trainer.run_folder import check_out_dir
 from trainer.validation import validation_kind
 
@@ -27,6 +28,7 @@ def preflight(cfg: RunConfig, world_size: int, resume: Path | None = None) -> No
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
     check_sync_bn(cfg.sync_bn and world_size > 1, launch_device(cfg.device, world_size))
+    need_cache(cfg, reader, world_size, device=None)  # its size against the shared memory; the GPU's is not touched
     validation_kind(reader).check_monitor(reader, cfg.monitor)
     if cfg.tensorboard:
         require("tensorboard", "tb", "--tensorboard")

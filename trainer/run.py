@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dali_pipes import BatchLoader, PackReader, PipelineSpec, Progress, build_loader, choose_backend
+from dali_pipes import BatchLoader, DecodedCache, PackReader, PipelineSpec, Progress, build_loader, choose_backend
 from trainer.accumulation import optimizer_steps
 from trainer.checkpoint import load_checkpoint, read_payload, save_checkpoint, unwrap
 from trainer.checks import check_forward, check_pack, dropped_note
@@ -35,6 +35,7 @@ from trainer.monitor import monitored_value
 from trainer.optim import lr_factor, set_lr
 from trainer.plots import plot_curves
 from trainer.resume import Position, epoch_start, finished_summary, restore_run, stop_message, stopped_at
+from trainer.run_cache import cache_backend, need_cache, open_cache
 from trainer.run_folder import link_best
 from trainer.schedules import progressive_size
 from trainer.signals import StopSignals
@@ -56,12 +57,13 @@ class RunContext:
     amp_dtype: torch.dtype | None
     backend: str  # the concrete backend, resolved once
     say: Callable[[str], None]
+    cache: DecodedCache | None = None  # --cache: every split's decoded pixels
 
     def loader(self, split: str, train: bool) -> BatchLoader:
         """This rank's loader of `split`."""
         return build_loader(self.reader, split, train=train, backend=self.backend, batch_size=self.cfg.batch_size,
                             device=self.device, num_workers=self.cfg.workers, seed=self.cfg.seed, rank=self.ctx.rank,
-                            world_size=self.ctx.world_size, spec=self.spec, dtype=torch.float32)
+                            world_size=self.ctx.world_size, spec=self.spec, dtype=torch.float32, cache=self.cache)
 
     def eval_loader(self, split: str) -> BatchLoader:
         """This rank's evaluation loader of `split` (every sample once, no augmentation)."""
@@ -96,10 +98,13 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, ctx.world_size, cfg.scheduler)
+    cache = need_cache(cfg, reader, ctx.world_size, device)  # refused here, before anything is allocated
     tune_backends(device)
-    backend, note = choose_backend(cfg.backend, device)
+    backend, note = choose_backend(cfg.backend, device) if cache is None else cache_backend(cfg)
     run = RunContext(cfg, ctx, device, reader, pipeline_spec(cfg), Path(cfg.out), resolve_amp(cfg.amp, device),
                      backend, echo if ctx.is_main else (lambda _: None))
+    if cache is not None:
+        run.say(cache.line)
     validation = choose_validation(reader, cfg.monitor, run.eval_loader, ctx=ctx, device=device,
                                    amp_dtype=run.amp_dtype, topk=cfg.topk, seed=cfg.seed, tta=cfg.tta)
     state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled, amp_dtype=run.amp_dtype)
@@ -117,6 +122,8 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
         run.say(note)
     if ctx.is_main:
         write_json(run.out / "config.json", cfg.to_dict())
+    if cache is not None:
+        run.cache = open_cache(cache, ctx, reader, run.say, workers=cfg.workers)
     start = time.perf_counter()
     with StopSignals() as signals:
         stopped_early, stop_reason = _train(run, state, validation, position, signals)
