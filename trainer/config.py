@@ -80,7 +80,8 @@ class RunConfig:
         "Clip the gradients' global norm to this value (default: no clipping).", minimum=0.0))
     epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
     scheduler: str = field(default="cosine", metadata=_opt(
-        "Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
+        "Learning-rate schedule (poly: (1 - t) ** 2 after the warm-up, insightface's for faces).",
+        choices=("step", "cosine", "poly", "plateau", "none")))
     step_size: int = field(default=10, metadata=_opt(
         "Epochs between decays (step), or patience epochs (plateau).", minimum=1))
     gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))

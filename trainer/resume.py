@@ -28,7 +28,7 @@ from trainer.errors import TrainerError
 from trainer.loop import EpochState
 from trainer.metrics import read_metrics
 from trainer.models import HeadConfig
-from trainer.optim import lr_factor
+from trainer.optim import PLANNED_SCHEDULERS, lr_factor
 from trainer.state import TrainingState
 
 
@@ -112,22 +112,22 @@ def schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int, str |
     """The schedule length of a resumed run, and a line to say when it differs from --epochs.
 
     The rule: the schedule keeps the length it was planned for, so a larger --epochs
-    adds epochs after it (cosine stays at its end value) instead of moving the learning
+    adds epochs after it (cosine and poly stay at their end value) instead of moving the learning
     rate back up, and a smaller one stops the run before the schedule ends; `--reschedule`
     plans it over the new --epochs instead.
     """
     if reschedule or planned == cfg.epochs:
         return cfg.epochs, None
-    if cfg.scheduler != "cosine":  # step, plateau and none do not depend on the run's length
+    if cfg.scheduler not in PLANNED_SCHEDULERS:  # step, plateau and none do not depend on the run's length
         return planned, None
     stop = min(planned, cfg.epochs)
-    lr = cfg.lr * lr_factor("cosine", stop, epochs=planned, step_size=cfg.step_size, gamma=cfg.gamma,
+    lr = cfg.lr * lr_factor(cfg.scheduler, stop, epochs=planned, step_size=cfg.step_size, gamma=cfg.gamma,
                             warmup_epochs=cfg.warmup_epochs)
     if cfg.epochs < planned:
-        return planned, (f"the run stops after epoch {cfg.epochs}, before its cosine schedule of {planned} epochs "
-                         f"ends (lr {lr:.2e} there); pass --reschedule to plan it over --epochs {cfg.epochs}")
-    return planned, (f"the cosine schedule keeps its planned {planned} epochs (lr {lr:.2e} after epoch {planned}); "
-                     f"pass --reschedule to plan it over --epochs {cfg.epochs}")
+        return planned, (f"the run stops after epoch {cfg.epochs}, before its {cfg.scheduler} schedule of {planned} "
+                         f"epochs ends (lr {lr:.2e} there); pass --reschedule to plan it over --epochs {cfg.epochs}")
+    return planned, (f"the {cfg.scheduler} schedule keeps its planned {planned} epochs (lr {lr:.2e} after epoch "
+                     f"{planned}); pass --reschedule to plan it over --epochs {cfg.epochs}")
 
 
 def restore_state(state: TrainingState, ckpt: Checkpoint, records: list[dict[str, Any]]) -> None:
