@@ -76,8 +76,9 @@ def fit(cfg: RunConfig, ctx: DistContext, device: torch.device, *, resume: bool 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     backend, note = choose_backend(cfg.backend, device)
-    run = RunContext(cfg, ctx, device, reader, PipelineSpec(image_size=cfg.image_size), Path(cfg.out),
-                     resolve_amp(cfg.amp, device), backend, echo if ctx.is_main else (lambda _: None))
+    spec = PipelineSpec(image_size=cfg.image_size, rotation_degrees=cfg.rotation, mean=cfg.mean, std=cfg.std)
+    run = RunContext(cfg, ctx, device, reader, spec, Path(cfg.out), resolve_amp(cfg.amp, device), backend,
+                     echo if ctx.is_main else (lambda _: None))
     validation = choose_validation(reader, cfg.monitor, run.eval_loader, ctx=ctx, device=device,
                                    amp_dtype=run.amp_dtype, topk=cfg.topk, seed=cfg.seed)
     state = build_state(cfg, reader.num_classes, device, distributed=ctx.enabled, amp_dtype=run.amp_dtype)
