@@ -30,7 +30,7 @@ from trainer.inference import (
     sidecar_path,
 )
 from trainer.metrics import write_json
-from trainer.models import embed, takes_labels
+from trainer.models import embedder, takes_labels
 
 FORMATS = ("onnx", "torchscript")
 # 18 is the lowest opset torch's torch.export-based exporter (the default since torch 2.9) targets.
@@ -38,17 +38,6 @@ ONNX_OPSET = 18
 TOLERANCE = 1e-3  # largest accepted |exported - PyTorch| on fp32 outputs
 VERIFY_IMAGES = 4
 EXAMPLE_BATCH = 2  # batch 1 would let torch.export specialize the batch dimension to a constant
-
-
-class EmbeddingOutput(nn.Module):
-    """A margin-head model whose forward returns its embedding (`models.embed`) instead of logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return embed(self.model, images)
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | None = None, embedding: bool = False,
@@ -91,7 +80,7 @@ def _exportable(model: nn.Module, embedding: bool) -> nn.Module:
     if not takes_labels(model):  # only margin heads have an embedding of their own
         raise TrainerError("--embedding needs a checkpoint with a margin head (arcface or cosface); "
                            "this model only has logits")
-    return EmbeddingOutput(model).eval()
+    return embedder(model).eval()  # without the head: the class centres are not exported
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor, dynamic: bool) -> bytes:
