@@ -1,7 +1,8 @@
 """The engine: one train step path, `train_one_epoch`, `evaluate`, top-k.
 
 The loop receives an iterable of `(images, labels)` already on the device and never
-learns which backend made it. Host-device syncs (`.item()`) happen only every
+learns which backend made it, nor which head it trains: a model gives logits, or its own
+loss and top-1 hits as a `models.HeadLoss` (a sharded margin head). Host-device syncs (`.item()`) happen only every
 `log_every` steps and at the end of an epoch.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 from dali_pipes import BatchLoader, Progress
 from trainer.data_wait import DataWaitClock
 from trainer.errors import TrainerError
+from trainer.models import HeadLoss
+from trainer.partial_fc import grad_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -114,37 +117,38 @@ class EpochResult:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               step: StepConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               step: StepConfig) -> tuple[torch.Tensor, torch.Tensor | HeadLoss, bool]:
     """Forward, backward and update for one batch.
 
-    Returns (loss, logits) still on the device, and whether the update was skipped
-    (only with `skip_nonfinite`, which costs one host sync per step to decide).
+    Returns (loss, the model's output: logits or a `HeadLoss`) still on the device, and whether
+    the update was skipped (only with `skip_nonfinite`, which costs one host sync per step to decide).
     """
     with torch.autocast(images.device.type, dtype=step.amp_dtype or torch.float32, enabled=step.amp_dtype is not None):
-        logits = model(images, labels) if step.with_labels else model(images)
-        loss = step.criterion(logits, labels)
+        output = model(images, labels) if step.with_labels else model(images)
+        loss = output.loss if isinstance(output, HeadLoss) else step.criterion(output, labels)
+    output = HeadLoss(loss.detach(), output.correct) if isinstance(output, HeadLoss) else output.detach()
     optimizer.zero_grad(set_to_none=True)
     step.scaler.scale(loss).backward()
     if step.grad_clip or step.skip_nonfinite:
         step.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
+        # Under DDP the gradients are already all-reduced here (a sharded head's norm is, inside), so every rank
+        # clips alike and takes the same decision.
+        norm = grad_norm(model)
     if step.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
-    # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
-    if step.skip_nonfinite and not (torch.isfinite(loss) and _grads_finite(optimizer)):
+        nn.utils.clip_grads_with_norm_(model.parameters(), step.grad_clip, norm)
+    if step.skip_nonfinite and not (torch.isfinite(loss) and torch.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         if step.scaler.is_enabled():
             step.scaler.update()
-        return loss.detach(), logits.detach(), True
+        return loss.detach(), output, True
     step.scaler.step(optimizer)
     step.scaler.update()
-    return loss.detach(), logits.detach(), False
+    return loss.detach(), output, False
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+def top1_correct(output: torch.Tensor | HeadLoss, labels: torch.Tensor) -> torch.Tensor:
+    """How many samples of a batch the model's top-1 got right: the argmax of logits, or a `HeadLoss`'s own hits."""
+    return output.correct.sum() if isinstance(output, HeadLoss) else (output.argmax(1) == labels).sum()
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, step: StepConfig, *,
@@ -176,7 +180,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
     for i, (images, labels) in enumerate(loader, start=first_step):
         clock.batch_arrived()
         lr = set_lr(i)
-        loss, logits, skipped = train_step(model, optimizer, images, labels, step)
+        loss, output, skipped = train_step(model, optimizer, images, labels, step)
         n = labels.shape[0]
         state.steps += 1
         if skipped:
@@ -185,7 +189,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             first_bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
             state.first_bad_step = torch.where(first_bad, i, state.first_bad_step)
             state.loss_sum += loss.double() * n
-            state.correct += (logits.argmax(1) == labels).sum()
+            state.correct += top1_correct(output, labels)
             state.samples += n
         if state.steps % check_every == 0:
             _raise_if_nonfinite(state)
