@@ -12,7 +12,7 @@ from torch import nn
 from dali_pipes import PackReader, samples_per_rank, split_kind
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
-from trainer.models import HeadConfig, build_model, freeze_blocks
+from trainer.models import HeadConfig, build_model, embed, freeze_blocks, sharded_rate
 
 
 def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
@@ -48,13 +48,21 @@ def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
                            "drop --freeze, or give pretrained --weights (imagenet or a PATH)")
 
 
+def check_sharded_head(cfg: RunConfig, distributed: bool) -> None:
+    """Refuse what a sharded margin head (Partial FC: `--nproc` above 1 or `--sample-rate` below 1) cannot do."""
+    if cfg.label_smoothing > 0 and sharded_rate(HeadConfig.from_run(cfg), cfg.sample_rate, distributed) is not None:
+        raise TrainerError(f"--label-smoothing is not supported by a sharded {cfg.head} head (Partial FC: --nproc "
+                           "above 1 or --sample-rate below 1): drop it")
+
+
 def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """One forward pass of two blank images, so a model that cannot take `--image-size` fails now, in one line."""
+    """One forward pass of two blank images to the embedding, so a model that cannot take `--image-size` fails now,
+    in one line."""
     model.eval()  # no batch-norm statistics change
     try:
         with torch.no_grad():
             blank = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device)
-            model(blank.contiguous(memory_format=torch.channels_last))
+            embed(model, blank.contiguous(memory_format=torch.channels_last))
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise TrainerError(f"--arch {cfg.arch} does not run at --image-size {cfg.image_size} "
                            f"({str(exc).splitlines()[0][:120] or type(exc).__name__}); choose a size it accepts "
@@ -68,6 +76,7 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
     """
     reader = PackReader(cfg.pack)
     check_pack(reader, cfg.batch_size, world_size, cfg.scheduler)
+    check_sharded_head(cfg, world_size > 1)
     # The real weights are loaded by each process.
     model = build_model(cfg.arch, reader.num_classes, weights="none", head=HeadConfig.from_run(cfg))
     check_freeze(cfg, freeze_blocks(model, cfg.freeze))

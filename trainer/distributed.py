@@ -67,12 +67,6 @@ class DistContext:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
 
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Copy rank 0's parameters and buffers to every rank (the best weights, which perhaps only rank 0 can read)."""
-        if self.enabled:
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, src=0)
-
 
 def stop_check(ctx: DistContext, signals: StopSignals, every: int) -> Callable[[int], bool]:
     """`stop_requested(step)` for the training loop: whether a stop signal arrived, the same answer on every rank.

@@ -29,6 +29,7 @@ from trainer.loop import EpochState
 from trainer.metrics import read_metrics
 from trainer.models import HeadConfig
 from trainer.optim import PLANNED_SCHEDULERS, lr_factor
+from trainer.sharded_state import shard_state
 from trainer.state import TrainingState
 
 
@@ -133,12 +134,16 @@ def schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int, str |
 def restore_state(state: TrainingState, ckpt: Checkpoint, records: list[dict[str, Any]]) -> None:
     """Continue from a checkpoint: weights, optimizer, scaler, schedules, RNG, and the run's `records` so far.
 
+    A sharded head takes its rank's rows of the checkpoint's whole centres and their optimizer state,
+    whatever the world size that wrote it.
+
     `records` are metrics.jsonl's lines; those of a run that counted epochs from 0 are
     renumbered from 1, and lines written after the checkpoint (a crash between the two
     writes) are dropped.
     """
-    unwrap(state.model).load_state_dict(ckpt.model)
-    state.optimizer.load_state_dict(ckpt.optimizer)
+    model_state, optimizer_state = shard_state(unwrap(state.model), state.optimizer, ckpt.model, ckpt.optimizer)
+    unwrap(state.model).load_state_dict(model_state)
+    state.optimizer.load_state_dict(optimizer_state)
     state.scaler.load_state_dict(ckpt.scaler)
     state.early.load_state_dict(ckpt.early_stopping)
     state.plateau.load_state_dict(ckpt.scheduler["plateau"])

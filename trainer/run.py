@@ -29,9 +29,11 @@ from trainer.loop import EpochResult, StepConfig, resolve_amp, train_one_epoch
 from trainer.metrics import write_json, write_metrics
 from trainer.models import set_train_mode, takes_labels
 from trainer.optim import lr_factor, set_lr
+from trainer.partial_fc import set_step, sharded
 from trainer.plots import plot_curves
 from trainer.resume import Position, epoch_start, finished_summary, restore_run, stop_message, stopped_at
 from trainer.run_folder import link_best
+from trainer.sharded_state import load_everywhere
 from trainer.signals import StopSignals
 from trainer.state import TrainingState, build_state
 from trainer.tensorboard import open_tensorboard
@@ -142,10 +144,9 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
     for epoch in range(state.next_epoch, cfg.epochs):
         epoch_step = dataclasses.replace(step, on_log=tb.step_hook(epoch)) if tb is not None else step
         outcome = _train_epoch(run, state, train_model, train_loader, epoch_step, epoch, position, stop_requested)
-        if outcome.interrupted:
-            if ctx.is_main:  # the last completed epoch's state, and where this one stopped
-                stop = stopped_at(epoch, outcome.next_step, outcome.state.state_dict(), cfg.batch_size, ctx.world_size)
-                _save_last(run, state, epoch - 1, stop)
+        if outcome.interrupted:  # the last completed epoch's state, and where this one stopped
+            stop = stopped_at(epoch, outcome.next_step, outcome.state.state_dict(), cfg.batch_size, ctx.world_size)
+            _save_last(run, state, epoch - 1, stop)
             raise RunInterrupted(stop_message(signals.name, epoch, outcome.next_step, run.out), signals.exit_code)
         record = _epoch_record(run, train_model, validation, epoch, outcome, len(train_loader.skipped))
         improved = (state.early.update(record[cfg.monitor], epoch) if validation.validates
@@ -157,9 +158,9 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
             tb.log_epoch(epoch + 1, record)
         if ctx.is_main:
             write_metrics(run.out / "metrics.jsonl", state.records)
-            _save_last(run, state, epoch)
-            if improved:
-                link_best(run.out)
+        _save_last(run, state, epoch)
+        if ctx.is_main and improved:
+            link_best(run.out)
         ctx.barrier()
         run.say(validation.epoch_line(record, cfg.epochs, improved))
         if state.early.should_stop:
@@ -170,6 +171,8 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
 def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.device) -> nn.Module:
     wrapped = model
     if ctx.enabled:
+        # A sharded head's centres differ per rank: DDP neither broadcasts nor averages them (it replicates the rest).
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sharded(model)))
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
@@ -178,9 +181,15 @@ def _wrap(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch.devi
 
 
 def _save_last(run: RunContext, state: TrainingState, epoch: int, position: Position | None = None) -> None:
-    """last.pt after epoch index `epoch` completed (and `position` into the next, for a mid-epoch stop)."""
+    """last.pt after epoch index `epoch` completed (and `position` into the next, for a mid-epoch stop).
+
+    Every rank calls it; rank 0 writes, after a sharded head gathered its centres there from every rank.
+    """
+    if not (run.ctx.is_main or state.sharded):
+        return
     payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch, position.to_dict() if position else None)
-    save_checkpoint(run.out / "last.pt", payload)
+    if run.ctx.is_main:
+        save_checkpoint(run.out / "last.pt", payload)
 
 
 def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, train_loader: BatchLoader,
@@ -190,6 +199,7 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     steps = len(train_loader)  # a whole epoch's batches, also when resumed mid-epoch
     first_step, resume_state = epoch_start(position, epoch, steps, cfg.batch_size, world_size, run.device)
     train_loader.set_epoch(epoch, first_step)
+    set_step(state.model, epoch * steps + first_step)  # a resumed Partial FC head samples as it would have
 
     def set_lr_at(i: int) -> float:
         lr = cfg.lr * lr_factor(cfg.scheduler, epoch + i / steps, epochs=state.schedule_epochs, step_size=cfg.step_size,
@@ -240,12 +250,11 @@ def _finish(run: RunContext, state: TrainingState, validation: Validation) -> di
     """Test the best weights (on the val split when there is no test split): summary.json's figures.
 
     Only rank 0 reads best.pt (other nodes may not share its folder) and sends the
-    weights to every rank.
+    weights to every rank (a sharded head's centres: each rank its rows).
     """
     model = unwrap(state.model)
-    if run.ctx.is_main:
-        model.load_state_dict(read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device)).model)
-    run.ctx.broadcast_module(model)
+    best = read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device)) if run.ctx.is_main else None
+    load_everywhere(model, best.model if best is not None else None)
     return {
         "best_epoch": state.early.best_epoch + 1,  # counted from 1, as in metrics.jsonl
         "best_" + run.cfg.monitor: state.early.best,

@@ -1,7 +1,8 @@
 """The training state: everything that changes while a run trains and goes into its checkpoints.
 
 `build_state` makes it from a `RunConfig` (model with its head, optimizer, scaler, early
-stopping, plateau tracker); `TrainingState.payload` turns it into a checkpoint's contents.
+stopping, plateau tracker); `TrainingState.payload` turns it into a checkpoint's contents
+(a sharded head's rows gathered whole, `sharded_state`).
 Restoring it from a checkpoint is `trainer.resume`'s.
 """
 from __future__ import annotations
@@ -14,13 +15,15 @@ from torch import nn
 
 from dali_pipes import PipelineSpec
 from trainer.checkpoint import make_payload
-from trainer.checks import check_freeze
+from trainer.checks import check_freeze, check_sharded_head
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
 from trainer.loop import resolve_amp
-from trainer.models import HeadConfig, build_model, freeze_blocks
+from trainer.models import HeadConfig, build_model, freeze_blocks, sharded_rate
 from trainer.monitor import EarlyStopping, monitor_mode
 from trainer.optim import Plateau, build_optimizer
+from trainer.partial_fc import sharded
+from trainer.sharded_state import gather_state
 
 
 @dataclass
@@ -38,14 +41,25 @@ class TrainingState:
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl: "epoch" counts from 1
     next_epoch: int = 0  # 0-based index of the next epoch to train
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's head is sharded over the ranks: then `payload` is a collective, every rank calls it."""
+        return bool(sharded(self.model))
+
     def payload(self, cfg: RunConfig, classes: list[str], spec: PipelineSpec, epoch: int,
                 position: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The checkpoint after epoch index `epoch` completed, and `position` into the next (a mid-epoch stop)."""
+        """The checkpoint after epoch index `epoch` completed, and `position` into the next (a mid-epoch stop).
+
+        A sharded head's centres and their optimizer state are gathered whole into rank 0's payload.
+        """
         scheduler = {"name": cfg.scheduler, "plateau": self.plateau.state_dict(), "epochs": self.schedule_epochs}
-        return make_payload(model=self.model, optimizer=self.optimizer, scaler=self.scaler, scheduler=scheduler,
-                            early_stopping=self.early.state_dict(), epoch=epoch, config=cfg.to_dict(),
-                            head=self.head.to_dict(), classes=classes, spec=spec.to_dict(),
-                            metrics=self.records[-1] if self.records else {}, position=position)
+        payload = make_payload(model=self.model, optimizer=self.optimizer, scaler=self.scaler, scheduler=scheduler,
+                               early_stopping=self.early.state_dict(), epoch=epoch, config=cfg.to_dict(),
+                               head=self.head.to_dict(), classes=classes, spec=spec.to_dict(),
+                               metrics=self.records[-1] if self.records else {}, position=position)
+        payload["model"], payload["optimizer"] = gather_state(self.model, self.optimizer, payload["model"],
+                                                              payload["optimizer"])
+        return payload
 
 
 def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distributed: bool = False,
@@ -56,7 +70,9 @@ def build_state(cfg: RunConfig, num_classes: int, device: torch.device, distribu
     """
     torch.manual_seed(cfg.seed)
     head = HeadConfig.from_run(cfg)
-    model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=head)
+    check_sharded_head(cfg, distributed)
+    model = build_model(cfg.arch, num_classes, weights=cfg.weights, head=head,
+                        sample_rate=sharded_rate(head, cfg.sample_rate, distributed))
     if cfg.sync_bn and distributed:
         if device.type != "cuda":
             raise TrainerError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
