@@ -44,6 +44,16 @@ def pack_summary(reader: PackReader) -> dict[str, Any]:
     }
 
 
+def _alignment_lines(options: dict[str, Any]) -> list[str]:
+    """How the pack's faces were aligned (packed with --align), as summary lines; none for other packs."""
+    size = options.get("align")
+    if not size:
+        return []
+    kept = "; images without landmarks kept unaligned" if options.get("keep_unaligned") else ""
+    return [f"  faces aligned to the ArcFace template, {size} x {size}, by the landmarks of {options['landmarks']}"
+            + kept]
+
+
 def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
     """Human-readable lines for `pack_summary`."""
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
@@ -54,6 +64,7 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
         f"  {summary['num_images']} images ({splits}), {summary['num_classes']} classes, "
         f"{summary['images_per_class']['min']}-{summary['images_per_class']['max']} images per class",
         f"  split by {summary['split_by']}{unseen}",
+        *_alignment_lines(summary["options"]),
         f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px "
         f"(median {w['median']:g}), {summary['bytes']['total'] / 1e6:.1f} MB of JPEG "
         f"({summary['bytes']['mean_per_image'] / 1e3:.1f} kB per image)",
