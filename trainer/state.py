@@ -50,7 +50,8 @@ class TrainingState:
                 position: dict[str, Any] | None = None) -> dict[str, Any]:
         """The checkpoint after epoch index `epoch` completed, and `position` into the next (a mid-epoch stop).
 
-        A sharded head's centres and their optimizer state are gathered whole into rank 0's payload.
+        A sharded head's centres and their optimizer state are gathered whole into rank 0's payload (copies); every
+        other tensor is the live one `state_dict()` returns, so write the payload before the next step.
         """
         scheduler = {"name": cfg.scheduler, "plateau": self.plateau.state_dict(), "epochs": self.schedule_epochs}
         payload = make_payload(model=self.model, optimizer=self.optimizer, scaler=self.scaler, scheduler=scheduler,
