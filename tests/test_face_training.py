@@ -193,6 +193,33 @@ def test_embedding_export_of_a_face_model_holds_no_head(tmp_path: Path) -> None:
         assert torch.allclose(exported(images), model.eval().backbone(images), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_an_embedding_of_any_scale_exports_when_its_directions_match(tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")  # the export extra
+    # A run's last batch norm can leave an embedding of norm ~1e3 or more (its running variance small); consumers
+    # L2-normalize it, so the export is checked on directions: float32 rounding at that scale exceeds 1e-3 as is.
+    torch.manual_seed(0)
+    head = HeadConfig(type="arcface", embedding_dim=16)
+    model = build_model("resnet18", 3, head=head)
+    with torch.no_grad():
+        model.head.embedding[1].weight.mul_(1e6)
+    spec = PipelineSpec(image_size=32)
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "classes": ["a", "b", "c"], "arch": "resnet18",
+                                        "epoch": 0, "config": {}, "head": head.to_dict(), "spec": spec.to_dict()})
+    code, output = _cli("export", "--checkpoint", tmp_path / "c.pt", "--format", "onnx", "--out", tmp_path / "e.onnx",
+                        "--embedding")
+    assert code == 0, output
+    verification = json.loads((tmp_path / "e.onnx.json").read_text())["verification"]
+    assert verification["l2_normalized"] is True and verification["max_abs_diff"] <= 1e-3
+    session = onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    (got,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = embed(model.eval(), images)
+    assert expected.abs().max() > 1e4  # the scale that an absolute check would have refused
+    assert torch.allclose(F.normalize(torch.from_numpy(got)), F.normalize(expected), atol=1e-5)
+
+
 # --- Partial FC over two gloo processes, at the trainer's level -------------------------------------------------------
 
 WORLD = 2

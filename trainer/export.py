@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dali_pipes import PipelineSpec
@@ -46,7 +47,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | Non
 
     batch None exports a dynamic batch dimension, an int fixes it. The exported file is
     run on a few images (from `pack` when given, else a seeded random batch) and its
-    outputs must match PyTorch's within `TOLERANCE`, or nothing is written.
+    outputs must match PyTorch's within `TOLERANCE` (an embedding's once L2-normalized), or nothing is written.
     """
     if fmt not in FORMATS:
         raise TrainerError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -58,14 +59,16 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | Non
     images, source = verification_batch(loaded.spec, pack, batch or VERIFY_IMAGES)
     with torch.no_grad():
         expected = model(images).float()
-    got = OnnxModel(data)(images) if fmt == "onnx" else _run_torchscript(data, images)
-    diff = float((got.float() - expected).abs().max())
+    got = (OnnxModel(data)(images) if fmt == "onnx" else _run_torchscript(data, images)).float()
+    if embedding:  # compared as used, by direction: its scale follows the last batch norm's statistics, unbounded
+        expected, got = F.normalize(expected), F.normalize(got)
+    diff = float((got - expected).abs().max())
     if not diff <= TOLERANCE:
         raise TrainerError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (over {TOLERANCE:g}) on {source}; "
                            "nothing written")
     sidecar = _sidecar(loaded, checkpoint, out, fmt, batch, embedding)
     sidecar["verification"] = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": source,
-                               "runtime": _runtime_name(fmt)}
+                               "runtime": _runtime_name(fmt), "l2_normalized": embedding}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, lambda f: f.write(data))
     write_json(sidecar_path(out), sidecar)
