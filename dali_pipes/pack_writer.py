@@ -1,7 +1,8 @@
 """How a pack is written: `pack_folder` turns an image-folder tree into one pack file.
 
-Steps: scan the tree (`pack_sources.scan_tree`), shuffle the file order with the seed,
-verify and encode every file in worker processes (`pack_sources.encode_job`), stream
+Steps: read the landmarks when faces are aligned (`face_align.read_landmarks`), scan the
+tree (`pack_sources.scan_tree`), shuffle the file order with the seed, verify and encode
+(or align) every file in worker processes (`pack_sources.encode_job`), stream
 the accepted bytes to a spool (a contiguous HDF5 dataset cannot grow, so the total size
 must be known before the bytes are written), split (`splits`), then write the pack from
 the spool (`write_pack`, the layout of `pack_format`) through `atomic.atomic_path`: the
@@ -26,8 +27,9 @@ import numpy as np
 
 from .atomic import OutputError, atomic_path, check_output, stale_temporary
 from .cores import default_workers
+from .face_align import LandmarksError, LandmarkTable, read_landmarks, template
 from .pack_format import FORMAT_VERSION, MAGIC, SPLITS, split_code
-from .pack_sources import Encoded, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes
+from .pack_sources import Encoded, EncodeJob, SourceFile, encode_job, ignore_sigint, scan_tree, source_bytes
 from .progress import Progress
 from .splits import class_split, split_kind, stratified_split
 from .words import plural
@@ -43,6 +45,9 @@ class PackOptions:
     max_side: int | None = None
     quality: int = 95
     split_by: str = "image"  # image: stratified by class; class: whole classes (identities) per split
+    align: int | None = None  # store faces aligned to the ArcFace template as align x align crops (112)
+    landmarks: str | None = None  # the CSV of five landmarks per image that --align warps by
+    keep_unaligned: bool = False  # with align: keep images without landmarks as they are, instead of rejecting them
 
 
 @dataclass
@@ -58,6 +63,7 @@ class PackReport:
     empty_classes: list[str] = field(default_factory=list)
     copied: int = 0
     reencoded: int = 0
+    aligned: int = 0  # of the re-encoded: faces aligned to the template
     total_bytes: int = 0
     seconds: float = 0.0
 
@@ -159,8 +165,40 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise PackFailure(str(exc)) from None
 
 
-def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: int) -> Iterator[tuple[int, Encoded]]:
-    jobs = [(i, str(f.path), options.max_side, options.quality) for i, f in enumerate(files)]
+def _check_alignment(options: PackOptions) -> None:
+    """Refuse alignment options that do not fit together, before any work."""
+    if options.align is None:
+        if options.landmarks or options.keep_unaligned:
+            raise PackFailure("--landmarks and --keep-unaligned need --align SIZE (112: the ArcFace template)")
+        return
+    if not options.landmarks:
+        raise PackFailure(f"--align {options.align} needs --landmarks FILE (five landmarks per image)")
+    try:
+        template(options.align)
+    except ValueError as exc:
+        raise PackFailure(f"--align {options.align}: {exc}") from None
+
+
+def _landmarks(options: PackOptions) -> LandmarkTable | None:
+    """The landmarks table the faces are aligned by (None: no alignment); an unusable file is a `PackFailure`."""
+    if options.align is None or not options.landmarks:
+        return None
+    try:
+        return read_landmarks(options.landmarks)
+    except LandmarksError as exc:
+        raise PackFailure(str(exc)) from None
+
+
+def _job(index: int, source: SourceFile, options: PackOptions, landmarks: LandmarkTable | None) -> EncodeJob:
+    """What a worker does with `source`: encode it, or align it (no landmarks: rejected, or kept unaligned)."""
+    points = landmarks.lookup(source.rel_path) if landmarks is not None else None
+    align = None if landmarks is None or (points is None and options.keep_unaligned) else options.align
+    return index, str(source.path), options.max_side, options.quality, align, points
+
+
+def _encoded_in_order(files: list[SourceFile], options: PackOptions, workers: int,
+                      landmarks: LandmarkTable | None) -> Iterator[tuple[int, Encoded]]:
+    jobs = [_job(i, f, options, landmarks) for i, f in enumerate(files)]
     if workers <= 1:
         yield from map(encode_job, jobs)
         return
@@ -181,7 +219,9 @@ def pack_folder(src: Path, out: Path, options: PackOptions, workers: int | None 
 
     `workers` processes verify and encode (None: `cores.default_workers()`; 0 or 1: this process).
     """
+    _check_alignment(options)
     _check_paths(src, out, force)
+    landmarks = _landmarks(options)
     scan = scan_tree(src)
     if not scan.files:
         raise PackFailure(f"{src}: no images found (expected SRC_DIR/<class>/<image> or SRC_DIR/train/<class>/<image>)")
@@ -193,14 +233,15 @@ def pack_folder(src: Path, out: Path, options: PackOptions, workers: int | None 
     report = PackReport(empty_classes=scan.empty_classes)
     try:
         accepted = _spool_images(files, options, default_workers() if workers is None else workers, spool, report,
-                                 strict, show_progress)
+                                 strict, show_progress, landmarks)
         if not accepted:
             first, reason = report.rejects[0]
             raise PackFailure(f"{src}: no file could be packed ({plural(len(files), 'file')} tried; first: {first}: "
                               f"{reason})")
         labels, splits, classes = _labels_and_splits(accepted, scan.presplit, options)
         pack_options = {**options.__dict__, "source": str(src.resolve()), "presplit": scan.presplit,
-                        "format_version": FORMAT_VERSION}
+                        "format_version": FORMAT_VERSION,
+                        "landmarks": str(Path(options.landmarks).resolve()) if options.landmarks else None}
         with atomic_path(out) as tmp:
             write_pack(tmp, spool, accepted, labels, splits, classes, report.rejects, pack_options,
                        empty_classes=scan.empty_classes)
@@ -216,12 +257,12 @@ def pack_folder(src: Path, out: Path, options: PackOptions, workers: int | None 
     return report
 
 
-def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, spool: Path,
-                  report: PackReport, strict: bool, show_progress: bool) -> list[PackedImage]:
+def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, spool: Path, report: PackReport,
+                  strict: bool, show_progress: bool, landmarks: LandmarkTable | None) -> list[PackedImage]:
     accepted: list[PackedImage] = []
     progress = Progress(len(files), "packing", enabled=show_progress)
     with open(spool, "wb") as sink:
-        for index, result in _encoded_in_order(files, options, workers):
+        for index, result in _encoded_in_order(files, options, workers, landmarks):
             source = files[index]
             progress.update()
             data = None
@@ -238,6 +279,7 @@ def _spool_images(files: list[SourceFile], options: PackOptions, workers: int, s
             report.total_bytes += len(data)
             report.copied += result.copied
             report.reencoded += not result.copied
+            report.aligned += result.aligned
             accepted.append(PackedImage(source.rel_path, source.class_name, source.split, result.height, result.width,
                                         len(data)))
         # No fsync: the spool is a temporary; only the finished pack must reach the disk.
@@ -269,7 +311,8 @@ def format_report(report: PackReport, out: Path) -> list[str]:
     lines = [
         f"packed {plural(report.num_images, 'image')} of {plural(report.num_classes, 'class')} into {out} "
         f"({report.total_bytes / 1e6:.1f} MB; {splits}) in {report.seconds:.1f}s, {rate:,.0f} images/s",
-        f"  {report.copied} stored byte for byte, {report.reencoded} re-encoded",
+        f"  {report.copied} stored byte for byte, {report.reencoded} re-encoded"
+        + (f" ({report.aligned} faces aligned to the ArcFace template)" if report.aligned else ""),
     ]
     lines += _split_lines(report)
     if report.rejects:

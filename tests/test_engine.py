@@ -93,6 +93,16 @@ def test_cosine_schedule_with_warmup() -> None:
     assert f(4.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2.5 / 10)))
 
 
+def test_poly_schedule_with_warmup_hand_values() -> None:
+    # insightface's PolyScheduler: linear warm-up from 0, then (1 - (t - w) / (T - w)) ** 2; here T 12, w 2 epochs.
+    f = lambda e: lr_factor("poly", e, epochs=12, step_size=1, gamma=0.1, warmup_epochs=2)  # noqa: E731
+    assert f(0.5) == pytest.approx(0.25) and f(2.0) == pytest.approx(1.0)
+    assert f(7.0) == pytest.approx(0.25)  # half the decay span left: 0.5 ** 2
+    assert f(4.0) == pytest.approx(0.64) and f(11.0) == pytest.approx(0.01)  # 0.8 ** 2, 0.1 ** 2
+    assert f(12.0) == pytest.approx(0.0, abs=1e-12) and f(13.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("poly", 3.0, epochs=4, step_size=1, gamma=0.1, warmup_epochs=0) == pytest.approx(0.0625)
+
+
 def test_plateau_decays_after_patience() -> None:
     p = Plateau("min", patience=2, gamma=0.5)
     for value in (1.0, 0.9, 0.95, 0.95):

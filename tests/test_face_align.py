@@ -1,12 +1,15 @@
 """Face alignment: the similarity transform against independent least squares, the warp by marked dots, the CSVs."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageOps
 
 from dali_pipes.face_align import (
     NO_LANDMARKS,
@@ -18,6 +21,10 @@ from dali_pipes.face_align import (
     similarity_transform,
     template,
 )
+from dali_pipes.pack_format import PackReader
+from tools.make_demo_dataset import make_demo_dataset
+from tools.pack_dataset import main as pack_main
+from trainer.cli import main as trainer_main
 
 # insightface's arcface_dst, typed in again here so the module's constant is checked against the source.
 INSIGHTFACE_ARCFACE_DST = [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
@@ -193,3 +200,113 @@ def test_unreadable_file_and_second_header_are_errors(tmp_path: Path) -> None:
     text = "a.jpg,1,2,3,4,5,6,7,8,9,10\npath,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
     with pytest.raises(LandmarksError, match=r"l\.csv:2: x1 'x1' is not a number"):
         read_landmarks(_write(tmp_path / "l.csv", text))
+
+
+# --- through the packer: tools/pack_dataset.py --landmarks FILE --align 112 ------------------------------------------
+
+
+def _pack(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(pack_main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def face_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """2 classes x 3 demo shapes with their synthetic landmarks, and one of them stored turned with an EXIF tag."""
+    root = tmp_path_factory.mktemp("faces")
+    # 60-90 px: the warp never shrinks below 1/2, so it is one bilinear warp (no pre-shrink) an estimator can redo.
+    make_demo_dataset(root / "src", classes=2, per_class=3, seed=4, min_size=60, max_size=90, png_every=0,
+                      landmarks=root / "landmarks.csv")
+    table = read_landmarks(root / "landmarks.csv")
+    points = {name: table.points[row] for name, row in table.rows.items()}
+    shown = Image.open(root / "src" / "01_square" / "0001.jpg")
+    stored = shown.transpose(Image.Transpose.ROTATE_90)  # the pixels as a camera held sideways writes them
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show": the landmarks are given in the shown frame
+    stored.save(root / "src" / "01_square" / "0001.jpg", exif=exif, quality=95)
+    turned = Image.open(root / "src" / "01_square" / "0001.jpg")
+    assert ImageOps.exif_transpose(turned).size == shown.size != turned.size  # shown upright again, as decoded
+    return root, points
+
+
+def _crops(pack: Path) -> dict[str, np.ndarray]:
+    reader = PackReader(pack)
+    return {path: cv2.cvtColor(cv2.imdecode(np.asarray(reader.image_bytes(i)), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            for i, path in enumerate(reader.paths)}
+
+
+def _expected_crop(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The aligned crop by an independent estimate: OpenCV's similarity of the points onto the template, warped."""
+    matrix, _ = cv2.estimateAffinePartial2D(points, template(), method=cv2.RANSAC, ransacReprojThreshold=1e9,
+                                            refineIters=1000)
+    return cv2.warpAffine(image, matrix, (112, 112), flags=cv2.INTER_LINEAR, borderValue=0.0)
+
+
+def test_pack_tool_stores_each_face_aligned(face_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    root, points = face_tree
+    code, output = _pack(root / "src", tmp_path / "p.h5", "--landmarks", root / "landmarks.csv", "--align", 112,
+                         "--workers", 2, "--quiet")
+    assert code == 0, output
+    assert "6 re-encoded (6 faces aligned to the ArcFace template)" in output
+    reader = PackReader(tmp_path / "p.h5")
+    assert set(reader.heights) == set(reader.widths) == {112} and len(reader) == 6
+    crops = _crops(tmp_path / "p.h5")
+    for name, crop in crops.items():
+        shown = np.asarray(ImageOps.exif_transpose(Image.open(root / "src" / name)).convert("RGB"))
+        error = np.abs(crop.astype(int) - _expected_crop(shown, points[name]))
+        assert error.mean() < 2.5, (name, error.mean())  # JPEG at quality 95 of the same warp
+    # The EXIF-turned file was aligned in its shown frame: its raw pixels would give another crop.
+    name = "01_square/0001.jpg"
+    raw = np.asarray(Image.open(root / "src" / name).convert("RGB"))
+    assert np.abs(crops[name].astype(int) - _expected_crop(raw, points[name])).mean() > 10
+    options = reader.options
+    assert options["align"] == 112 and options["landmarks"] == str((root / "landmarks.csv").resolve())
+    info = CliRunner().invoke(trainer_main, ["info", str(tmp_path / "p.h5")]).output
+    assert f"faces aligned to the ArcFace template, 112 x 112, by the landmarks of {options['landmarks']}" in info
+
+
+def test_faces_without_usable_landmarks_are_rejected_or_kept(face_tree: tuple[Path, dict[str, np.ndarray]],
+                                                              tmp_path: Path) -> None:
+    root, _ = face_tree
+    rows = (root / "landmarks.csv").read_text().splitlines()
+    kept = [r for r in rows if not r.startswith(("00_disc/0002.jpg", "01_square/0000.jpg"))]
+    csv_path = _write(tmp_path / "l.csv", "\n".join(kept + ["01_square/0000.jpg" + ",5,5" * 5]) + "\n")
+    code, output = _pack(root / "src", tmp_path / "p.h5", "--landmarks", csv_path, "--align", 112, "--workers", 1,
+                         "--quiet", "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert {(r["path"], r["reason"]) for r in report["rejects"]} == {
+        ("00_disc/0002.jpg", NO_LANDMARKS), ("01_square/0000.jpg", "degenerate landmarks (all points coincide)")}
+    code, output = _pack(root / "src", tmp_path / "k.h5", "--landmarks", csv_path, "--align", 112, "--keep-unaligned",
+                         "--workers", 1, "--quiet", "--json")
+    assert code == 0, output
+    assert [r["path"] for r in json.loads(output)["rejects"]] == ["01_square/0000.jpg"]
+    reader = PackReader(tmp_path / "k.h5")
+    index = reader.paths.index("00_disc/0002.jpg")
+    original = Image.open(root / "src" / "00_disc" / "0002.jpg")
+    assert (reader.widths[index], reader.heights[index]) == original.size  # kept as it is, unaligned
+    assert reader.options["keep_unaligned"] is True
+    info = CliRunner().invoke(trainer_main, ["info", str(tmp_path / "k.h5")])
+    assert "images without landmarks kept unaligned" in info.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--align", "112"], "--align 112 needs --landmarks FILE"),
+    (["--landmarks", "l.csv"], "--landmarks and --keep-unaligned need --align SIZE"),
+    (["--align", "112", "--landmarks", "l.csv", "--keep-unaligned", "--align", "100"],
+     "--align 100: aligned crop size must be a multiple of 112"),
+])
+def test_alignment_options_are_one_line_errors_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
+    # SRC does not even exist: the option's error comes first.
+    code, output = _pack(tmp_path / "absent", tmp_path / "p.h5", *args)
+    assert code != 0 and message in output and len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_a_bad_landmarks_file_is_the_packers_one_line_failure(face_tree: tuple[Path, dict[str, np.ndarray]],
+                                                               tmp_path: Path) -> None:
+    root, _ = face_tree
+    csv_path = _write(tmp_path / "l.csv", "00_disc/0000.jpg,1,2,3\n")
+    code, output = _pack(root / "src", tmp_path / "p.h5", "--landmarks", csv_path, "--align", 112, "--workers", 1)
+    assert code != 0 and "l.csv:1: expected 11 columns (a name and 5 x,y pairs), found 4" in output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "p.h5").exists()

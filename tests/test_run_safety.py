@@ -324,6 +324,10 @@ def test_a_resume_says_what_another_epoch_count_does_to_the_schedule() -> None:
     assert length == 4 and "--reschedule" in shorter
     assert shorter.startswith("the run stops after epoch 2, before its cosine schedule of 4 epochs ends "
                               "(lr 5.00e-02 there)")
+    # Poly keeps its length too: at epoch 2 of 4, 0.1 * (1 - 2 / 4) ** 2 = 0.025.
+    length, shorter = schedule(cfg(2, "poly"), 4, reschedule=False)
+    assert length == 4 and shorter.startswith("the run stops after epoch 2, before its poly schedule of 4 epochs "
+                                              "ends (lr 2.50e-02 there)")
 
 
 def test_every_head_field_is_compared_on_resume() -> None:

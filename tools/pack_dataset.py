@@ -2,10 +2,13 @@
 
     python tools/pack_dataset.py SRC_DIR OUT.h5 [--val-ratio 0.1] [--test-ratio 0.1] [--seed 0] [--split-by image|class]
                                  [--max-side N] [--quality 95] [--workers N] [--strict] [--force]
+                                 [--landmarks FILE --align 112 [--keep-unaligned]]
 
 SRC_DIR holds one folder per class (sorted names give the labels, as torchvision's
 ImageFolder), or train/, val/ and test/ folders of class folders, whose split is kept.
 Every file is verified by decoding it; bad files are skipped and recorded in the pack.
+With --align, each face is stored as the crop its five landmarks align to the ArcFace
+template (insightface's 112 x 112), the way face recognition models are trained.
 The pack is written beside OUT under a temporary name and renamed only when complete.
 The work is `dali_pipes.pack_folder`; this script only parses and reports.
 """
@@ -55,6 +58,14 @@ def _sigterm_exits() -> Iterator[None]:
               help="Downsize images whose longer side exceeds this (px).")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality for re-encoded images.")
+@click.option("--landmarks", type=click.Path(path_type=Path),
+              help="CSV of five landmarks per image for --align: VGGFace2's loose_landmark_*.csv (NAME_ID,P1X,P1Y,"
+                   "...,P5X,P5Y) or path,x1,y1,...,x5,y5 (eyes, nose tip, mouth corners; paths relative to SRC_DIR, "
+                   "with or without extension).")
+@click.option("--align", type=click.IntRange(min=1), metavar="SIZE",
+              help="Store each face as the SIZE x SIZE crop (112, or a multiple) that the similarity mapping its "
+                   "--landmarks onto the ArcFace template warps it to; images without landmarks are rejected.")
+@click.option("--keep-unaligned", is_flag=True, help="With --align: keep images without landmarks, unaligned.")
 @click.option("--workers", type=click.IntRange(min=0), help=WORKERS_HELP)
 @click.option("--strict", is_flag=True, help="Fail on the first rejected file.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
@@ -62,12 +73,14 @@ def _sigterm_exits() -> Iterator[None]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def main(src_dir: Path, out: Path, val_ratio: float, test_ratio: float, seed: int, split_by: str, max_side: int | None,
-         quality: int, workers: int | None, strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
+         quality: int, landmarks: Path | None, align: int | None, keep_unaligned: bool, workers: int | None,
+         strict: bool, force: bool, quiet: bool, as_json: bool, debug: bool) -> None:
     """Pack the image folder SRC_DIR into the HDF5 file OUT."""
     if val_ratio + test_ratio >= 1:
         raise click.ClickException("--val-ratio + --test-ratio must be below 1")
     options = PackOptions(val_ratio=val_ratio, test_ratio=test_ratio, seed=seed, max_side=max_side, quality=quality,
-                          split_by=split_by)
+                          split_by=split_by, align=align, landmarks=str(landmarks) if landmarks else None,
+                          keep_unaligned=keep_unaligned)
     try:
         with _sigterm_exits():
             report = pack_folder(src_dir, out, options, workers, strict, force, show_progress=not quiet and not as_json)

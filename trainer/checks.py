@@ -14,6 +14,7 @@ from dali_pipes import PackReader, plural, samples_per_rank, split_kind
 from trainer.config import RunConfig
 from trainer.distributed import DistContext, rank_device
 from trainer.errors import TrainerError, first_line
+from trainer.models import HeadConfig, embed, sharded_rate
 
 
 def check_pack(reader: PackReader, batch_size: int, world_size: int, scheduler: str = "none") -> None:
@@ -49,9 +50,21 @@ def check_freeze(cfg: RunConfig, frozen: list[nn.Module]) -> None:
                            "drop --freeze, or give pretrained --weights (imagenet or a PATH)")
 
 
+def check_sharded_head(cfg: RunConfig, distributed: bool) -> None:
+    """Refuse what a sharded margin head (Partial FC: `--nproc` above 1 or `--sample-rate` below 1) cannot do."""
+    if sharded_rate(HeadConfig.from_run(cfg), cfg.sample_rate, distributed) is None:
+        return
+    # Each rank holds other rows of the centres: an average of the weights would need them gathered as checkpoints
+    # gather them, on every update.
+    for option, used in (("--label-smoothing", cfg.label_smoothing > 0), ("--ema", cfg.ema > 0)):
+        if used:
+            raise TrainerError(f"{option} is not supported by a sharded {cfg.head} head (Partial FC: --nproc above 1 "
+                               "or --sample-rate below 1): drop it")
+
+
 def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """One forward pass of two blank images at each size the run uses (`--image-size`, `--progressive`,
-    `--eval-image-size`), so a model that cannot take one fails now, in one line.
+    """One forward pass of two blank images to the embedding at each size the run uses (`--image-size`,
+    `--progressive`, `--eval-image-size`), so a model that cannot take one fails now, in one line.
 
     The line names torchvision's minimum input size for the architecture when that is what a size misses.
     """
@@ -63,7 +76,7 @@ def check_forward(model: nn.Module, cfg: RunConfig, device: torch.device) -> Non
         try:
             with torch.no_grad():
                 blank = torch.zeros(2, 3, size, size, device=device)
-                model(blank.contiguous(memory_format=torch.channels_last))
+                embed(model, blank.contiguous(memory_format=torch.channels_last))
         except (RuntimeError, AssertionError, ValueError) as exc:
             smallest = torchvision_min_size(cfg.arch)
             if smallest > size:

@@ -373,8 +373,9 @@ def export_command(checkpoint: Path, fmt: str, out: Path, batch: str, embedding:
         return
     check = result["verification"]
     shape = "dynamic batch" if result["input"]["shape"][0] == "batch" else f"batch {result['input']['shape'][0]}"
+    compared = "max abs diff of the L2-normalized embeddings" if check["l2_normalized"] else "max abs diff"
     click.echo(f"wrote {out} ({fmt}, {result['output']}, {shape}) and {sidecar_path(out)}; outputs match PyTorch "
-               f"within {check['max_abs_diff']:.1e} (max abs diff, tolerance {check['tolerance']:g}) on "
+               f"within {check['max_abs_diff']:.1e} ({compared}, tolerance {check['tolerance']:g}) on "
                f"{check['inputs']} via {check['runtime']}")
 
 

@@ -18,15 +18,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import click
 
-from dali_pipes.spec import CROP_RATIO, check_range
+from dali_pipes.spec import CROP_RATIO, DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PipelineSpec, check_range
 from trainer.errors import TrainerError
+from trainer.face_backbones import FACE_ARCHS, FACE_INPUT_SIZE
 from trainer.margins import MARGIN_HEADS
 from trainer.monitor import MONITORS
 
 # Adam applies weight decay as an L2 term inside its adaptive step, where 0.05 costs accuracy,
 # so it gets PyTorch's 0; AdamW's decoupled decay keeps the usual 0.05; SGD gets torchvision's 1e-4.
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 1e-4}
-ARCH_HELP = "mobilenet_v2, resnet18, resnet50, or any torchvision classification model name"
+ARCH_HELP = (f"mobilenet_v2, resnet18, resnet50, or any torchvision classification model name; face backbones for "
+             f"{FACE_INPUT_SIZE} px aligned crops: {', '.join(FACE_ARCHS)}")
 HEAD_TYPES = ("linear", "mlp", *MARGIN_HEADS)  # what --head takes (trainer.models builds each)
 # Help of the options `trainer run` shares with eval, embed, verify and predict (cli.loader_options);
 # WORKERS_HELP also with tools/pack_dataset.py, whose worker processes decode too (`dali_pipes.default_workers`).
@@ -80,7 +82,17 @@ class RunConfig:
     # Data
     pack: str = field(default="", metadata=_opt(
         "Pack file made by tools/pack_dataset.py. [required, unless --config or --resume gives it]"))
-    image_size: int = field(default=224, metadata=_opt("Square input size in pixels.", minimum=8))
+    image_size: int | None = field(default=None, metadata=_opt(
+        f"Square input size in pixels. [default: {DEFAULT_IMAGE_SIZE}; {FACE_INPUT_SIZE}, the only size they take, for "
+        "the face architectures]", minimum=8))
+    rotation: float = field(default=PipelineSpec.rotation_degrees, metadata=_opt(
+        "Training rotation, uniform in +-DEG degrees (0: none, as aligned faces want).", minimum=0.0, metavar="DEG"))
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=_opt(
+        "Per-channel mean subtracted from [0, 1] RGB pixels. [default: ImageNet's, 0.485,0.456,0.406]", count=3,
+        metavar="R,G,B"))
+    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=_opt(
+        "Per-channel std the pixels are divided by, after the mean. [default: ImageNet's, 0.229,0.224,0.225]", count=3,
+        metavar="R,G,B"))
     batch_size: int = field(default=64, metadata=_opt("Batch size per process.", minimum=1))
     backend: str = field(default="auto", metadata=_opt(BACKEND_HELP, choices=("auto", "dali", "torch", "synthetic")))
     workers: int | None = field(default=None, metadata=_opt(WORKERS_HELP, minimum=0))
@@ -99,21 +111,30 @@ class RunConfig:
         "[default: half the free RAM, and half the GPU's free memory]", minimum=0.0))
     # Model and head
     arch: str = field(default="mobilenet_v2", metadata=_opt(f"Model: {ARCH_HELP}."))
-    weights: str = field(default="imagenet", metadata=_opt(
-        "imagenet (torchvision's weights), none, or a PATH to a state dict or checkpoint."))
+    weights: str | None = field(default=None, metadata=_opt(
+        "imagenet (torchvision's weights), none, or a PATH to a state dict or checkpoint. [default: imagenet; none for "
+        "the face architectures, which have no ImageNet weights]"))
     freeze: int = field(default=0, metadata=_opt(
         "Freeze the first N backbone blocks (MobileNetV2: features[0:N]; ResNet: stem, layer1..4).", minimum=0))
     head: str = field(default="linear", metadata=_opt(
         "Classifier head (arcface, cosface: margin heads for face verification).",
         choices=HEAD_TYPES))
     hidden: int = field(default=512, metadata=_opt("Hidden units of the mlp head.", minimum=1))
-    dropout: float = field(default=0.2, metadata=_opt("Dropout of the mlp head.", minimum=0.0))
+    dropout: float = field(default=0.2, metadata=_opt(
+        "Dropout of the mlp head, or before a face architecture's embedding layer.", minimum=0.0))
     activation: str = field(default="relu", metadata=_opt(
         "Activation of the mlp head.", choices=("relu", "leaky_relu")))
     embedding_dim: int = field(default=512, metadata=_opt("Embedding size of the arcface/cosface head.", minimum=1))
     margin: float | None = field(default=None, metadata=_opt(
         "Margin of the arcface (angle, radians; default 0.5) or cosface (cosine; default 0.35) head.", minimum=0.0))
     scale: float = field(default=64.0, metadata=_opt("Scale of the arcface/cosface logits.", minimum=0.0))
+    subcenters: int = field(default=1, metadata=_opt(
+        "Sub-centres per class of the arcface/cosface head (sub-centre ArcFace, for noisy labels): a class's logit is "
+        "its closest sub-centre's.", minimum=1, metavar="K"))
+    sample_rate: float = field(default=1.0, metadata=_opt(
+        "Partial FC, with a margin head: each step's softmax takes every class in the global batch and random others "
+        "up to this share of the classes, in (0, 1]. Under --nproc the class centres are sharded over the processes "
+        "at any rate.", minimum=0.0, metavar="R"))
     # Optimization and schedule
     optimizer: str = field(default="adamw", metadata=_opt("Optimizer.", choices=("adam", "adamw", "sgd")))
     lr: float = field(default=1e-3, metadata=_opt("Learning rate for the global batch.", minimum=0.0))
@@ -134,7 +155,8 @@ class RunConfig:
         "0: off.", minimum=0.0, metavar="DECAY"))
     epochs: int = field(default=20, metadata=_opt("Maximum number of epochs.", minimum=1))
     scheduler: str = field(default="cosine", metadata=_opt(
-        "Learning-rate schedule.", choices=("step", "cosine", "plateau", "none")))
+        "Learning-rate schedule (poly: (1 - t) ** 2 after the warm-up, insightface's for faces).",
+        choices=("step", "cosine", "poly", "plateau", "none")))
     step_size: int = field(default=10, metadata=_opt(
         "Epochs between decays (step), or patience epochs (plateau).", minimum=1))
     gamma: float = field(default=0.1, metadata=_opt("Decay factor (step, plateau).", minimum=0.0))
@@ -204,8 +226,14 @@ class RunConfig:
     recipe: str = field(default="", metadata=_opt("The recipe or config file the run started from.", cli=False))
 
     def __post_init__(self) -> None:
-        if self.weight_decay is None:  # resolved here, so config.json and checkpoints hold the value used
+        # Resolved here, so config.json and checkpoints hold the values used.
+        if self.weight_decay is None:
             object.__setattr__(self, "weight_decay", DEFAULT_WEIGHT_DECAY[self.optimizer])
+        face = self.arch in FACE_ARCHS
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", FACE_INPUT_SIZE if face else DEFAULT_IMAGE_SIZE)
+        if self.weights is None:
+            object.__setattr__(self, "weights", "none" if face else "imagenet")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to config.json and checkpoints."""
@@ -354,6 +382,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise TrainerError("no pack given: pass --pack PACK.h5 (make one with tools/pack_dataset.py)")
     _check_augmentation(cfg)
     _check_mechanics(cfg)
+    _check_face_arch(cfg)
+    _check_margin_head(cfg)
+    if min(cfg.std) <= 0:
+        raise TrainerError(f"--std needs three positive values, got {','.join(map(str, cfg.std))}")
+    if cfg.rotation > 180:
+        raise TrainerError(f"--rotation is at most 180 degrees, got {cfg.rotation}")
     if cfg.dropout >= 1:
         raise TrainerError(f"--dropout must be below 1, got {cfg.dropout}")
     if cfg.label_smoothing >= 1:
@@ -403,3 +437,28 @@ def _check_mechanics(cfg: RunConfig) -> None:
                            "cannot take: drop them, or use --head linear or mlp")
     if cfg.ema >= 1:
         raise TrainerError(f"--ema is a decay below 1 (e.g. 0.999), got {cfg.ema}")
+def _check_face_arch(cfg: RunConfig) -> None:
+    if cfg.arch not in FACE_ARCHS:
+        return
+    if cfg.image_size != FACE_INPUT_SIZE:
+        raise TrainerError(f"--arch {cfg.arch} takes {FACE_INPUT_SIZE} x {FACE_INPUT_SIZE} aligned faces, not "
+                           f"--image-size {cfg.image_size}: drop --image-size (pack with tools/pack_dataset.py "
+                           f"--landmarks FILE --align {FACE_INPUT_SIZE})")
+    if cfg.weights == "imagenet":
+        raise TrainerError(no_imagenet_weights(cfg.arch))
+
+
+def no_imagenet_weights(arch: str) -> str:
+    """The error for `--weights imagenet` with face backbone `arch`."""
+    return (f"--arch {arch} has no ImageNet weights: pass --weights none (from scratch, its default) or a PATH to a "
+            "checkpoint")
+
+
+def _check_margin_head(cfg: RunConfig) -> None:
+    if not 0 < cfg.sample_rate <= 1:
+        raise TrainerError(f"--sample-rate is a share of the classes in (0, 1], got {cfg.sample_rate}")
+    margin = cfg.head in MARGIN_HEADS
+    for option, used in (("--subcenters", cfg.subcenters > 1), ("--sample-rate", cfg.sample_rate < 1)):
+        if used and not margin:
+            raise TrainerError(f"{option} needs a margin head (--head {' or '.join(MARGIN_HEADS)}), not --head "
+                               f"{cfg.head}")

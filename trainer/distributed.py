@@ -68,12 +68,6 @@ class DistContext:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
 
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Copy rank 0's parameters and buffers to every rank (the best weights, which perhaps only rank 0 can read)."""
-        if self.enabled:
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, src=0)
-
 
 def data_parallel(model: torch.nn.Module, device: torch.device, *, sync_bn: bool) -> torch.nn.Module:
     """`model` under DDP as the trainer runs it.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dali_pipes import PipelineSpec, check_output, plural
@@ -31,7 +32,7 @@ from trainer.inference import (
     sidecar_path,
 )
 from trainer.metrics import write_json
-from trainer.models import embed, takes_labels
+from trainer.models import embedder, takes_labels
 
 FORMATS = ("onnx", "torchscript")
 # 18 is the lowest opset torch's torch.export-based exporter (the default since torch 2.9) targets.
@@ -41,25 +42,14 @@ VERIFY_IMAGES = 4
 EXAMPLE_BATCH = 2  # batch 1 would let torch.export specialize the batch dimension to a constant
 
 
-class EmbeddingOutput(nn.Module):
-    """A margin-head model whose forward returns its embedding (`models.embed`) instead of logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return embed(self.model, images)
-
-
 def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | None = None, embedding: bool = False,
                       pack: Path | None = None, force: bool = False) -> dict[str, Any]:
     """Export `checkpoint` to `out` as `fmt` (onnx or torchscript) and write its sidecar; returns the sidecar.
 
     batch None exports a dynamic batch dimension, an int fixes it. The exported file is
     run on a few images (from `pack` when given, else a seeded random batch) and its
-    outputs must match PyTorch's within `TOLERANCE`, or nothing is written. `out` and its
-    sidecar are checked first (`check_output`): existing ones are replaced only with `force`.
+    outputs must match PyTorch's within `TOLERANCE` (an embedding's once L2-normalized), or nothing is written.
+    `out` and its sidecar are checked first (`check_output`): existing ones are replaced only with `force`.
     """
     if fmt not in FORMATS:
         raise TrainerError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -74,14 +64,16 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, batch: int | Non
     images, source = verification_batch(loaded.spec, pack, batch or VERIFY_IMAGES)
     with torch.no_grad():
         expected = model(images).float()
-    got = OnnxModel(data)(images) if fmt == "onnx" else _run_torchscript(data, images)
-    diff = float((got.float() - expected).abs().max())
+    got = (OnnxModel(data)(images) if fmt == "onnx" else _run_torchscript(data, images)).float()
+    if embedding:  # compared as used, by direction: its scale follows the last batch norm's statistics, unbounded
+        expected, got = F.normalize(expected), F.normalize(got)
+    diff = float((got - expected).abs().max())
     if not diff <= TOLERANCE:
         raise TrainerError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (over {TOLERANCE:g}) on {source}; "
                            "nothing written")
     sidecar = _sidecar(loaded, checkpoint, out, fmt, batch, embedding)
     sidecar["verification"] = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": source,
-                               "runtime": _runtime_name(fmt)}
+                               "runtime": _runtime_name(fmt), "l2_normalized": embedding}
     atomic_write_bytes(out, lambda f: f.write(data))
     write_json(sidecar_path(out), sidecar)
     return sidecar
@@ -95,7 +87,7 @@ def _exportable(model: nn.Module, embedding: bool) -> nn.Module:
     if not takes_labels(model):  # only margin heads have an embedding of their own
         raise TrainerError("--embedding needs a checkpoint with a margin head (arcface or cosface); "
                            "this model only has logits")
-    return EmbeddingOutput(model).eval()
+    return embedder(model).eval()  # without the head: the class centres are not exported
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor, dynamic: bool) -> bytes:

@@ -50,6 +50,14 @@ def cache_summary(reader: PackReader, size: int) -> dict[str, int]:
     """The decoded cache of every image at short side `size`: its `size`, `images` and `bytes` of pixels."""
     plan = plan_cache(reader, range(len(reader)), size)
     return {"size": size, "images": len(plan), "bytes": plan.nbytes}
+def _alignment_lines(options: dict[str, Any]) -> list[str]:
+    """How the pack's faces were aligned (packed with --align), as summary lines; none for other packs."""
+    size = options.get("align")
+    if not size:
+        return []
+    kept = "; images without landmarks kept unaligned" if options.get("keep_unaligned") else ""
+    return [f"  faces aligned to the ArcFace template, {size} x {size}, by the landmarks of {options['landmarks']}"
+            + kept]
 
 
 def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
@@ -62,6 +70,7 @@ def format_summary(summary: dict[str, Any], max_classes: int = 20) -> list[str]:
         f"  {plural(summary['num_images'], 'image')} ({splits}), {plural(summary['num_classes'], 'class')}, "
         f"{summary['images_per_class']['min']}-{summary['images_per_class']['max']} images per class",
         f"  split by {summary['split_by']}{unseen}",
+        *_alignment_lines(summary["options"]),
         f"  height {h['min']}-{h['max']} px (median {h['median']:g}), width {w['min']}-{w['max']} px "
         f"(median {w['median']:g}), {summary['bytes']['total'] / 1e6:.1f} MB of JPEG "
         f"({summary['bytes']['mean_per_image'] / 1e3:.1f} kB per image)",

@@ -1,9 +1,10 @@
 """The engine: one train step path, `train_one_epoch`, `evaluate`, top-k; mixing, accumulation and EMA in the step.
 
 The loop receives an iterable of `(images, labels)` already on the device and never
-learns which backend made it. Host-device syncs (`.item()`) happen only every
-`log_every` optimizer steps (counted across epochs, so short epochs are logged too), at the
-first optimizer step of each epoch, and at its end.
+learns which backend made it, nor which head it trains: a model gives logits, or its own
+loss and top-1 hits as a `models.HeadLoss` (a sharded margin head). Host-device syncs
+(`.item()`) happen only every `log_every` optimizer steps (counted across epochs, so short
+epochs are logged too), at the first optimizer step of each epoch, and at its end.
 
 Each batch is one micro-step; with `accum_steps` N the optimizer steps at the last batch
 of each group of N (`trainer.accumulation`), so the learning rate, `log_every`, the
@@ -26,6 +27,8 @@ from trainer.data_wait import DataWaitClock
 from trainer.ema import ModelEma
 from trainer.errors import TrainerError
 from trainer.mixing import MixConfig, draw_mix, mix_batch, soft_target_cross_entropy
+from trainer.models import HeadLoss
+from trainer.partial_fc import grad_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -137,46 +140,52 @@ class EpochResult:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                step: StepConfig, *, targets: torch.Tensor | None = None, group: int = 1, first: bool = True,
-               update: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               update: bool = True) -> tuple[torch.Tensor, torch.Tensor | HeadLoss, bool]:
     """Forward and backward for one batch, and the optimizer step (with the EMA update) when `update`.
 
-    The loss is `step.criterion` against `labels`, or the soft-target cross-entropy against
-    `targets` (a mixed batch). Accumulation: the gradients are cleared first only when
+    The loss is the model's own (a `HeadLoss`: a sharded margin head), `step.criterion`
+    against `labels`, or the soft-target cross-entropy against `targets` (a mixed batch;
+    never with a margin head). Accumulation: the gradients are cleared first only when
     `first` (the group's first batch) and the loss is divided by `group` (the group's
     length), so a group's summed gradient is that of one batch of all its samples.
-    Returns (loss, logits) still on the device, and whether the update was skipped
-    (only with `skip_nonfinite`, which costs one host sync per step to decide).
+    Returns (loss, the model's output: logits or a `HeadLoss`) still on the device, and
+    whether the update was skipped (only with `skip_nonfinite`, which costs one host sync
+    per step to decide).
     """
     with torch.autocast(images.device.type, dtype=step.amp_dtype or torch.float32, enabled=step.amp_dtype is not None):
-        logits = model(images, labels) if step.with_labels else model(images)
-        loss = step.criterion(logits, labels) if targets is None else soft_target_cross_entropy(logits, targets)
+        output = model(images, labels) if step.with_labels else model(images)
+        if isinstance(output, HeadLoss):
+            loss = output.loss
+        else:
+            loss = step.criterion(output, labels) if targets is None else soft_target_cross_entropy(output, targets)
+    output = HeadLoss(loss.detach(), output.correct) if isinstance(output, HeadLoss) else output.detach()
     if first:
         optimizer.zero_grad(set_to_none=True)
     step.scaler.scale(loss / group if group > 1 else loss).backward()
     if not update:
-        return loss.detach(), logits.detach(), False
+        return loss.detach(), output, False
     if step.grad_clip or step.skip_nonfinite:
         step.scaler.unscale_(optimizer)  # clip and check the true gradients, not the scaled ones
+        # Under DDP the gradients are already all-reduced here (a sharded head's norm is, inside), so every rank
+        # clips alike and takes the same decision.
+        norm = grad_norm(model)
     if step.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
-    # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
-    if step.skip_nonfinite and not (torch.isfinite(loss) and _grads_finite(optimizer)):
+        nn.utils.clip_grads_with_norm_(model.parameters(), step.grad_clip, norm)
+    if step.skip_nonfinite and not (torch.isfinite(loss) and torch.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         if step.scaler.is_enabled():
             step.scaler.update()
-        return loss.detach(), logits.detach(), True
+        return loss.detach(), output, True
     step.scaler.step(optimizer)
     step.scaler.update()
     if step.ema is not None:
         step.ema.update(model)
-    return loss.detach(), logits.detach(), False
+    return loss.detach(), output, False
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+def top1_correct(output: torch.Tensor | HeadLoss, labels: torch.Tensor) -> torch.Tensor:
+    """How many samples of a batch the model's top-1 got right: the argmax of logits, or a `HeadLoss`'s own hits."""
+    return output.correct.sum() if isinstance(output, HeadLoss) else (output.argmax(1) == labels).sum()
 
 
 def nonfinite_check_every(device: torch.device, log_every: int) -> int:
@@ -230,7 +239,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
         lr = set_lr(optimizer_step)
         images, targets, top1_labels = _mixed(images, labels, step, epoch, i)
         with gradient_sync(model, update):
-            loss, logits, skipped = train_step(model, optimizer, images, labels, step, targets=targets,
+            loss, output, skipped = train_step(model, optimizer, images, labels, step, targets=targets,
                                                group=group_length(i, accum, batches),
                                                first=i % accum == 0 or i == first_step, update=update)
         n = labels.shape[0]
@@ -241,7 +250,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.
             first_bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
             state.first_bad_step = torch.where(first_bad, i, state.first_bad_step)
             state.loss_sum += loss.double() * n
-            state.correct += (logits.argmax(1) == top1_labels).sum()
+            state.correct += top1_correct(output, top1_labels)
             state.samples += n
         if state.steps % check_every == 0:
             _raise_if_nonfinite(state)

@@ -1,4 +1,4 @@
-"""Building torchvision classifiers: weights, a head that fits the pack, frozen blocks.
+"""Building classifiers: torchvision's and the face backbones, weights, a head that fits the pack, frozen blocks.
 
 `HeadConfig` describes the head once: `build_model` builds it, a checkpoint stores it under
 `head`, and a resume compares it. With a linear head the model's state-dict keys stay
@@ -6,7 +6,15 @@ exactly torchvision's, so a checkpoint's `model` loads into
 `torchvision.models.<arch>(num_classes=K)` directly.
 A margin head (`arcface`, `cosface`) wraps the torchvision model, its last linear layer
 made an identity, as `MarginModel`: keys `backbone.*` (torchvision's, less that layer),
-`head.embedding.0.*` (linear), `head.embedding.1.*` (batch norm), `head.centres` (K x D).
+`head.embedding.0.*` (linear), `head.embedding.1.*` (batch norm), `head.centres`
+(classes x sub-centres rows, class-major, of D). A face backbone (`face_backbones`) ends in
+its own embedding, so its margin head has no `head.embedding` and its linear or mlp head
+(`FaceClassifier`) reads the embedding.
+
+Trained on several processes, or sampling classes (`--sample-rate`), the margin head is a
+`ShardedMarginHead` (Partial FC): the same keys, `head.centres` holding this rank's rows;
+in training it returns its own loss as a `HeadLoss`, the one interface through which the
+loop learns that a head computed its loss. `unsharded` makes it whole for evaluation.
 """
 from __future__ import annotations
 
@@ -14,18 +22,19 @@ import dataclasses
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from dali_pipes import plural
 from trainer.checkpoint import EXPORTED_KINDS, model_file_kind
-from trainer.config import HEAD_TYPES, RunConfig
+from trainer.config import HEAD_TYPES, RunConfig, no_imagenet_weights
 from trainer.errors import TrainerError, first_line
-from trainer.margins import MARGIN_HEADS, margin_target
+from trainer.face_backbones import FACE_ARCHS, face_backbone
+from trainer.margins import MARGIN_HEADS, centre_cosines, margin_target, subcenter_cosines
+from trainer.partial_fc import PartialFC, initial_centres
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads")
 DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35}  # insightface's: additive angle (radians), subtracted cosine
@@ -47,11 +56,12 @@ class HeadConfig:
 
     type: str = "linear"  # linear, mlp, or a margin head (MARGIN_HEADS)
     hidden: int = 512  # mlp: hidden units
-    dropout: float = 0.2  # mlp
+    dropout: float = 0.2  # mlp; and a face backbone's, before its embedding layer
     activation: str = "relu"  # mlp: relu or leaky_relu
-    embedding_dim: int = 512  # margin heads
+    embedding_dim: int = 512  # margin heads, and face backbones
     margin: float | None = None  # margin heads; None: the type's DEFAULT_MARGIN (resolved on creation)
     scale: float = 64.0  # margin heads: logits are scale * cosine
+    subcenters: int = 1  # margin heads: centres per class, a class's cosine its closest one's
 
     def __post_init__(self) -> None:
         if self.type not in HEAD_TYPES:
@@ -74,24 +84,62 @@ class HeadConfig:
         return cls.from_dict({**cfg.to_dict(), "type": cfg.head})
 
 
-def build_model(arch: str, num_classes: int, *, weights: str = "none", head: HeadConfig = HeadConfig()) -> nn.Module:
-    """A torchvision `arch` with `weights` loaded and its classifier replaced by `head` for `num_classes`.
+def build_model(arch: str, num_classes: int, *, weights: str = "none", head: HeadConfig = HeadConfig(),
+                sample_rate: float | None = None) -> nn.Module:
+    """A torchvision `arch` or face backbone with `weights` loaded and `head` on it for `num_classes`.
 
     weights: "imagenet" (torchvision's default weights, downloaded into the torch cache),
     "none" (random init), or a path to a state dict or one of our checkpoints whose
     backbone keys match (its classifier is dropped when the class count differs).
-    A margin head (arcface, cosface) makes a `MarginModel`.
+    A margin head (arcface, cosface) makes a `MarginModel`; with a `sample_rate` its centres are
+    sharded over the ranks of the process group (`ShardedMarginHead`, see `sharded_rate`).
     """
+    if arch in FACE_ARCHS:
+        return _face_model(arch, num_classes, weights, head, sample_rate)
     if arch not in classification_models():
         raise TrainerError(f"unknown architecture {arch!r}; try mobilenet_v2, resnet18, resnet50 "
-                           f"(any of: {', '.join(classification_models()[:8])}, ...)")
+                           f"(any of: {', '.join(classification_models()[:8])}, ...), or a face backbone "
+                           f"({', '.join(FACE_ARCHS)})")
     model = torchvision.models.get_model(arch, weights=None)
     if weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
     elif weights != "none":
         _load_backbone(model, Path(weights), arch)
     if head.type in MARGIN_HEADS:
-        return margin_model(model, num_classes, head)
+        return margin_model(model, num_classes, head, sample_rate)
+    replace_head(model, num_classes, head)
+    return model
+
+
+def sharded_rate(head: HeadConfig, sample_rate: float, distributed: bool) -> float | None:
+    """The `build_model` sample rate of a training run: a margin head is sharded (Partial FC) under DDP, where
+    each rank then holds about 1 / world of the centres and their optimizer state, or when it samples classes;
+    None (the unsharded `MarginHead`) otherwise."""
+    return sample_rate if head.type in MARGIN_HEADS and (distributed or sample_rate < 1) else None
+
+
+class FaceClassifier(nn.Module):
+    """A face backbone (its output the embedding) with a linear or mlp classifier `fc` on the embedding."""
+
+    def __init__(self, backbone: nn.Module, fc: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fc = fc
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(images))
+
+
+def _face_model(arch: str, num_classes: int, weights: str, head: HeadConfig, sample_rate: float | None) -> nn.Module:
+    """A face backbone ending in the `head.embedding_dim` embedding, the head directly on it."""
+    if weights == "imagenet":
+        raise TrainerError(no_imagenet_weights(arch))
+    backbone = face_backbone(arch, head.embedding_dim, head.dropout)
+    if weights != "none":
+        _load_backbone(backbone, Path(weights))
+    if head.type in MARGIN_HEADS:
+        return MarginModel(backbone, margin_head(None, num_classes, head, sample_rate))
+    model = FaceClassifier(backbone, nn.Linear(head.embedding_dim, num_classes))
     replace_head(model, num_classes, head)
     return model
 
@@ -187,7 +235,7 @@ def replace_head(model: nn.Module, num_classes: int, head: HeadConfig) -> None:
 
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks `--freeze N` counts: MobileNet-style `features[i]`; ResNets [stem, layer1..layer4]."""
-    if isinstance(model, MarginModel):
+    if isinstance(model, (MarginModel, FaceClassifier)):
         model = model.backbone
     if all(hasattr(model, n) for n in ("conv1", "bn1", "layer1", "layer4")):
         stem = nn.ModuleList([model.conv1, model.bn1])
@@ -235,28 +283,42 @@ def margin_logits(cosines: torch.Tensor, labels: torch.Tensor, kind: str, margin
     return scale * cosines.scatter(1, labels.view(-1, 1), margin_target(true, kind, margin))
 
 
-class MarginHead(nn.Module):
-    """features -> linear -> batch norm = the embedding; logits = scale * cosine to each L2-normalized class centre.
+def embedding_layer(in_features: int | None, embedding_dim: int) -> nn.Module:
+    """A margin head's embedding: linear -> batch norm on a torchvision backbone's features; nothing (an identity)
+    on a face backbone (`in_features` None), whose output is already the embedding."""
+    if in_features is None:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(in_features, embedding_dim), nn.BatchNorm1d(embedding_dim))
 
-    The margin is applied to the true class only in training and only when labels are given.
+
+class MarginHead(nn.Module):
+    """[features -> linear -> batch norm] = the embedding; logits = scale * cosine to each L2-normalized class centre.
+
+    `in_features` None: the input is the embedding already (a face backbone's). With `subcenters` K
+    the centres are C * K rows, class-major, and a class's cosine is its closest sub-centre's
+    (sub-centre ArcFace); K = 1 is the plain head. The centres start as `partial_fc.initial_centres`
+    of `seed`, the rows a `ShardedMarginHead` of the same seed starts from; given `centres` are
+    taken as they are. The margin is applied to the true class only in training and only when
+    labels are given.
     """
 
-    def __init__(self, in_features: int, num_classes: int, kind: str, embedding_dim: int = 512, margin: float = 0.5,
-                 scale: float = 64.0) -> None:
+    def __init__(self, in_features: int | None, num_classes: int, kind: str, embedding_dim: int = 512,
+                 margin: float = 0.5, scale: float = 64.0, subcenters: int = 1, seed: int = 0,
+                 centres: torch.Tensor | None = None) -> None:
         super().__init__()
         if kind not in MARGIN_HEADS:
             raise TrainerError(f"unknown margin head {kind!r}; use one of {', '.join(MARGIN_HEADS)}")
-        self.kind, self.margin, self.scale = kind, margin, scale
-        self.embedding = nn.Sequential(nn.Linear(in_features, embedding_dim), nn.BatchNorm1d(embedding_dim))
-        self.centres = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        self.kind, self.margin, self.scale, self.subcenters = kind, margin, scale, subcenters
+        self.embedding = embedding_layer(in_features, embedding_dim)
         # Unit-scale centres: they are normalized anyway, and at a tiny scale Adam's steps (about lr per
         # coordinate) would swing their directions wildly.
-        nn.init.normal_(self.centres, std=1.0)
+        self.centres = nn.Parameter(initial_centres(0, num_classes, subcenters, embedding_dim, seed)
+                                    if centres is None else centres)
 
     def cosines(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Cosine of each embedding to each class centre, in float32 (an angle margin needs the precision)."""
+        """Cosine of each embedding to each class (its closest sub-centre), in float32 (an angle margin needs it)."""
         with torch.autocast(embedding.device.type, enabled=False):
-            return F.linear(F.normalize(embedding.float()), F.normalize(self.centres.float())).clamp(-1.0, 1.0)
+            return subcenter_cosines(centre_cosines(embedding.float(), self.centres.float()), self.subcenters)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         cosines = self.cosines(self.embedding(features))
@@ -265,26 +327,94 @@ class MarginHead(nn.Module):
         return margin_logits(cosines, labels, self.kind, self.margin, self.scale)
 
 
-class MarginModel(nn.Module):
-    """A torchvision backbone (last linear layer an identity), then a `MarginHead`; called as model(images, labels)."""
+class HeadLoss(NamedTuple):
+    """What a head that computes its own loss returns in training instead of logits (`ShardedMarginHead`).
 
-    def __init__(self, backbone: nn.Module, head: MarginHead) -> None:
+    The loop takes `loss` as the step's loss and counts `correct` for the train top-1, as it would
+    count the argmax of logits.
+    """
+
+    loss: torch.Tensor  # scalar: the mean loss of the batch (a sharded head: of every rank's batch)
+    correct: torch.Tensor  # N booleans, one per sample of this rank's batch: its true class scored highest
+
+
+class ShardedMarginHead(PartialFC):
+    """A `MarginHead` with its centres sharded over the ranks and negatives sampled: Partial FC (`PartialFC`).
+
+    The same parameters in the same order as `MarginHead` (`centres`, this rank's rows, then
+    `embedding.*`), so the optimizer's state lines up whatever the world size. Called with labels in
+    training it returns a `HeadLoss` whose `correct` is the train top-1 among the classes that took
+    part (all of them at sample rate 1), the margin included, as `MarginHead`'s logits count it.
+    It gives no logits: evaluate through `unsharded`.
+    """
+
+    def __init__(self, in_features: int | None, num_classes: int, kind: str, embedding_dim: int = 512,
+                 margin: float = 0.5, scale: float = 64.0, subcenters: int = 1, seed: int = 0,
+                 sample_rate: float = 1.0) -> None:
+        super().__init__(embedding_dim, num_classes, kind=kind, margin=margin, scale=scale, sample_rate=sample_rate,
+                         subcenters=subcenters, seed=seed)
+        self.embedding = embedding_layer(in_features, embedding_dim)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> HeadLoss:  # type: ignore[override]
+        if labels is None:
+            raise TypeError("a sharded margin head computes a loss from labels and has no logits; evaluate the model "
+                            "through models.unsharded")
+        loss, hits = self.loss_and_hits(self.embedding(features), labels)
+        rows = labels.shape[0]  # every rank's batch has as many rows: this rank's are its block of the global batch
+        return HeadLoss(loss, hits[self.rank * rows:(self.rank + 1) * rows])
+
+
+class MarginModel(nn.Module):
+    """A backbone (torchvision's, its last linear layer an identity, or a face backbone), then a margin head
+    (`MarginHead` or `ShardedMarginHead`); called as model(images, labels)."""
+
+    def __init__(self, backbone: nn.Module, head: MarginHead | ShardedMarginHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | HeadLoss:
         return self.head(self.backbone(images), labels)
 
 
-def margin_model(model: nn.Module, num_classes: int, head: HeadConfig) -> MarginModel:
+def margin_head(in_features: int | None, num_classes: int, head: HeadConfig,
+                sample_rate: float | None) -> MarginHead | ShardedMarginHead:
+    """The margin head `head` describes: sharded over the ranks with a `sample_rate`, else whole.
+
+    Its centres' seed is drawn from torch's global generator, which `build_state` seeded: every rank,
+    and a run on any number of ranks, starts from the same centres.
+    """
+    seed = int(torch.randint(0, 2 ** 62, ()))
+    options = {"embedding_dim": head.embedding_dim, "margin": head.margin, "scale": head.scale,
+               "subcenters": head.subcenters, "seed": seed}
+    if sample_rate is None:
+        return MarginHead(in_features, num_classes, head.type, **options)
+    return ShardedMarginHead(in_features, num_classes, head.type, sample_rate=sample_rate, **options)
+
+
+def margin_model(model: nn.Module, num_classes: int, head: HeadConfig, sample_rate: float | None = None) -> MarginModel:
     """Wrap torchvision `model` with a margin head fed by the features its last linear layer used to take."""
     attr = _head_attribute(model)
     classifier = getattr(model, attr)
     parent, name, linear = (model, attr, classifier) if isinstance(classifier, nn.Linear) else _last_linear(classifier)
     setattr(parent, name, nn.Identity())
-    return MarginModel(model, MarginHead(linear.in_features, num_classes, head.type, head.embedding_dim, head.margin,
-                                         head.scale))
+    return MarginModel(model, margin_head(linear.in_features, num_classes, head, sample_rate))
+
+
+def unsharded(model: nn.Module) -> nn.Module:
+    """`model` with a sharded margin head made whole, for evaluation; any other model as it is.
+
+    The whole model shares the backbone and the embedding and holds every rank's centres: a
+    collective (every rank calls it), and a full copy of the centres on each rank while it lives.
+    """
+    head = model.head if isinstance(model, MarginModel) else None
+    if not isinstance(head, ShardedMarginHead):
+        return model
+    whole = MarginHead(None, head.num_classes, head.kind, head.embedding_dim, head.margin, head.scale, head.subcenters,
+                       centres=head.all_centres())
+    whole.centres.requires_grad_(False)
+    whole.embedding = head.embedding
+    return MarginModel(model.backbone, whole).train(model.training)
 
 
 def takes_labels(model: nn.Module) -> bool:
@@ -292,10 +422,17 @@ def takes_labels(model: nn.Module) -> bool:
     return isinstance(model, MarginModel)
 
 
+def embedder(model: MarginModel) -> nn.Sequential:
+    """The part of a margin-head model that makes its embedding: the backbone, then the head's embedding layer
+    (an identity on a face backbone); the class centres are left out."""
+    return nn.Sequential(model.backbone, model.head.embedding)
+
+
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Embeddings (not normalized): a margin head's, else the input of the classifier's last linear layer."""
+    """Embeddings (not normalized): a margin head's, else the input of the classifier's last linear layer (a face
+    backbone's output under a linear head)."""
     if isinstance(model, MarginModel):
-        return model.head.embedding(model.backbone(images))
+        return embedder(model)(images)
     classifier = getattr(model, _head_attribute(model))
     last = classifier if isinstance(classifier, nn.Linear) else _last_linear(classifier)[2]
     captured: list[torch.Tensor] = []

@@ -16,6 +16,9 @@ from torch import nn
 from trainer.models import parameter_groups
 from trainer.monitor import Improvement
 
+PLANNED_SCHEDULERS = ("cosine", "poly")  # the schedules that depend on the run's planned length
+POLY_POWER = 2.0  # insightface arcface_torch's PolyScheduler
+
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
                     device: torch.device) -> torch.optim.Optimizer:
@@ -37,14 +40,19 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 def lr_factor(scheduler: str, epoch: float, *, epochs: int, step_size: int, gamma: float, warmup_epochs: float,
               plateau_scale: float = 1.0) -> float:
-    """Multiplier of the base learning rate at fractional `epoch` (0 = start of training)."""
+    """Multiplier of the base learning rate at fractional `epoch` (0 = start of training).
+
+    A linear warm-up from 0 over `warmup_epochs` multiplies every schedule. After it, cosine
+    and poly run from 1 down to 0 at `epochs`: poly as (1 - t) ** 2 over the fraction t of the
+    post-warm-up span, insightface's PolyScheduler for face recognition.
+    """
     warm = min(1.0, (epoch + 1e-12) / warmup_epochs) if warmup_epochs > 0 else 1.0
-    if scheduler == "step":
-        decay = gamma ** math.floor(epoch / step_size)
-    elif scheduler == "cosine":
+    if scheduler in PLANNED_SCHEDULERS:
         span = max(epochs - warmup_epochs, 1e-12)
         t = min(max(epoch - warmup_epochs, 0.0) / span, 1.0)
-        decay = 0.5 * (1.0 + math.cos(math.pi * t))
+        decay = 0.5 * (1.0 + math.cos(math.pi * t)) if scheduler == "cosine" else (1.0 - t) ** POLY_POWER
+    elif scheduler == "step":
+        decay = gamma ** math.floor(epoch / step_size)
     elif scheduler == "plateau":
         decay = plateau_scale
     elif scheduler == "none":

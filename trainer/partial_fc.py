@@ -9,9 +9,12 @@ all-reduced over ranks. Sampled-out centres get no gradient: at R = 0.1 the head
 memory drop tenfold. With R = 1 and one process it is exactly the unsharded margin head.
 
 The module talks to torch.distributed only; with one process (or no process group) it needs none.
-Training under DistributedDataParallel: wrap the backbone, not this head (its parameter differs per
-rank), and see `scale_grad_for_ddp`. Checkpoints hold the full centre matrix in class order
-(`full_centres` on every rank, the matrix on rank 0), which `load_full_centres` reshards for any world size.
+Training under DistributedDataParallel: DDP must leave this head's parameter alone (it differs per rank:
+`sharded` names it, to wrap the backbone only or to list it as ignored), and see `scale_grad_for_ddp`;
+`grad_norm` measures the global norm (to clip by) with every rank's rows counted once. Checkpoints hold the full
+centre matrix in class order (`full_centres` on every rank, the matrix on rank 0), which
+`load_full_centres` reshards for any world size; `gather_rows`, `all_rows`, `scatter_rows` and
+`shard_rows` move any per-class matrix (an optimizer state of the centres, say) the same way.
 """
 from __future__ import annotations
 
@@ -68,6 +71,25 @@ def shard_rows(full: torch.Tensor, num_classes: int, rank: int, world_size: int)
     return full[start * per_class:stop * per_class]
 
 
+def _shard_sizes(shard: torch.Tensor, num_classes: int, rank: int, world: int) -> list[int]:
+    """Every rank's row count of the per-class matrix whose rank-`rank` block is `shard`."""
+    start, stop = class_shard(num_classes, rank, world)
+    per_class = shard.shape[0] // (stop - start)
+    return [(b - a) * per_class for a, b in (class_shard(num_classes, r, world) for r in range(world))]
+
+
+def _padded(block: torch.Tensor, rows: int) -> torch.Tensor:
+    """`block` with zero rows appended up to `rows`: collectives need equal sizes, shards differ by a class."""
+    block = block.detach().contiguous()
+    return torch.cat([block, block.new_zeros((rows - block.shape[0], *block.shape[1:]))]) if block.shape[0] < rows \
+        else block
+
+
+def _first_rank(group: dist.ProcessGroup | None) -> int:
+    """The global rank of `group`'s rank 0."""
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
 def gather_rows(shard: torch.Tensor, num_classes: int, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
     """The full per-class matrix in class order, on the CPU of rank 0 (None on the others); every rank calls it.
 
@@ -76,17 +98,79 @@ def gather_rows(shard: torch.Tensor, num_classes: int, group: dist.ProcessGroup 
     rank, world = _world(group)
     if world == 1:
         return shard.detach().cpu().clone()
-    start, stop = class_shard(num_classes, rank, world)
-    per_class = shard.shape[0] // (stop - start)
-    sizes = [(b - a) * per_class for a, b in (class_shard(num_classes, r, world) for r in range(world))]
-    padded = shard.detach().contiguous()
-    if shard.shape[0] < max(sizes):  # gather needs equal sizes: pad the smaller shards
-        padded = torch.cat([padded, padded.new_zeros((max(sizes) - shard.shape[0], *shard.shape[1:]))])
+    sizes = _shard_sizes(shard, num_classes, rank, world)
+    padded = _padded(shard, max(sizes))
     received = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, received, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.gather(padded, received, dst=_first_rank(group), group=group)
     if received is None:
         return None
     return torch.cat([block[:size].cpu() for block, size in zip(received, sizes)])
+
+
+def all_rows(shard: torch.Tensor, num_classes: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The full per-class matrix in class order on every rank, on `shard`'s device; every rank calls it."""
+    rank, world = _world(group)
+    if world == 1:
+        return shard.detach().clone()
+    sizes = _shard_sizes(shard, num_classes, rank, world)
+    padded = _padded(shard, max(sizes))
+    received = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(received, padded, group=group)
+    return torch.cat([block[:size] for block, size in zip(received, sizes)])
+
+
+def scatter_rows(full: torch.Tensor | None, num_classes: int, like: torch.Tensor,
+                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's block of rank 0's full per-class matrix `full` (None on the others), shaped and placed as `like`
+    (this rank's current block); every rank calls it."""
+    rank, world = _world(group)
+    if world == 1:
+        assert full is not None
+        return full.to(like.device, like.dtype)
+    sizes = _shard_sizes(like, num_classes, rank, world)
+    blocks = None
+    if rank == 0:
+        assert full is not None
+        blocks = [_padded(block.to(like.device, like.dtype), max(sizes)) for block in full.split(sizes)]
+    received = _padded(torch.empty_like(like), max(sizes))
+    dist.scatter(received, blocks, src=_first_rank(group), group=group)
+    return received[:like.shape[0]]
+
+
+def sharded(model: nn.Module) -> dict[str, "PartialFC"]:
+    """The sharded parameters inside `model`, by qualified name (`head.centres`), each with the `PartialFC` holding it.
+
+    These differ per rank: DistributedDataParallel must neither broadcast nor average them, checkpoints gather
+    them, and gradient clipping counts their rows once.
+    """
+    return {f"{name}.centres" if name else "centres": module for name, module in model.named_modules()
+            if isinstance(module, PartialFC)}
+
+
+def set_step(model: nn.Module, step: int) -> None:
+    """Set the training step, a part of the sampling seed, of every Partial FC head in `model`: a run resumed at
+    global step `step` draws the negatives an uninterrupted run drew there."""
+    for head in sharded(model).values():
+        head.step = step
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients of `model`'s parameters, the same on every rank.
+
+    A sharded head's squared gradient norm is summed over the ranks (one all-reduce) and added to
+    that of the replicated parameters (whose gradients DDP made equal): the norm of the whole model,
+    for clipping (`nn.utils.clip_grads_with_norm_`) and finiteness checks every rank agrees on.
+    """
+    heads = sharded(model).values()
+    rows = {id(head.centres) for head in heads}
+    total = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None and id(p) not in rows])
+    for head in heads:
+        if head.centres.grad is not None:
+            squares = nn.utils.get_total_norm([head.centres.grad]).square()
+            if head.world_size > 1:
+                dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=head.group)
+            total = (total.square() + squares.to(total.device)).sqrt()
+    return total
 
 
 class _GatherEmbeddings(torch.autograd.Function):
@@ -116,11 +200,12 @@ def _gather_labels(labels: torch.Tensor, world: int, group: dist.ProcessGroup | 
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy of logits whose columns are split over ranks.
+    """Mean softmax cross-entropy of logits whose columns are split over ranks, and each row's top-1 hit.
 
     `target` is the row's true column in this rank's logits, or -1 where another rank holds it. The max
     (for stability) and the sum of exponentials are all-reduced, and so is the true logit, which exactly
-    one rank holds. The backward is the local part of (softmax - one-hot) / N.
+    one rank holds; a row is a hit where its true logit is the max (ties count as hits). The backward is
+    the local part of (softmax - one-hot) / N.
     """
 
     @staticmethod
@@ -140,10 +225,12 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         probs.div_(total)
         ctx.save_for_backward(probs, column, held)
         ctx.used = False
-        return (total.log() + peak).view(-1).sub(true_logit).mean()
+        hits = true_logit >= peak.view(-1)
+        ctx.mark_non_differentiable(hits)
+        return (total.log() + peak).view(-1).sub(true_logit).mean(), hits
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad: torch.Tensor, _hits: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
         if ctx.used:
             raise RuntimeError("Partial FC's loss was back-propagated twice (its softmax is reused in place)")
         ctx.used = True
@@ -198,6 +285,11 @@ class PartialFC(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The global batch's mean margin-softmax loss (the same value on every rank)."""
+        return self.loss_and_hits(embeddings, labels)[0]
+
+    def loss_and_hits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s loss, and for each row of the global batch (ranks in order) whether its true class scored
+        highest among the classes that took part (margin included in training): the train top-1."""
         labels = labels.view(-1).long()
         if self.world_size > 1:
             scale = float(self.world_size) if self.scale_grad_for_ddp else 1.0
@@ -238,6 +330,10 @@ class PartialFC(nn.Module):
     def full_centres(self) -> torch.Tensor | None:
         """All C * K centres in class order on rank 0's CPU (None elsewhere); a collective: every rank calls it."""
         return gather_rows(self.centres, self.num_classes, self.group)
+
+    def all_centres(self) -> torch.Tensor:
+        """All C * K centres in class order on every rank, on their device; a collective: every rank calls it."""
+        return all_rows(self.centres, self.num_classes, self.group)
 
     @torch.no_grad()
     def load_full_centres(self, full: torch.Tensor) -> None:

@@ -29,7 +29,8 @@ from trainer.errors import TrainerError
 from trainer.loop import EpochState
 from trainer.metrics import read_metrics
 from trainer.models import HeadConfig
-from trainer.optim import lr_factor
+from trainer.optim import PLANNED_SCHEDULERS, lr_factor
+from trainer.sharded_state import shard_state
 from trainer.state import TrainingState
 
 
@@ -113,22 +114,22 @@ def schedule(cfg: RunConfig, planned: int, reschedule: bool) -> tuple[int, str |
     """The schedule length of a resumed run, and a line to say when it differs from --epochs.
 
     The rule: the schedule keeps the length it was planned for, so a larger --epochs
-    adds epochs after it (cosine stays at its end value) instead of moving the learning
+    adds epochs after it (cosine and poly stay at their end value) instead of moving the learning
     rate back up, and a smaller one stops the run before the schedule ends; `--reschedule`
     plans it over the new --epochs instead.
     """
     if reschedule or planned == cfg.epochs:
         return cfg.epochs, None
-    if cfg.scheduler != "cosine":  # step, plateau and none do not depend on the run's length
+    if cfg.scheduler not in PLANNED_SCHEDULERS:  # step, plateau and none do not depend on the run's length
         return planned, None
     stop = min(planned, cfg.epochs)
-    lr = cfg.lr * lr_factor("cosine", stop, epochs=planned, step_size=cfg.step_size, gamma=cfg.gamma,
+    lr = cfg.lr * lr_factor(cfg.scheduler, stop, epochs=planned, step_size=cfg.step_size, gamma=cfg.gamma,
                             warmup_epochs=cfg.warmup_epochs)
     if cfg.epochs < planned:
-        return planned, (f"the run stops after epoch {cfg.epochs}, before its cosine schedule of {planned} epochs "
-                         f"ends (lr {lr:.2e} there); pass --reschedule to plan it over --epochs {cfg.epochs}")
-    return planned, (f"the cosine schedule keeps its planned {planned} epochs (lr {lr:.2e} after epoch {planned}); "
-                     f"pass --reschedule to plan it over --epochs {cfg.epochs}")
+        return planned, (f"the run stops after epoch {cfg.epochs}, before its {cfg.scheduler} schedule of {planned} "
+                         f"epochs ends (lr {lr:.2e} there); pass --reschedule to plan it over --epochs {cfg.epochs}")
+    return planned, (f"the {cfg.scheduler} schedule keeps its planned {planned} epochs (lr {lr:.2e} after epoch "
+                     f"{planned}); pass --reschedule to plan it over --epochs {cfg.epochs}")
 
 
 def restore_state(state: TrainingState, ckpt: Checkpoint, records: list[dict[str, Any]]) -> None:
@@ -138,14 +139,18 @@ def restore_state(state: TrainingState, ckpt: Checkpoint, records: list[dict[str
     A run with --ema resumed from a checkpoint without averaged weights (written without
     --ema, or by an older version) starts the average from the checkpoint's weights.
 
+    A sharded head takes its rank's rows of the checkpoint's whole centres and their optimizer state,
+    whatever the world size that wrote it.
+
     `records` are metrics.jsonl's lines; those of a run that counted epochs from 0 are
     renumbered from 1, and lines written after the checkpoint (a crash between the two
     writes) are dropped.
     """
-    unwrap(state.model).load_state_dict(ckpt.model)
-    if state.ema is not None:
+    model_state, optimizer_state = shard_state(unwrap(state.model), state.optimizer, ckpt.model, ckpt.optimizer)
+    unwrap(state.model).load_state_dict(model_state)
+    if state.ema is not None:  # never with a sharded head (`checks.check_sharded_head`)
         state.ema.load_state_dict(ckpt.ema or {"module": unwrap(state.model).state_dict(), "updates": 0})
-    state.optimizer.load_state_dict(ckpt.optimizer)
+    state.optimizer.load_state_dict(optimizer_state)
     state.scaler.load_state_dict(ckpt.scaler)
     state.early.load_state_dict(ckpt.early_stopping)
     state.plateau.load_state_dict(ckpt.scheduler["plateau"])

@@ -33,11 +33,13 @@ from trainer.mixing import MixConfig
 from trainer.models import set_train_mode, takes_labels
 from trainer.monitor import monitored_value
 from trainer.optim import lr_factor, set_lr
+from trainer.partial_fc import set_step, sharded
 from trainer.plots import plot_curves
 from trainer.resume import Position, epoch_start, finished_summary, restore_run, stop_message, stopped_at
 from trainer.run_cache import cache_backend, need_cache, open_cache
 from trainer.run_folder import link_best
 from trainer.schedules import progressive_size
+from trainer.sharded_state import load_everywhere
 from trainer.signals import StopSignals
 from trainer.state import TrainingState, build_state
 from trainer.tensorboard import open_tensorboard
@@ -76,8 +78,9 @@ def pipeline_spec(cfg: RunConfig) -> PipelineSpec:
     The checkpoints store it, so `eval`, `predict` and `export` see images as validation did;
     training takes it at the size of each epoch (`train_image_size`).
     """
-    return PipelineSpec(image_size=cfg.eval_image_size or cfg.image_size, crop_scale=cfg.crop_scale,
-                        crop_ratio=cfg.crop_ratio, color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing)
+    return PipelineSpec(image_size=cfg.eval_image_size or cfg.image_size, rotation_degrees=cfg.rotation,
+                        mean=cfg.mean, std=cfg.std, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+                        color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing)
 
 
 def train_image_size(cfg: RunConfig, epoch: int) -> int:
@@ -172,10 +175,9 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
     stop_requested = stop_check(ctx, signals, cfg.log_every)
     for epoch in range(state.next_epoch, cfg.epochs):
         outcome = _train_epoch(run, state, train_model, train_loader, step, epoch, position, stop_requested)
-        if outcome.interrupted:
-            if ctx.is_main:  # the last completed epoch's state, and where this one stopped
-                stop = stopped_at(epoch, outcome.next_step, outcome.state.state_dict(), cfg.batch_size, ctx.world_size)
-                _save_last(run, state, epoch - 1, stop)
+        if outcome.interrupted:  # the last completed epoch's state, and where this one stopped
+            stop = stopped_at(epoch, outcome.next_step, outcome.state.state_dict(), cfg.batch_size, ctx.world_size)
+            _save_last(run, state, epoch - 1, stop)
             raise RunInterrupted(stop_message(signals.name, epoch, outcome.next_step, run.out), signals.exit_code)
         record = _epoch_record(run, state, train_model, validation, epoch, outcome, train_loader)
         value, weights = monitored_value(record, cfg.monitor)
@@ -187,9 +189,9 @@ def _train(run: RunContext, state: TrainingState, validation: Validation, positi
             tb.log_epoch(epoch + 1, record)
         if ctx.is_main:
             write_metrics(run.out / "metrics.jsonl", state.records)
-            _save_last(run, state, epoch)
-            if improved:
-                _save_best(run, state, epoch, weights)
+        _save_last(run, state, epoch)
+        if ctx.is_main and improved:
+            _save_best(run, state, epoch, weights)
         ctx.barrier()
         run.say(validation.epoch_line(record, cfg.epochs, improved) + ("  (ema)" if improved and weights == "ema"
                                                                        else ""))
@@ -210,6 +212,8 @@ def wrap_model(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch
     (by `compile_backend`: tools/bench_train.py's smoke run asks for torch.compile's "eager" one)."""
     wrapped = model
     if ctx.enabled:
+        # A sharded head's centres differ per rank: DDP neither broadcasts nor averages them (it replicates the rest).
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sharded(model)))
         wrapped = data_parallel(model, device, sync_bn=cfg.sync_bn)
     if cfg.compile:
         wrapped = torch.compile(wrapped, backend=compile_backend)
@@ -217,10 +221,16 @@ def wrap_model(model: nn.Module, cfg: RunConfig, ctx: DistContext, device: torch
 
 
 def _save_last(run: RunContext, state: TrainingState, epoch: int, position: Position | None = None) -> None:
-    """last.pt after epoch index `epoch` completed (and `position` into the next, for a mid-epoch stop)."""
+    """last.pt after epoch index `epoch` completed (and `position` into the next, for a mid-epoch stop).
+
+    Every rank calls it; rank 0 writes, after a sharded head gathered its centres there from every rank.
+    """
+    if not (run.ctx.is_main or state.sharded):
+        return
     payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch, position.to_dict() if position else None,
                             trained_classes=run.reader.classes_in("train"))
-    save_checkpoint(run.out / "last.pt", payload)
+    if run.ctx.is_main:
+        save_checkpoint(run.out / "last.pt", payload)
 
 
 def _save_best(run: RunContext, state: TrainingState, epoch: int, weights: str) -> None:
@@ -241,6 +251,7 @@ def _train_epoch(run: RunContext, state: TrainingState, train_model: nn.Module, 
     first_step, resume_state = epoch_start(position, epoch, steps, cfg.batch_size, world_size, run.device)
     train_loader.set_epoch(epoch, first_step, image_size=train_image_size(cfg, epoch))
     updates = optimizer_steps(steps, cfg.accum_steps)  # the schedule counts optimizer steps
+    set_step(state.model, epoch * steps + first_step)  # a resumed Partial FC head samples as it would have
 
     def set_lr_at(u: int) -> float:
         lr = cfg.lr * lr_factor(cfg.scheduler, epoch + u / updates, epochs=state.schedule_epochs,
@@ -293,14 +304,12 @@ def _finish(run: RunContext, state: TrainingState, validation: Validation) -> di
     """Test the best weights (on the val split when there is no test split): summary.json's figures.
 
     Only rank 0 reads best.pt (other nodes may not share its folder) and sends the
-    weights to every rank.
+    weights to every rank (a sharded head's centres: each rank its rows).
     """
-    model, weights = unwrap(state.model), None
-    if run.ctx.is_main:
-        best = read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device))
-        model.load_state_dict(best.model)
-        weights = best.model_weights
-    run.ctx.broadcast_module(model)
+    model = unwrap(state.model)
+    best = read_payload(load_checkpoint(run.out / "best.pt", map_location=run.device)) if run.ctx.is_main else None
+    load_everywhere(model, best.model if best is not None else None)
+    weights = best.model_weights if best is not None else None
     return {
         "best_epoch": state.early.best_epoch + 1,  # counted from 1, as in metrics.jsonl
         "best_" + run.cfg.monitor: state.early.best,

@@ -2,9 +2,10 @@
 
 A pack split by image is validated closed-set (loss, top-k); a pack split by class holds
 identities the head never saw in val and test, so it is validated by verification (AUC,
-accuracy, EER, rank-1 of embeddings). `choose_validation` picks one object per run; the
-orchestrator asks it for the epoch's figures, the test figures, the monitor check, the
-lines it prints and the curves `plots.plot_curves` draws, and never looks at metric keys itself.
+accuracy, EER, rank-1 of embeddings), which needs the embedding only, never the head.
+`choose_validation` picks one object per run; the orchestrator asks it for the epoch's
+figures, the test figures, the monitor check, the lines it prints and the curves
+`plots.plot_curves` draws, and never looks at metric keys itself.
 
 `validate(model, epoch, suffix=...)` measures any set of weights: a second set (averaged
 weights, say) is validated by the same call with its own `suffix` on every key. Validation
@@ -23,6 +24,7 @@ from trainer.distributed import DistContext
 from trainer.embedding import split_embeddings, verification_figures
 from trainer.errors import TrainerError
 from trainer.loop import evaluate
+from trainer.models import unsharded
 from trainer.plots import CURVE_COLORS, Curve
 from trainer.tta import with_tta
 
@@ -132,7 +134,9 @@ class ClosedSetValidation(Validation):
     def _evaluate(self, model: nn.Module, split: str, epoch: int) -> dict[str, Any]:
         loader = self.loader(split)
         loader.set_epoch(epoch)
-        return evaluate(with_tta(model, self.tta), loader, device=self.device, num_classes=self.reader.num_classes,
+        # Logits over every class: a sharded head's centres are gathered on every rank for the evaluation.
+        return evaluate(with_tta(unsharded(model), self.tta), loader, device=self.device,
+                        num_classes=self.reader.num_classes,
                         topk=max(self.topk, REPORTED_TOPK), amp_dtype=self.amp_dtype, all_reduce=self.ctx.all_reduce)
 
     def validate(self, model: nn.Module, epoch: int, suffix: str = "") -> dict[str, Any]:
