@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def make_pack(root: Path, *, classes: int, per_class: int, seed: int, min_size: int = 40, max_size: int = 70,
               val_ratio: float = 0.2, test_ratio: float = 0.2, workers: int = 1) -> Path:
     """Draw a JPEG-only demo tree under `root`/src and pack it into `root`/p.h5."""
-    make_demo_dataset(root / "src", classes=classes, per_class=per_class, seed=seed, min_size=min_size, max_size=max_size,
-                      png_every=0)
+    make_demo_dataset(root / "src", classes=classes, per_class=per_class, seed=seed, min_size=min_size,
+                      max_size=max_size, png_every=0)
     pack_folder(root / "src", root / "p.h5", PackOptions(val_ratio=val_ratio, test_ratio=test_ratio), workers=workers,
                 show_progress=False)
     return root / "p.h5"

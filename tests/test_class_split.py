@@ -59,8 +59,8 @@ def _info(pack: Path) -> dict:
 
 def test_pack_tool_split_by_class(tmp_path: Path) -> None:
     make_demo_dataset(tmp_path / "src", classes=8, per_class=4, seed=0, min_size=24, max_size=32, png_every=0)
-    args = [str(tmp_path / "src"), str(tmp_path / "c.h5"), "--split-by", "class", "--val-ratio", "0.25", "--test-ratio", "0.25",
-            "--workers", "1", "--quiet"]
+    args = [str(tmp_path / "src"), str(tmp_path / "c.h5"), "--split-by", "class", "--val-ratio", "0.25",
+            "--test-ratio", "0.25", "--workers", "1", "--quiet"]
     result = CliRunner().invoke(pack_main, args)
     assert result.exit_code == 0, result.output
     reader = PackReader(tmp_path / "c.h5")
@@ -68,16 +68,19 @@ def test_pack_tool_split_by_class(tmp_path: Path) -> None:
     assert [len(c) for c in classes] == [4, 2, 2] and not (classes[0] & (classes[1] | classes[2]))
     assert _info(tmp_path / "c.h5")["split_by"] == "class"
     assert reader.options["split_by"] == "class"
-    result = CliRunner().invoke(pack_main, args[:2] + ["--test-ratio", "0.3", "--workers", "1", "--quiet"] + ["--force"])
+    result = CliRunner().invoke(pack_main,
+                                args[:2] + ["--test-ratio", "0.3", "--workers", "1", "--quiet"] + ["--force"])
     assert result.exit_code == 0, result.output
     assert _info(tmp_path / "c.h5")["split_by"] == "image"
-    result = CliRunner().invoke(pack_main, args[:3] + ["class", "--val-ratio", "0.45", "--test-ratio", "0.45", "--force", "--quiet"])
+    result = CliRunner().invoke(pack_main, args[:3] + ["class", "--val-ratio", "0.45", "--test-ratio", "0.45",
+                                                       "--force", "--quiet"])
     assert result.exit_code != 0 and "at least 2 classes" in result.output and "Traceback" not in result.output
 
 
 def test_presplit_folders_with_other_classes_count_as_class_split(tmp_path: Path) -> None:
     make_demo_dataset(tmp_path / "all", classes=6, per_class=3, seed=0, min_size=24, max_size=32, png_every=0)
-    for split, names in (("train", ["00_disc", "01_square"]), ("val", ["02_triangle", "03_cross"]), ("test", ["04_ring", "05_star"])):
+    for split, names in (("train", ["00_disc", "01_square"]), ("val", ["02_triangle", "03_cross"]),
+                         ("test", ["04_ring", "05_star"])):
         (tmp_path / "src" / split).mkdir(parents=True)
         for name in names:
             shutil.move(tmp_path / "all" / name, tmp_path / "src" / split / name)

@@ -27,7 +27,8 @@ SEED = 0
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes x 12 JPEGs, 40-70 px: 18 train, 9 val, 9 test."""
-    return make_pack(tmp_path_factory.mktemp("corrupt"), classes=3, per_class=12, seed=2, val_ratio=0.25, test_ratio=0.25)
+    return make_pack(tmp_path_factory.mktemp("corrupt"), classes=3, per_class=12, seed=2, val_ratio=0.25,
+                     test_ratio=0.25)
 
 
 def damage(pack: Path, out: Path, indices: list[int]) -> Path:
@@ -78,7 +79,8 @@ def check_skips(clean, broken, reader: PackReader, split: str, bad: list[int], *
         assert torch.equal(labels, ref_labels[torch.from_numpy(keep)])
         assert torch.equal(labels, torch.from_numpy(reader.labels[order[keep]]))
         # Batches lose their bad samples; one left with none is not yielded at all.
-        expected_sizes = [n for b in plan(reader, split, train, number).batches() if (n := int((~np.isin(b, bad)).sum()))]
+        expected_sizes = [n for b in plan(reader, split, train, number).batches()
+                          if (n := int((~np.isin(b, bad)).sum()))]
         assert sizes == expected_sizes and len(sizes) <= len(broken)
         visited_bad = [int(i) for i in order if i in bad]
         assert sorted(s.index for s in broken.skipped) == sorted(visited_bad)
@@ -104,7 +106,8 @@ def train_victims(reader: PackReader) -> list[int]:
 # ---------------------------------------------------------------------------- torch
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_torch_eval_skips_bad_images(pack: Path, tmp_path: Path, workers: int, caplog: pytest.LogCaptureFixture) -> None:
+def test_torch_eval_skips_bad_images(pack: Path, tmp_path: Path, workers: int,
+                                     caplog: pytest.LogCaptureFixture) -> None:
     reader = PackReader(pack)
     bad = val_victims(reader)
     damaged = damage(pack, tmp_path / "d.h5", bad)
@@ -117,8 +120,8 @@ def test_torch_train_skips_bad_images(pack: Path, tmp_path: Path, caplog: pytest
     reader = PackReader(pack)
     bad = train_victims(reader)
     damaged = damage(pack, tmp_path / "d.h5", bad)
-    check_skips(loader(pack, "train", "torch", train=True), loader(damaged, "train", "torch", train=True), reader, "train", bad,
-                train=True, caplog=caplog)
+    check_skips(loader(pack, "train", "torch", train=True), loader(damaged, "train", "torch", train=True), reader,
+                "train", bad, train=True, caplog=caplog)
 
 
 @pytest.mark.parametrize("split,train", [("val", False), ("train", True)])
@@ -131,8 +134,8 @@ def test_torch_gpu_path_skips_bad_images(pack: Path, tmp_path: Path, split: str,
     def gpu_path(path: Path) -> TorchLoader:
         r = PackReader(path)
         request = LoaderRequest(r.split_indices(split), PipelineSpec(image_size=32), train=train, batch_size=BATCH,
-                                device=torch.device("cpu"), dtype=torch.uint8, num_workers=0, seed=SEED, rank=0, world_size=1,
-                                drop_last=train)
+                                device=torch.device("cpu"), dtype=torch.uint8, num_workers=0, seed=SEED, rank=0,
+                                world_size=1, drop_last=train)
         return TorchLoader(r, request, gpu_decode=True)
 
     reader = PackReader(pack)
@@ -143,14 +146,16 @@ def test_torch_gpu_path_skips_bad_images(pack: Path, tmp_path: Path, split: str,
     assert not any(".cpp:" in s.reason for s in broken.skipped)  # torchvision's source location is noise in a log line
 
 
-def test_torch_known_bad_images_are_not_decoded_again(pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_known_bad_images_are_not_decoded_again(pack: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from dali_pipes import torch_cpu
 
     bad = val_victims(PackReader(pack))
     batches = loader(damage(pack, tmp_path / "d.h5", bad), "val", "torch")
     decoded: list[int] = []
     real = torch_cpu.decode_image
-    monkeypatch.setattr(torch_cpu, "decode_image", lambda reader, index, channels: (decoded.append(index), real(reader, index, channels))[1])
+    monkeypatch.setattr(torch_cpu, "decode_image",
+                        lambda reader, index, channels: (decoded.append(index), real(reader, index, channels))[1])
     epoch(batches, 0)
     assert set(bad) <= set(decoded)
     decoded.clear()
@@ -171,9 +176,10 @@ def test_dali_skips_bad_images(pack: Path, tmp_path: Path, split: str, train: bo
     damaged = damage(pack, tmp_path / "d.h5", bad)
     builds: list[Path] = []
     real = dali_backend.build_pipeline
-    monkeypatch.setattr(dali_backend, "build_pipeline", lambda feed, *a, **kw: (builds.append(feed._reader.path), real(feed, *a, **kw))[1])
-    check_skips(loader(pack, split, "dali", train=train), loader(damaged, split, "dali", train=train), reader, split, bad,
-                train=train, caplog=caplog)
+    monkeypatch.setattr(dali_backend, "build_pipeline",
+                        lambda feed, *a, **kw: (builds.append(feed._reader.path), real(feed, *a, **kw))[1])
+    check_skips(loader(pack, split, "dali", train=train), loader(damaged, split, "dali", train=train), reader, split,
+                bad, train=train, caplog=caplog)
     # Rebuilt after failures in epoch 0 only: epoch 1 never fed the known-bad samples to DALI.
     rebuilds = builds.count(damaged) - 1
     assert 1 <= rebuilds <= len(bad)
@@ -188,9 +194,10 @@ def test_run_and_eval_go_on_without_bad_images(pack: Path, tmp_path: Path) -> No
     damaged = damage(pack, tmp_path / "d.h5", victims)
     out = tmp_path / "run"
     runner = CliRunner()
-    result = runner.invoke(trainer_main, ["run", "--pack", str(damaged), "--backend", "torch", "--workers", "0", "--weights", "none",
-                                          "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--arch", "resnet18",
-                                          "--seed", str(SEED), "--out", str(out)])
+    result = runner.invoke(trainer_main, ["run", "--pack", str(damaged), "--backend", "torch", "--workers", "0",
+                                          "--weights", "none", "--image-size", "32", "--epochs", "2",
+                                          "--batch-size", "8", "--arch", "resnet18", "--seed", str(SEED),
+                                          "--out", str(out)])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_samples"] for r in records] == [1, 1]
@@ -199,11 +206,11 @@ def test_run_and_eval_go_on_without_bad_images(pack: Path, tmp_path: Path) -> No
     test_size = len(reader.split_indices("test"))
     assert summary["test_skipped_samples"] == 1 and summary["test_samples"] == test_size - 1
 
-    result = runner.invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(damaged), "--backend", "torch",
-                                          "--workers", "0", "--json"])
+    result = runner.invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(damaged),
+                                          "--backend", "torch", "--workers", "0", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["skipped_samples"] == 1 and report["num_samples"] == test_size - 1
-    text = runner.invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(damaged), "--backend", "torch",
-                                        "--workers", "0"])
+    text = runner.invoke(trainer_main, ["eval", "--checkpoint", str(out / "best.pt"), "--pack", str(damaged),
+                                        "--backend", "torch", "--workers", "0"])
     assert text.exit_code == 0 and "skipped 1 unreadable images" in text.output

@@ -41,20 +41,21 @@ def test_dali_gpu_pipeline_matches_its_cpu_variant(demo_pack: Path, train: bool)
 
 def test_batches_live_on_the_gpu_in_channels_last(demo_pack: Path) -> None:
     for backend in ("torch", "synthetic"):
-        loader = build_loader(demo_pack, "train", backend=backend, batch_size=8, train=True, image_size=48, device="cuda",
-                              dtype=torch.bfloat16, num_workers=1)
+        loader = build_loader(demo_pack, "train", backend=backend, batch_size=8, train=True, image_size=48,
+                              device="cuda", dtype=torch.bfloat16, num_workers=1)
         images, labels = next(iter(loader))
         assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16
         assert images.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("amp, extra", [("bf16", []), ("fp16", []), ("bf16", ["--compile"])])
-def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: Path, amp: str, extra: list[str]) -> None:
+def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: Path, amp: str,
+                                                    extra: list[str]) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(trainer_main, [
-        "run", "--pack", str(demo_pack), "--arch", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8",
-        "--epochs", "2", "--backend", "torch", "--workers", "1", "--amp", amp, "--channels-last", "--device", "cuda",
-        "--out", str(out), *extra])
+        "run", "--pack", str(demo_pack), "--arch", "resnet18", "--weights", "none", "--image-size", "64",
+        "--batch-size", "8", "--epochs", "2", "--backend", "torch", "--workers", "1", "--amp", amp, "--channels-last",
+        "--device", "cuda", "--out", str(out), *extra])
     assert result.exit_code == 0, result.output
     assert f"amp torch.{'bfloat16' if amp == 'bf16' else 'float16'}" in result.output
     ckpt = torch.load(out / "best.pt", weights_only=True)  # no map_location: every tensor is on the CPU
@@ -66,7 +67,8 @@ def test_train_steps_with_amp_and_checkpoint_to_cpu(demo_pack: Path, tmp_path: P
     assert on_cpu.exit_code == 0 and on_gpu.exit_code == 0, on_cpu.output + on_gpu.output
     cpu, gpu = json.loads(on_cpu.output.splitlines()[-1]), json.loads(on_gpu.output.splitlines()[-1])
     assert cpu["num_samples"] == gpu["num_samples"]
-    assert cpu["loss"] == pytest.approx(gpu["loss"], rel=2e-2, abs=2e-2)  # GPU decode and TF32 convolutions differ slightly
+    # GPU decode and TF32 convolutions differ slightly.
+    assert cpu["loss"] == pytest.approx(gpu["loss"], rel=2e-2, abs=2e-2)
 
 
 def _all_tensors_on_cpu(value) -> bool:
@@ -127,7 +129,8 @@ def test_gpu_decode_never_writes_memory_that_queued_kernels_still_read(demo_pack
     decode_on_device(reader, indices, encoded, device)  # warm-up: nvJPEG handles and the decode stream
     for _ in range(10):
         # Blocks of exactly the decoded images' sizes, filled with known values.
-        victims = [torch.full((3, int(reader.heights[i]), int(reader.widths[i])), j + 1, dtype=torch.uint8, device=device)
+        victims = [torch.full((3, int(reader.heights[i]), int(reader.widths[i])), j + 1, dtype=torch.uint8,
+                              device=device)
                    for j, i in enumerate(indices)]
         torch.cuda.synchronize()
         torch.cuda._sleep(50_000_000)  # keeps the stream busy while the reads below wait their turn

@@ -101,7 +101,8 @@ def cv2_train(pixels: np.ndarray, size: int, flip: bool, angle: float) -> np.nda
     centre = ((size - 1) / 2.0, (size - 1) / 2.0)
     rotate = np.vstack([cv2.getRotationMatrix2D(centre, float(angle), 1.0), [0, 0, 1]])
     matrix = (rotate @ mirror @ resize)[:2]
-    return cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
 
 
 def as_hwc(images: torch.Tensor) -> np.ndarray:
@@ -191,8 +192,10 @@ def test_train_augmentation_equals_cv2_warp(demo_pack: Path) -> None:
             assert diff.max() <= TRAIN_MAX_LEVELS and diff.mean() <= TRAIN_MEAN_LEVELS, (index, diff.max(), diff.mean())
             # Negative controls: no flip where there was one (and vice versa), mirrored angle.
             unflipped = np.abs(output - cv2_train(pixels, size, not flip, float(angle))).mean()
-            mirrored = np.abs(output - cv2_train(pixels, size, bool(flip), -float(angle))).mean() if abs(angle) > 2 else np.inf
-            assert unflipped > 10 * TRAIN_MEAN_LEVELS and mirrored > 10 * TRAIN_MEAN_LEVELS, (index, unflipped, mirrored)
+            mirrored = (np.abs(output - cv2_train(pixels, size, bool(flip), -float(angle))).mean() if abs(angle) > 2
+                        else np.inf)
+            assert (unflipped > 10 * TRAIN_MEAN_LEVELS
+                    and mirrored > 10 * TRAIN_MEAN_LEVELS), (index, unflipped, mirrored)
             checked += 1
     assert checked == len(dl) * 8
 
@@ -219,7 +222,8 @@ def test_train_flip_rate_and_rotation_range(demo_pack: Path) -> None:
         plan = plan_epoch(reader.split_indices("train"), train=True, seed=7, epoch=epoch, batch_size=11)
         for b, (images, _) in enumerate(dl):
             batch = plan.batch(b)
-            for output, index, flip_asked, angle_asked in zip(as_hwc(images), batch, *sample_augmentation(spec, 7, epoch, batch)):
+            for output, index, flip_asked, angle_asked in zip(as_hwc(images), batch,
+                                                              *sample_augmentation(spec, 7, epoch, batch)):
                 flip, angle = estimate_augmentation(output, decode(reader, int(index)), size)
                 assert flip == flip_asked and abs(angle - angle_asked) <= 0.5, (index, flip, angle, angle_asked)
                 flips.append(flip)
@@ -239,8 +243,8 @@ def test_fused_and_separate_geometry_agree(demo_pack: Path) -> None:
     reader = PackReader(demo_pack)
     split = reader.split_indices("train")
     spec, seed = PipelineSpec(image_size=48, train_antialias=False), 5  # neither antialiases
-    request = LoaderRequest(split, spec, train=True, batch_size=8, device=torch.device("cpu"), dtype=torch.uint8, num_workers=2,
-                            seed=seed, rank=0, world_size=1, drop_last=True)
+    request = LoaderRequest(split, spec, train=True, batch_size=8, device=torch.device("cpu"), dtype=torch.uint8,
+                            num_workers=2, seed=seed, rank=0, world_size=1, drop_last=True)
     fused = as_hwc(torch.cat([x for x, _ in make_loader(reader, request, geometry="fused")]))
     separate = as_hwc(torch.cat([x for x, _ in make_loader(reader, request, geometry="separate")]))
     indices = plan_epoch(split, train=True, seed=seed, epoch=0, batch_size=8).indices[: len(fused)]
@@ -249,7 +253,8 @@ def test_fused_and_separate_geometry_agree(demo_pack: Path) -> None:
         assert np.abs(blur(a) - blur(b)).mean() <= SEPARATE_MEAN_LEVELS, index
         # The tolerance still catches a separate path that forgets the flip or mirrors the angle.
         pixels = decode(reader, int(index))
-        assert np.abs(blur(b) - blur(cv2_train(pixels, 48, not flip, float(angle)))).mean() > SEPARATE_MEAN_LEVELS, index
+        assert (np.abs(blur(b) - blur(cv2_train(pixels, 48, not flip, float(angle)))).mean()
+                > SEPARATE_MEAN_LEVELS), index
         if abs(angle) > 3:
             mirrored = blur(cv2_train(pixels, 48, bool(flip), -float(angle)))
             assert np.abs(blur(b) - mirrored).mean() > SEPARATE_MEAN_LEVELS, index

@@ -45,10 +45,13 @@ def _trainer(*args: str, env: dict[str, str] | None = None, timeout: float = 300
 def test_shards_are_disjoint_and_complete(n: int, world_size: int, batch_size: int) -> None:
     split = np.arange(100, 100 + n)
     for epoch in (0, 1):
-        evals = [plan_epoch(split, train=False, seed=0, epoch=epoch, batch_size=batch_size, rank=r, world_size=world_size) for r in range(world_size)]
+        evals = [plan_epoch(split, train=False, seed=0, epoch=epoch, batch_size=batch_size, rank=r,
+                            world_size=world_size)
+                 for r in range(world_size)]
         seen = np.concatenate([np.concatenate(list(p.batches())) if len(p) else np.zeros(0, int) for p in evals])
         assert sorted(seen.tolist()) == split.tolist()  # every sample exactly once
-        trains = [plan_epoch(split, train=True, seed=0, epoch=epoch, batch_size=batch_size, rank=r, world_size=world_size, drop_last=False)
+        trains = [plan_epoch(split, train=True, seed=0, epoch=epoch, batch_size=batch_size, rank=r,
+                             world_size=world_size, drop_last=False)
                   for r in range(world_size)]
         sizes = {len(p.indices) for p in trains}
         assert sizes == {n // world_size}  # equal shards
@@ -72,7 +75,8 @@ def test_two_process_run_matches_one_process_eval(pack: Path, tmp_path: Path) ->
         assert f"  {figures} " in closing and "rank 0" not in closing, (closing, summary_line)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tta"] == "flip" and [r["image_size"] for r in _metrics(out)] == [16, 32]
-    evaluated = _trainer("eval", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json", "--backend", "torch", "--workers", "0")
+    evaluated = _trainer("eval", "--checkpoint", str(out / "best.pt"), "--pack", str(pack), "--json",
+                         "--backend", "torch", "--workers", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     single = json.loads(evaluated.stdout)
     assert single["num_samples"] == summary["test_samples"] == 9
@@ -116,11 +120,12 @@ def _free_port() -> int:
 def test_two_nodes_without_a_shared_out_folder(pack: Path, tmp_path: Path) -> None:
     # Two "machines" (one process each, as torchrun would start them on two nodes), each with its own --out:
     # rank 1 never sees rank 0's best.pt, and the final test evaluation must not need it.
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-           "LOCAL_WORLD_SIZE": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "trainer", "run", "--pack", str(pack), *RUN, "--epochs", "1",
-                               "--backend", "auto", "--out", str(tmp_path / f"node{rank}")], cwd=REPO, env={**env, "RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+                               "--backend", "auto", "--out", str(tmp_path / f"node{rank}")], cwd=REPO,
+                              env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]

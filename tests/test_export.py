@@ -1,4 +1,5 @@
-"""`trainer export` (ONNX, TorchScript) checked against plain torchvision models, and `trainer predict` on .onnx files."""
+"""`trainer export` (ONNX, TorchScript) checked against plain torchvision models, and `trainer predict` on .onnx
+files."""
 from __future__ import annotations
 
 import json
@@ -42,8 +43,8 @@ def runs(pack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     out = {}
     for arch in ARCHS:
         folder = tmp_path_factory.mktemp("runs") / arch
-        code, output = _run("run", "--pack", pack, "--arch", arch, "--weights", "none", "--image-size", SIZE, "--workers", 0,
-                            "--epochs", 1, "--batch-size", 4, "--backend", "torch", "--out", folder)
+        code, output = _run("run", "--pack", pack, "--arch", arch, "--weights", "none", "--image-size", SIZE,
+                            "--workers", 0, "--epochs", 1, "--batch-size", 4, "--backend", "torch", "--out", folder)
         assert code == 0, output
         out[arch] = folder
     return out
@@ -57,7 +58,8 @@ def exports(runs: dict[str, Path], pack: Path, tmp_path_factory: pytest.TempPath
     out = {}
     for arch in ARCHS:
         out[arch, "torchscript"] = folder / f"{arch}.pt"
-        code, output = _run("export", "--checkpoint", runs[arch] / "best.pt", "--format", "torchscript", "--out", out[arch, "torchscript"])
+        code, output = _run("export", "--checkpoint", runs[arch] / "best.pt", "--format", "torchscript",
+                            "--out", out[arch, "torchscript"])
         assert code == 0, output
         assert "random inputs" in output and "max abs diff" in output
         try:
@@ -66,8 +68,8 @@ def exports(runs: dict[str, Path], pack: Path, tmp_path_factory: pytest.TempPath
             continue
         out[arch, "onnx"] = folder / f"{arch}.onnx"
         batch = ["--batch", str(FIXED_BATCH[arch])] if arch in FIXED_BATCH else []
-        code, output = _run("export", "--checkpoint", runs[arch] / "best.pt", "--format", "onnx", "--out", out[arch, "onnx"], "--pack", pack,
-                            *batch)
+        code, output = _run("export", "--checkpoint", runs[arch] / "best.pt", "--format", "onnx",
+                            "--out", out[arch, "onnx"], "--pack", pack, *batch)
         assert code == 0, output
         assert "test split" in output and "onnxruntime" in output
         assert (f"batch {FIXED_BATCH[arch]}" if arch in FIXED_BATCH else "dynamic batch") in output
@@ -99,7 +101,8 @@ def _run_exported(path: Path, fmt: str, images: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_export_matches_the_torchvision_model_at_any_batch(exports: dict, runs: dict, pack: Path, arch: str, fmt: str) -> None:
+def test_export_matches_the_torchvision_model_at_any_batch(exports: dict, runs: dict, pack: Path, arch: str,
+                                                           fmt: str) -> None:
     if fmt == "onnx":
         _needs_onnx()
     reference = _torchvision_model(runs[arch] / "best.pt", 3, arch)
@@ -155,8 +158,10 @@ def test_predict_from_onnx_equals_predict_from_checkpoint(exports: dict, runs: d
     _needs_onnx()
     images = pack.parent / "src"  # 24 images in batches of 5: resnet18's fixed-batch model takes them 2 at a time
     for arch in ARCHS:
-        _assert_same_predictions(_predictions(exports[arch, "onnx"], images), _predictions(runs[arch] / "best.pt", images))
-    code, output = _run("predict", "--checkpoint", exports["resnet18", "onnx"], images / "00_disc", "--topk", "1", "--json")
+        _assert_same_predictions(_predictions(exports[arch, "onnx"], images),
+                                 _predictions(runs[arch] / "best.pt", images))
+    code, output = _run("predict", "--checkpoint", exports["resnet18", "onnx"], images / "00_disc", "--topk", "1",
+                        "--json")
     assert code == 0, output
     assert len(output.splitlines()) == 8 and all(json.loads(line)["top"][0]["class"] for line in output.splitlines())
 
@@ -182,11 +187,13 @@ def test_embedding_needs_a_margin_head(runs: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_embedding_export_serves_the_margin_heads_embedding(pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "arcface"
-    code, output = _run("run", "--pack", pack, "--arch", "resnet18", "--weights", "none", "--image-size", SIZE, "--workers", 0,
-                        "--epochs", 1, "--batch-size", 4, "--backend", "torch", "--head", "arcface", "--embedding-dim", 16, "--out", run)
+    code, output = _run("run", "--pack", pack, "--arch", "resnet18", "--weights", "none", "--image-size", SIZE,
+                        "--workers", 0, "--epochs", 1, "--batch-size", 4, "--backend", "torch", "--head", "arcface",
+                        "--embedding-dim", 16, "--out", run)
     assert code == 0, output
     out = tmp_path / "e.pt"
-    code, output = _run("export", "--checkpoint", run / "best.pt", "--format", "torchscript", "--out", out, "--embedding")
+    code, output = _run("export", "--checkpoint", run / "best.pt", "--format", "torchscript", "--out", out,
+                        "--embedding")
     assert code == 0, output
     assert json.loads(Path(str(out) + ".json").read_text())["output"] == "embedding"
     # The embedding by hand, from the documented checkpoint keys: torchvision's backbone without
@@ -224,7 +231,8 @@ def test_no_tensorboard_folder_without_the_flag(runs: dict) -> None:
 
 
 def test_bad_batch_is_a_one_line_usage_error(tmp_path: Path) -> None:
-    code, output = _run("export", "--checkpoint", tmp_path / "x.pt", "--format", "onnx", "--out", tmp_path / "m.onnx", "--batch", "0")
+    code, output = _run("export", "--checkpoint", tmp_path / "x.pt", "--format", "onnx", "--out", tmp_path / "m.onnx",
+                        "--batch", "0")
     assert code == 2 and len(output.strip().splitlines()) == 1 and "--batch" in output
 
 
@@ -236,8 +244,8 @@ def test_predict_from_onnx_without_sidecar_is_one_line(tmp_path: Path) -> None:
 
 def test_predict_refuses_an_embedding_export(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"x")
-    (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "dali-trainer-export", "output": "embedding", "classes": ["a", "b"],
-                                                      "spec": {"image_size": 32}}))
+    (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "dali-trainer-export", "output": "embedding",
+                                                      "classes": ["a", "b"], "spec": {"image_size": 32}}))
     code, output = _run("predict", "--checkpoint", tmp_path / "m.onnx", tmp_path)
     assert code == 1 and len(output.strip().splitlines()) == 1 and "--embedding" in output
 
@@ -253,8 +261,9 @@ def test_missing_extra_names_the_install_command(module: str, extra: str, monkey
 
 def test_onnx_predict_without_onnxruntime_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "m.onnx").write_bytes(b"x")
-    (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "dali-trainer-export", "output": "logits", "classes": ["a", "b"],
-                                                      "spec": {"image_size": 32}}))
+    (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "dali-trainer-export", "output": "logits",
+                                                      "classes": ["a", "b"], "spec": {"image_size": 32}}))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     code, output = _run("predict", "--checkpoint", tmp_path / "m.onnx", tmp_path)
-    assert code == 1 and output.strip() == "Error: running ONNX models needs the onnxruntime package: pip install 'dali-trainer[export]'"
+    assert code == 1 and output.strip() == ("Error: running ONNX models needs the onnxruntime package: "
+                                            "pip install 'dali-trainer[export]'")

@@ -26,8 +26,8 @@ from trainer.cli import main as trainer_main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--backend", "torch",
-       "--workers", "0", "--log-every", "1", "--optimizer", "adamw", "--scheduler", "step", "--head", "mlp", "--hidden", "16",
-       "--patience", "0"]
+       "--workers", "0", "--log-every", "1", "--optimizer", "adamw", "--scheduler", "step", "--head", "mlp",
+       "--hidden", "16", "--patience", "0"]
 EMA = ["--ema", "0.9"]  # the averaged weights must survive a stop and a kill as exactly as the weights do
 
 
@@ -44,8 +44,8 @@ def _hook(tmp_path: Path, code: str) -> dict[str, str]:
 
 
 def _trainer(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -130,10 +130,12 @@ NAN_AT_STEP = """
 @pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_checkpoints(pack: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "3", "--out", str(out), env=_hook(tmp_path, NAN_AT_STEP))
+    result = _trainer("run", "--pack", str(pack), *RUN, "--epochs", "3", "--out", str(out),
+                      env=_hook(tmp_path, NAN_AT_STEP))
     assert result.returncode == 1
     assert "non-finite loss at step 1 of this epoch" in result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("Error: non-finite loss")
+    assert ("Traceback" not in result.stderr
+            and result.stderr.strip().splitlines()[-1].startswith("Error: non-finite loss"))
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -153,8 +155,8 @@ def test_skip_nonfinite_skips_and_counts(pack: Path, tmp_path: Path) -> None:
 
 def _mount_tmpfs(target: Path, options: str) -> bool:
     target.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
-                                                capture_output=True).returncode == 0
+    return os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True).returncode == 0
 
 
 def _umount(target: Path) -> None:
@@ -191,12 +193,14 @@ def test_disk_full_keeps_the_previous_checkpoint(pack: Path, tmp_path: Path, mon
             return real_write(path, write)
 
         monkeypatch.setattr(checkpoint, "atomic_write_bytes", failing_write)
-        result = CliRunner().invoke(trainer_main, ["run", "--pack", str(pack), *RUN, "--epochs", "3", "--out", str(disk / "run")])
+        result = CliRunner().invoke(trainer_main, ["run", "--pack", str(pack), *RUN, "--epochs", "3",
+                                                   "--out", str(disk / "run")])
         assert result.exit_code == 1
         message = result.output.strip().splitlines()[-1:]  # the progress lines precede the error
         ckpt = torch.load(disk / "run" / "last.pt", weights_only=True)
         leftovers = [p.name for p in (disk / "run").glob(".*")]
-    assert len(message) == 1 and "No space left on device" in message[0] and "previous checkpoint is intact" in message[0]
+    assert (len(message) == 1 and "No space left on device" in message[0]
+            and "previous checkpoint is intact" in message[0])
     assert ckpt["epoch"] == 0 and leftovers == []
 
 

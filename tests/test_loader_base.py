@@ -77,7 +77,8 @@ def test_empty_split_is_refused() -> None:
 
 def make(pack: Path, backend: str, *, train: bool = True, batch_size: int = 4, **kw) -> BatchLoader:
     return build_loader(pack, "train" if train else "val", backend=backend, batch_size=batch_size, train=train,
-                        image_size=SIZE, device="cpu", dtype=torch.uint8, num_workers=1 if backend == "dali" else 0, **kw)
+                        image_size=SIZE, device="cpu", dtype=torch.uint8, num_workers=1 if backend == "dali" else 0,
+                        **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,13 +153,15 @@ def test_preprocess_equals_the_torch_backends_eval_batches(demo_pack: Path, tmp_
                               num_workers=0)
         [(expected, _)] = list(loader)
         got = preprocess(files, spec, "cpu", dtype=dtype)
-        assert got.shape == expected.shape and got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        assert (got.shape == expected.shape and got.dtype == dtype
+                and got.is_contiguous(memory_format=torch.channels_last))
         # PIL (files) and OpenCV (packs) both use libjpeg; allow one level of IDCT rounding.
         one_level = 1.0 if dtype == torch.uint8 else 1.0 / (255 * min(spec.std))
         assert (got.float() - expected.float()).abs().max() <= one_level + 1e-5
     arrays = [np.asarray(preprocess([f], spec, "cpu", dtype=torch.uint8)[0].permute(1, 2, 0)) for f in files[:2]]
     # Already S x S: the eval resize leaves the pixels as they are.
-    assert torch.equal(preprocess(arrays, spec, "cpu", dtype=torch.uint8).permute(0, 2, 3, 1), torch.from_numpy(np.stack(arrays)))
+    assert torch.equal(preprocess(arrays, spec, "cpu", dtype=torch.uint8).permute(0, 2, 3, 1),
+                       torch.from_numpy(np.stack(arrays)))
 
 
 def test_preprocess_names_an_unreadable_file(tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ def test_shapes_dtypes_device_layout(demo_pack: Path, backend: str, train: bool)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("train,drop_last,batch_size", [(True, True, 8), (True, False, 8), (False, False, 6), (False, True, 6)])
+@pytest.mark.parametrize("train,drop_last,batch_size",
+                         [(True, True, 8), (True, False, 8), (False, False, 6), (False, True, 6)])
 def test_len_and_drop_last(demo_pack: Path, backend: str, train: bool, drop_last: bool, batch_size: int) -> None:
     split = "train" if train else "val"
     n = len(PackReader(demo_pack).split_indices(split))
@@ -168,7 +169,8 @@ def test_train_plan_shards_a_seeded_permutation() -> None:
         together = np.concatenate([s.indices for s in shards])
         assert len(set(together.tolist())) == len(together) and set(together.tolist()) <= set(split.tolist())
         for s in shards:
-            assert len(s) == per_rank // 4 and s.num_samples == 4 * (per_rank // 4)  # train drops the last partial batch
+            # Train drops the last partial batch.
+            assert len(s) == per_rank // 4 and s.num_samples == 4 * (per_rank // 4)
             assert all(len(b) == 4 for b in s.batches())
     again = plan_epoch(split, train=True, seed=7, epoch=2, batch_size=4)
     assert again.indices.tolist() == plan_epoch(split, train=True, seed=7, epoch=2, batch_size=4).indices.tolist()
@@ -206,4 +208,5 @@ def test_to_model_input_matches_direct_computation() -> None:
     np.testing.assert_array_equal(raw.numpy(), pixels.transpose(0, 3, 1, 2))
     custom = PipelineSpec(mean=(0.5, 0.25, 0.0), std=(0.5, 1.0, 2.0))
     direct = ((pixels / 255.0 - np.array([0.5, 0.25, 0.0])) / np.array([0.5, 1.0, 2.0])).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(to_model_input(torch.from_numpy(pixels), custom, torch.float32).numpy(), direct, atol=1e-5)
+    np.testing.assert_allclose(to_model_input(torch.from_numpy(pixels), custom, torch.float32).numpy(), direct,
+                               atol=1e-5)

@@ -38,7 +38,8 @@ def test_pack_opens_while_another_process_holds_the_hdf5_lock(demo_pack: Path, t
         with pytest.raises(OSError):  # the control: a locking reader is refused
             h5py.File(pack, "r")
         reader = PackReader(pack)
-        assert len(reader) == len(PackReader(demo_pack)) and reader.image_bytes(0).tobytes() == PackReader(demo_pack).image_bytes(0).tobytes()
+        assert (len(reader) == len(PackReader(demo_pack))
+                and reader.image_bytes(0).tobytes() == PackReader(demo_pack).image_bytes(0).tobytes())
     finally:
         holder.kill()
         holder.wait()

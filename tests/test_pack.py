@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _gradient(width: int, height: int) -> np.ndarray:
     """An RGB image whose every pixel differs in a known way, to check orientation and colour."""
     yy, xx = np.mgrid[0:height, 0:width]
-    return np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), np.full_like(xx, 128)], -1).astype(np.uint8)
+    return np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), np.full_like(xx, 128)],
+                    -1).astype(np.uint8)
 
 
 def _decode(data: bytes | np.ndarray) -> np.ndarray:
@@ -91,8 +92,9 @@ def test_every_input_kind_is_stored_as_rgb_jpeg(kinds_tree: Path, tmp_path: Path
     reader = _pack(kinds_tree, tmp_path / "p.h5", max_side=200, val_ratio=0.0, test_ratio=0.0)
     index = _by_path(reader)
     assert reader.classes == ["bad", "good"]  # empty and hidden class folders get no class
-    expected = {f"good/{n}" for n in ("baseline.jpg", "progressive.jpg", "plain.png", "plain.bmp", "plain.webp", "plain.tiff",
-                                      "gray.jpg", "palette.png", "rgba.png", "cmyk.jpg", "gray16.png", "exif_rotated.jpg", "big.jpg")}
+    expected = {f"good/{n}" for n in ("baseline.jpg", "progressive.jpg", "plain.png", "plain.bmp", "plain.webp",
+                                      "plain.tiff", "gray.jpg", "palette.png", "rgba.png", "cmyk.jpg", "gray16.png",
+                                      "exif_rotated.jpg", "big.jpg")}
     assert set(index) == expected | {"bad/ok.jpg"}
     for path, i in index.items():
         data = bytes(reader.image_bytes(i))
@@ -327,7 +329,8 @@ def test_failure_while_writing_leaves_nothing(demo_tree: Path, tmp_path: Path, m
 def test_kill_9_while_packing_leaves_old_state_or_a_valid_pack(tmp_path: Path) -> None:
     make_demo_dataset(tmp_path / "src", classes=4, per_class=60, min_size=100, max_size=300)
     out = tmp_path / "p.h5"
-    cmd = [sys.executable, str(REPO / "tools" / "pack_dataset.py"), str(tmp_path / "src"), str(out), "--workers", "2", "--quiet", "--force"]
+    cmd = [sys.executable, str(REPO / "tools" / "pack_dataset.py"), str(tmp_path / "src"), str(out), "--workers", "2",
+           "--quiet", "--force"]
     outcomes = set()
     for delay in (0.3, 0.8, 1.5, 3.0):
         proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
@@ -368,7 +371,8 @@ def test_stale_temporaries_are_those_of_dead_processes_only(tmp_path: Path) -> N
     from dali_pipes.pack_writer import remove_stale_temporaries
 
     out = tmp_path / "p.h5"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     pid = int(dead.stdout)
     names = [f".p.h5.{pid}.spool", f".p.h5.{pid}.0a1b2c3d.tmp",  # a killed packer's spool and pack temporary
              f".p.h5.{os.getpid()}.spool", temporary_name(out).name,  # this process's: in use

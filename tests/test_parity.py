@@ -100,7 +100,8 @@ def test_show_batch_draws_both_backends(demo_pack: Path, tmp_path: Path) -> None
     # backend's forked DataLoader workers can deadlock when forked beside DALI's threads.
     out = tmp_path / "batch.png"
     tool = Path(__file__).resolve().parents[1] / "tools" / "show_batch.py"
-    args = [str(demo_pack), "--backend", "dali", "--backend", "torch", "--n", "4", "--image-size", "32", "--out", str(out)]
+    args = [str(demo_pack), "--backend", "dali", "--backend", "torch", "--n", "4", "--image-size", "32",
+            "--out", str(out)]
     result = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
-"""`trainer run --tensorboard`: the event files hold step and epoch scalars and a training batch, read back with TensorBoard."""
+"""`trainer run --tensorboard`: the event files hold step and epoch scalars and a training batch, read back with
+TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -21,9 +22,10 @@ def tb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tb")
     pack = make_pack(root, classes=3, per_class=8, seed=4)
     out = root / "run"
-    result = CliRunner().invoke(trainer_main, ["run", "--pack", str(pack), "--arch", "resnet18", "--weights", "none", "--image-size", "32",
-                                               "--workers", "0", "--epochs", str(EPOCHS), "--batch-size", "4", "--backend", "torch",
-                                               "--log-every", "1", "--patience", "0", "--tensorboard", "--out", str(out)])
+    result = CliRunner().invoke(trainer_main, ["run", "--pack", str(pack), "--arch", "resnet18", "--weights", "none",
+                                               "--image-size", "32", "--workers", "0", "--epochs", str(EPOCHS),
+                                               "--batch-size", "4", "--backend", "torch", "--log-every", "1",
+                                               "--patience", "0", "--tensorboard", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -79,7 +81,8 @@ def test_unnormalize_inverts_the_spec_normalization() -> None:
     spec = PipelineSpec(image_size=8, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
     pixels = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(2, 3, 8, 8)
     # By hand: (0 - 0.5) / 0.5 = -1, (0.5 - 0.25) / 0.25 = 1, (1 - 0) / 1 = 1.
-    normalized = torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1).expand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    normalized = (torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1).expand(2, 3, 8, 8)
+                  .contiguous(memory_format=torch.channels_last))
     assert torch.equal(unnormalize(normalized, spec), pixels)
 
 
@@ -123,10 +126,12 @@ def test_only_rank_zero_writes_under_ddp(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     pack = make_pack(tmp_path, classes=3, per_class=8, seed=4)
     out = tmp_path / "ddp"
-    result = subprocess.run([sys.executable, "-m", "trainer", "run", "--pack", str(pack), "--arch", "resnet18", "--weights", "none",
-                             "--image-size", "32", "--workers", "0", "--epochs", "1", "--batch-size", "2", "--backend", "torch",
-                             "--log-every", "1", "--tensorboard", "--out", str(out), "--nproc", "2"],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    result = subprocess.run([sys.executable, "-m", "trainer", "run", "--pack", str(pack), "--arch", "resnet18",
+                             "--weights", "none", "--image-size", "32", "--workers", "0", "--epochs", "1",
+                             "--batch-size", "2", "--backend", "torch", "--log-every", "1", "--tensorboard",
+                             "--out", str(out), "--nproc", "2"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
     events = _events(out / "tb")

@@ -79,7 +79,8 @@ def test_eval_matches_pil_resize_and_hand_normalization(demo_pack: Path) -> None
         "BGR": normalize(pixels[..., ::-1]),
         "one-pixel shift": normalize(np.roll(pixels, 1, axis=2)),
         "flipped": normalize(pixels[:, :, ::-1]),
-        "no antialias": normalize(np.stack([np.asarray(pil_rgb(reader, int(i)).resize((SIZE, SIZE), Image.Resampling.NEAREST))
+        "no antialias": normalize(np.stack([np.asarray(pil_rgb(reader, int(i)).resize((SIZE, SIZE),
+                                                                                      Image.Resampling.NEAREST))
                                             for i in indices])),
     }
     for name, ref in wrong.items():
@@ -149,8 +150,8 @@ def test_flip_mirrors_columns() -> None:
     size = 32
     image = _asymmetric_image(size)
     out = np.empty((size, size, 4), np.uint8)
-    warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), PipelineSpec(image_size=size), affine_matrix(size, size, size, True, 0.0),
-             out)
+    warp_cpu(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), PipelineSpec(image_size=size),
+             affine_matrix(size, size, size, True, 0.0), out)
     np.testing.assert_array_equal(out[..., :3], image[:, ::-1])
 
 
@@ -246,7 +247,8 @@ def test_set_epoch_reorders_and_start_batch_skips(demo_pack: Path) -> None:
         assert torch.equal(x, x1) and torch.equal(y, y1)
 
 
-@pytest.mark.parametrize("train,drop_last,batch_size", [(True, True, 8), (True, False, 8), (False, False, 5), (False, True, 5)])
+@pytest.mark.parametrize("train,drop_last,batch_size",
+                         [(True, True, 8), (True, False, 8), (False, False, 5), (False, True, 5)])
 def test_len_is_exact(demo_pack: Path, train: bool, drop_last: bool, batch_size: int) -> None:
     split = "train" if train else "val"
     n = len(PackReader(demo_pack).split_indices(split))

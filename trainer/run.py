@@ -238,8 +238,8 @@ def _save_best(run: RunContext, state: TrainingState, epoch: int, weights: str) 
     if weights == "raw":
         link_best(run.out)
         return
-    payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch, trained_classes=run.reader.classes_in("train"),
-                            weights=weights)
+    payload = state.payload(run.cfg, run.reader.classes, run.spec, epoch,
+                            trained_classes=run.reader.classes_in("train"), weights=weights)
     save_checkpoint(run.out / "best.pt", payload)
 
 
