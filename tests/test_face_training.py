@@ -31,11 +31,10 @@ from trainer.margins import margin_target
 from trainer.models import FaceClassifier, HeadConfig, MarginHead, build_model, embed
 from trainer.partial_fc import grad_norm
 from trainer.resume import restore_state
-from trainer.run import _wrap
+from trainer.run import wrap_model
 from trainer.state import build_state
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "trainer" / "recipes" / "face.yaml"
 LOADER = ["--backend", "torch", "--workers", "0"]
 
 
@@ -267,7 +266,7 @@ def _worker(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
     batches, rows, ctx = _batches(), slice(rank * BATCH, (rank + 1) * BATCH), DistContext(rank, WORLD)
     state = _state(distributed=True)
-    model = _wrap(state.model, build_config(CFG), ctx, torch.device("cpu"))
+    model = wrap_model(state.model, build_config(CFG), ctx, torch.device("cpu"))
     result = {"rows": state.model.head.centres.shape[0], "steps": _train(state, model, batches[:SAVED_AFTER], rows)}
     saved = _payload(state)  # every rank calls it: the centres are gathered to rank 0
     if rank == 0:  # written at once, as the run does: the payload holds the live backbone tensors, not copies
@@ -276,7 +275,7 @@ def _worker(rank: int, folder: str) -> None:
     final = _payload(state)
     resumed = _state(distributed=True)  # from the one-process checkpoint, onto two ranks
     restore_state(resumed, read_payload(load_checkpoint(Path(folder, "one.pt"))), [])
-    resumed_model = _wrap(resumed.model, build_config(CFG), ctx, torch.device("cpu"))
+    resumed_model = wrap_model(resumed.model, build_config(CFG), ctx, torch.device("cpu"))
     result["resumed_steps"] = _train(resumed, resumed_model, batches[SAVED_AFTER:], rows)
     resumed_final = _payload(resumed)
     if rank == 0:
@@ -373,7 +372,7 @@ def test_faces_from_a_landmarks_csv_to_verification(tmp_path: Path) -> None:
     reader = PackReader(tmp_path / "faces.h5")
     assert set(reader.heights) == set(reader.widths) == {112}  # aligned crops
     out = tmp_path / "run"
-    run = _trainer("run", "--pack", tmp_path / "faces.h5", "--config", RECIPE, "--arch", "mobilefacenet", "--head",
+    run = _trainer("run", "--pack", tmp_path / "faces.h5", "--config", "face", "--arch", "mobilefacenet", "--head",
                    "arcface", "--subcenters", 3, "--nproc", 2, "--sample-rate", 0.5, "--embedding-dim", 32,
                    "--batch-size", 4, "--epochs", 1, "--warmup-epochs", 0.5, "--log-every", 1, *LOADER, "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
