@@ -5,6 +5,8 @@ One helper for every message that counts something, in `dali_pipes`, `trainer` a
 from __future__ import annotations
 
 _SIBILANTS = ("s", "x", "z", "ch", "sh")
+# Words whose -ch is a k sound take a plain -s (an epoch, 2 epochs).
+_HARD_CH = ("epoch", "stomach", "monarch", "tech")
 
 
 def plural_noun(noun: str) -> str:
@@ -12,7 +14,7 @@ def plural_noun(noun: str) -> str:
 
     The last word of a phrase is the one inflected ("training image" -> "training images").
     """
-    if noun.endswith(_SIBILANTS):
+    if noun.endswith(_SIBILANTS) and not noun.endswith(_HARD_CH):
         return noun + "es"
     if noun.endswith("y") and len(noun) > 1 and noun[-2] not in "aeiou":
         return noun[:-1] + "ies"

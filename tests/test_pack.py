@@ -428,7 +428,7 @@ def test_plural() -> None:
     assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
     assert plural(1, "class") == "1 class" and plural(3, "class") == "3 classes"
     assert plural(2, "identity") == "2 identities" and plural(2, "day") == "2 days"
-    assert plural(2, "batch") == "2 batches"
+    assert plural(2, "batch") == "2 batches" and plural(2, "epoch") == "2 epochs"
     assert plural(2, "training image") == "2 training images" and plural(2, "process") == "2 processes"
 
 

@@ -337,7 +337,7 @@ def test_every_head_field_is_compared_on_resume() -> None:
                          "epoch": 0, "early_stopping": {"monitor": "val_loss"}})
     assert incompatibility(ckpt, cfg, head, ["a", "b"]) is None
     changed = {"type": "cosface", "hidden": 8, "dropout": 0.5, "activation": "leaky_relu", "embedding_dim": 8,
-               "margin": 0.25, "scale": 8.0}
+               "margin": 0.25, "scale": 8.0, "subcenters": 3}
     assert set(changed) == {f.name for f in dataclasses.fields(HeadConfig)}  # a new field needs a line here
     for name, value in changed.items():
         option = "--head" if name == "type" else "--" + name.replace("_", "-")
