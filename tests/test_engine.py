@@ -12,9 +12,10 @@ from click.testing import CliRunner
 from trainer.cli import main as trainer_main
 from trainer.config import RunConfig, build_config, config_fields, load_config_file, option_name
 from trainer.errors import TrainerError
-from trainer.loop import evaluate, resolve_amp, topk_credit
+from trainer.loop import resolve_amp
 from trainer.monitor import EarlyStopping
 from trainer.optim import Plateau, lr_factor
+from trainer.scoring import evaluate, topk_credit
 
 
 def test_topk_on_known_logits() -> None:
@@ -213,7 +214,7 @@ def test_embeddings_reach_the_host_in_one_copy_not_one_per_batch() -> None:
     from torch import nn
 
     from trainer.embedding import embed_batches
-    from trainer.loop import HostGather
+    from trainer.scoring import HostGather
 
     class Tiny(nn.Module):  # its embedding is the input of `fc`: the flattened pixels
         def __init__(self) -> None:
