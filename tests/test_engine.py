@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from trainer.cli import main as trainer_main
-from trainer.config import RunConfig, build_config, config_fields, load_config_file, option_name
+from trainer.config import RunConfig, build_config, config_fields, option_name
+from trainer.config_files import load_config_file
 from trainer.errors import TrainerError
 from trainer.loop import resolve_amp
 from trainer.monitor import EarlyStopping

@@ -16,7 +16,8 @@ from dali_pipes import PipelineSpec
 from trainer.accumulation import optimizer_steps
 from trainer.checkpoint import read_payload
 from trainer.cli import main as trainer_main
-from trainer.config import build_config, load_config, load_config_file, shipped_recipes
+from trainer.config import build_config
+from trainer.config_files import load_config, load_config_file, shipped_recipes
 from trainer.ema import ModelEma
 from trainer.loop import StepConfig, train_one_epoch
 from trainer.resume import restore_state
