@@ -229,7 +229,7 @@ def test_embeddings_reach_the_host_in_one_copy_not_one_per_batch() -> None:
     with counting_host_syncs() as audit:
         embeddings, keys = embed_batches(Tiny(), batches)
     copies = [call for call in audit.calls if call.startswith("Tensor.cpu")]
-    assert len(copies) == 1 and "loop.py" in copies[0]  # five batches, one copy to the host
+    assert len(copies) == 1 and "scoring.py" in copies[0]  # five batches, one copy to the host
     expected = torch.cat([nn.functional.normalize(images.flatten(1), dim=1) for _, images in batches])
     np.testing.assert_allclose(embeddings, expected.numpy(), rtol=1e-6)
     assert keys == list(range(5))
