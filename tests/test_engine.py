@@ -10,11 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from trainer.cli import main as trainer_main
-from trainer.config import RunConfig, build_config, config_fields, load_config_file, option_name
+from trainer.config import RunConfig, build_config, config_fields, option_name
+from trainer.config_files import load_config_file
 from trainer.errors import TrainerError
-from trainer.loop import evaluate, resolve_amp, topk_credit
+from trainer.loop import resolve_amp
 from trainer.monitor import EarlyStopping
 from trainer.optim import Plateau, lr_factor
+from trainer.scoring import evaluate, topk_credit
 
 
 def test_topk_on_known_logits() -> None:
@@ -213,7 +215,7 @@ def test_embeddings_reach_the_host_in_one_copy_not_one_per_batch() -> None:
     from torch import nn
 
     from trainer.embedding import embed_batches
-    from trainer.loop import HostGather
+    from trainer.scoring import HostGather
 
     class Tiny(nn.Module):  # its embedding is the input of `fc`: the flattened pixels
         def __init__(self) -> None:
@@ -227,7 +229,7 @@ def test_embeddings_reach_the_host_in_one_copy_not_one_per_batch() -> None:
     with counting_host_syncs() as audit:
         embeddings, keys = embed_batches(Tiny(), batches)
     copies = [call for call in audit.calls if call.startswith("Tensor.cpu")]
-    assert len(copies) == 1 and "loop.py" in copies[0]  # five batches, one copy to the host
+    assert len(copies) == 1 and "scoring.py" in copies[0]  # five batches, one copy to the host
     expected = torch.cat([nn.functional.normalize(images.flatten(1), dim=1) for _, images in batches])
     np.testing.assert_allclose(embeddings, expected.numpy(), rtol=1e-6)
     assert keys == list(range(5))

@@ -34,7 +34,7 @@ from dali_pipes.seeded import uniforms
 from dali_pipes.torch_cpu import render_batch_cpu, warp_cpu
 from dali_pipes.torch_gpu import _canvas, _preshrunk, decode_on_device, resize_weights, transform_images
 from trainer.data_wait import DataWaitClock
-from trainer.loop import topk_credit
+from trainer.scoring import topk_credit
 
 # ---------------------------------------------------------------------------- augmentation draw
 

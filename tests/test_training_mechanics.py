@@ -16,7 +16,8 @@ from dali_pipes import PipelineSpec
 from trainer.accumulation import optimizer_steps
 from trainer.checkpoint import read_payload
 from trainer.cli import main as trainer_main
-from trainer.config import build_config, load_config, load_config_file, shipped_recipes
+from trainer.config import build_config
+from trainer.config_files import load_config, load_config_file, shipped_recipes
 from trainer.ema import ModelEma
 from trainer.loop import StepConfig, train_one_epoch
 from trainer.resume import restore_state
@@ -123,7 +124,7 @@ def test_pairs_from_the_command_line_and_from_a_file(tmp_path: Path) -> None:
     (["--ema", "1"], "--ema is a decay below 1"),
     (["--mixup", "0.2", "--head", "arcface"], "--mixup and --cutmix mix two classes in one image"),
     (["--cutmix", "1", "--head", "cosface"], "margin head (cosface) cannot take"),
-    (["--config", "nonesuch"], "no such file, nor a shipped recipe of that name (recipes: fast"),
+    (["--config", "nonesuch"], "no such file, nor a shipped recipe of that name (recipes: face, fast, seed"),
 ])
 def test_bad_values_are_one_line(args: list[str], message: str) -> None:
     code, output = _run("run", "--pack", "p.h5", *args)

@@ -10,7 +10,7 @@ Times, on synthetic decoded images (no pack, no decode), with torch on the CPU:
              to issue it (Python, matrices, dispatch), the part a GPU cannot take over; with the
              number of tensor operations (each a kernel launch on a GPU) it issues
   warp cpu   the same on CPU tensors, one thread (pixel work included; only the CI path runs this)
-  dali feed  what the DALI backend's `_Feed` does per batch on the training thread
+  dali feed  what the DALI backend's `Feed` (dali_graph) does per batch on the training thread
              (byte views, labels, augmentation draw, warp matrices); needs nvidia-dali to import
 Run it from a checkout (PYTHONPATH=.) to compare two versions of the code; best of `--repeat`.
 It times internals, so it imports the modules it measures, not only `dali_pipes`' public names.
@@ -93,12 +93,12 @@ def main(batch_size: int, image_size: int, warp_batch: int, repeat: int) -> None
     warp = best_ms(lambda: transform_images(images, spec, matrices), repeat)
     print(f"warp cpu  batch {warp_batch}: {warp:8.2f} ms  (CPU tensors, 1 thread, pixel work included)")
     try:
-        from dali_pipes.dali_backend import _Feed, _Graph
+        from dali_pipes.dali_graph import Feed, Graph
     except ImportError as exc:
         print(f"dali feed: skipped ({exc})")
         return
     reader = fake_reader(batch_size, rng)
-    feed = _Feed(reader, _Graph(spec, train=True, gpu=True, decode="mixed", geometry="fused"), seed=0)
+    feed = Feed(reader, Graph(spec, train=True, gpu=True, decode="mixed", geometry="fused"), seed=0)
     order = np.arange(batch_size)
     print(f"dali feed batch {batch_size}: {best_ms(lambda: feed._columns(order), repeat):8.2f} ms")
 

@@ -34,7 +34,8 @@ from typing import Any
 import click
 
 from trainer.cli_usage import HELP_OPTIONS, OneLineUsageCommand
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig
+from trainer.config_files import load_config
 from trainer.metrics import write_json
 from trainer.plots import CURVE_COLORS, pyplot, save_figure
 

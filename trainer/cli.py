@@ -116,7 +116,8 @@ def run(config_file: str | None, resume: Path | None, reschedule: bool, nproc: i
       trainer run --pack pack.h5 --arch mobilenet_v2 --freeze 10 --head mlp --optimizer adamw
       trainer run --pack pack.h5 --config fast --epochs 30
     """
-    from trainer.config import build_config, load_config
+    from trainer.config import build_config
+    from trainer.config_files import load_config
     from trainer.distributed import destroy_process_group, env_context, init_process_group, resolve_device
     from trainer.resume import resume_values
     from trainer.run import fit
@@ -161,7 +162,7 @@ def recipes() -> None:
     Example:
       trainer run --pack pack.h5 --config fast --epochs 30
     """
-    from trainer.config import shipped_recipes
+    from trainer.config_files import shipped_recipes
 
     listed = shipped_recipes()
     width = max(map(len, listed), default=0)

@@ -21,7 +21,7 @@ from trainer.checkpoint import atomic_write_bytes
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.inference import checkpoint_file, image_batches, load_model
-from trainer.loop import HostGather
+from trainer.scoring import HostGather
 from trainer.tta import tta_embed
 from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, parse_pairs, verification_report
 
@@ -33,7 +33,7 @@ def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]],
                   amp_dtype: torch.dtype | None = None, tta: str = "none") -> tuple[np.ndarray, list[Any]]:
     """L2-normalized float32 embeddings of every batch `(key, images)`, and the keys (labels or paths) in order.
 
-    The embeddings stay on the device and reach the host in a few large copies (`loop.HostGather`).
+    The embeddings stay on the device and reach the host in a few large copies (`scoring.HostGather`).
     """
     model.eval()
     chunks, keys = HostGather(), []

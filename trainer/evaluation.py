@@ -17,9 +17,9 @@ from dali_pipes import PackReader, build_loader, check_output, check_output_fold
 from trainer.checkpoint import first_difference
 from trainer.errors import TrainerError
 from trainer.inference import checkpoint_file, closed_set, closed_set_note, image_batches, load_model, load_predictor
-from trainer.loop import evaluate
 from trainer.metrics import SYNTHETIC_NOTE
 from trainer.plots import confusion_matrix, most_confused, plot_confusion
+from trainer.scoring import evaluate
 from trainer.tta import with_tta
 
 CONFUSION_PLOT_MAX_CLASSES = 50

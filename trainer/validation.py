@@ -23,9 +23,9 @@ from dali_pipes import BatchLoader, PackReader, split_kind
 from trainer.distributed import DistContext
 from trainer.embedding import split_embeddings, verification_figures
 from trainer.errors import TrainerError
-from trainer.loop import evaluate
 from trainer.models import unsharded
 from trainer.plots import CURVE_COLORS, Curve
+from trainer.scoring import evaluate
 from trainer.tta import with_tta
 
 REPORTED_TOPK = 5  # metrics always carry val_top5 / test_top5, whatever --topk says
