@@ -58,17 +58,28 @@ def _cli(*args: str) -> tuple[int, str]:
 
 def test_verify_json_and_roc(class_pack: Path, tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "a.pt", class_pack, "arcface")
-    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "test", "--num-pairs", "40",
-                        "--json", "--out", str(tmp_path / "v"), *LOADER)
+    verify = ["verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--split", "test", *LOADER]
+    code, output = _cli(*verify, "--json", "--out", str(tmp_path / "v"))
     assert code == 0, output
     figures = json.loads(output.splitlines()[-1])
-    assert list(figures) == ["num_pairs", "auc", "eer", "accuracy", "threshold", "tar_at_far", "rank1", "rank5"]
-    assert figures["num_pairs"] == 80 and 0.0 <= figures["auc"] <= 1.0 and 0.0 <= figures["eer"] <= 1.0
-    assert set(figures["tar_at_far"]) == {"0.1"}  # 40 impostor pairs: FAR 0.01 needs 100
+    assert list(figures) == ["num_pairs", "pairs", "num_genuine", "num_impostor", "auc", "eer", "accuracy", "threshold",
+                             "tar_at_far", "rank1", "rank5"]
+    # 2 test identities x 6 images: 2 x 15 genuine and 6 x 6 impostor pairs, every one scored once.
+    assert (figures["pairs"], figures["num_genuine"], figures["num_impostor"], figures["num_pairs"]) == ("all", 30, 36, 66)
+    assert 0.0 <= figures["auc"] <= 1.0 and 0.0 <= figures["eer"] <= 1.0
+    assert set(figures["tar_at_far"]) == {"0.1"}  # 36 impostor pairs: FAR 0.01 needs 100
     assert figures["rank5"] == 1.0  # two identities in the gallery
     assert (tmp_path / "v" / "roc.png").stat().st_size > 0
-    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--num-pairs", "40", *LOADER)
-    assert code == 0 and "AUC" in output and "rank-1" in output
+    code, output = _cli(*verify, "--num-pairs", "10", "--json")
+    sampled = json.loads(output.splitlines()[-1])
+    assert code == 0 and (sampled["pairs"], sampled["num_genuine"], sampled["num_impostor"]) == ("sampled", 10, 10)
+    code, output = _cli(*verify, "--num-pairs", "40", "--json")  # more than either kind holds: all of them
+    assert code == 0 and json.loads(output.splitlines()[-1]) == figures
+    code, output = _cli(*verify)
+    assert code == 0 and "66 all pairs (30 genuine, 36 impostor)" in output and "10-fold over all pairs" in output
+    assert "rank-1" in output
+    code, output = _cli(*verify, "--num-pairs", "10", "--pairs", str(tmp_path / "p.csv"))
+    assert code != 0 and "not both" in output and len(output.strip().splitlines()) == 1
 
 
 def test_verify_with_a_pairs_file(class_pack: Path, tmp_path: Path) -> None:
@@ -78,12 +89,20 @@ def test_verify_with_a_pairs_file(class_pack: Path, tmp_path: Path) -> None:
     paths, labels = [reader.paths[i] for i in test], reader.labels[test]
     rows = [(paths[i], paths[j], int(labels[i] == labels[j])) for i in range(len(test)) for j in range(i + 1, len(test))]
     (tmp_path / "pairs.csv").write_text("path_a,path_b,same\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows))
-    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--pairs", str(tmp_path / "pairs.csv"),
-                        "--json", *LOADER)
+    verify = ["verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--json", *LOADER]
+    code, output = _cli(*verify, "--pairs", str(tmp_path / "pairs.csv"))
     assert code == 0, output
-    assert json.loads(output.splitlines()[-1])["num_pairs"] == len(rows) == 66
+    from_file = json.loads(output.splitlines()[-1])
+    assert from_file["pairs"] == "file" and from_file["num_pairs"] == len(rows) == 66
+    # The same 66 pairs, scored exactly from the file and binned as all pairs of the split: one ROC.
+    code, output = _cli(*verify)
+    every = json.loads(output.splitlines()[-1])
+    assert every["pairs"] == "all" and every["num_genuine"] == from_file["num_genuine"]
+    for key in ("auc", "eer"):
+        assert every[key] == pytest.approx(from_file[key], abs=1e-4), key
+    assert every["tar_at_far"] == pytest.approx(from_file["tar_at_far"], abs=1e-4)
     (tmp_path / "bad.csv").write_text("nowhere/x.jpg,nowhere/y.jpg,1\n")
-    code, output = _cli("verify", "--checkpoint", str(ckpt), "--pack", str(class_pack), "--pairs", str(tmp_path / "bad.csv"), *LOADER)
+    code, output = _cli(*verify, "--pairs", str(tmp_path / "bad.csv"))
     assert code != 0 and "not in the split" in output and len(output.strip().splitlines()) == 1
 
 

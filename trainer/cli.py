@@ -17,6 +17,7 @@ from dali_pipes import LoaderError, PackError
 from trainer.cli_usage import TrainerGroup
 from trainer.config import BACKEND_HELP, DEVICE_HELP, WORKERS_HELP, run_options
 from trainer.errors import RunInterrupted, TrainerError
+from trainer.verification import MAX_ALL_PAIRS, SAMPLED_PAIRS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -274,14 +275,16 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
               help="Pack whose split holds the identities to verify.")
 @loader_options()
 @click.option("--pairs", "pairs_file", type=click.Path(path_type=Path),
-              help="File of path_a,path_b,same lines (paths as in the pack); default: drawn pairs.")
-@click.option("--num-pairs", default=3000, show_default=True, type=click.IntRange(min=1),
-              help="Genuine and as many impostor pairs to draw.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the drawn pairs and of the 10 folds.")
+              help="File of path_a,path_b,same lines (paths as in the pack); default: all pairs.")
+@click.option("--num-pairs", type=click.IntRange(min=1),
+              help=f"Sample this many genuine and as many impostor pairs without replacement (a kind with fewer is taken "
+                   f"whole) instead of scoring all pairs. Default: all pairs, up to {MAX_ALL_PAIRS:,}; above that "
+                   f"{SAMPLED_PAIRS:,} of each kind are sampled.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampled pairs and of the 10 folds.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for roc.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
-def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int,
+def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int | None, seed: int,
            batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, as_json: bool) -> None:
     """Face verification (AUC, EER, 10-fold accuracy, TAR@FAR) and rank-1/5 identification on a pack split."""
     from trainer.embedding import format_verification, verify_command
