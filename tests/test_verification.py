@@ -135,8 +135,10 @@ def test_draw_pairs_without_replacement() -> None:
     # More than a kind holds: that kind whole, each pair once.
     whole = draw_pairs(labels, 10, seed=0)
     assert whole.same.sum() == 5 and (~whole.same).sum() == 10
-    everything = draw_pairs(labels, 100, seed=0)
+    shuffled = np.array([3, 0, 1, 0, 3, 2, 1, 0])
+    everything = draw_pairs(shuffled, 100, seed=0)
     assert sorted(map(sorted, zip(everything.a, everything.b))) == list(map(list, itertools.combinations(range(8), 2)))
+    assert np.all((shuffled[everything.a] == shuffled[everything.b]) == everything.same)
     with pytest.raises(ValueError, match="2 identities"):
         draw_pairs(np.zeros(5), 3)
     with pytest.raises(ValueError, match="at least 2 images"):

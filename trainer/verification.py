@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -278,7 +278,7 @@ def score_histograms(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray, 
     # One bin per pair: (fold * 2 + kind) * bins + score bin, and a spill bin for the pairs j <= i of a block.
     spill = folds * 2 * bins
     scaled = e * (bins / 2)  # a power of two: exact, and it saves a pass over every block
-    counts = torch.zeros(0, dtype=torch.int64, device=device)
+    counts: torch.Tensor | None = None
     pending: list[torch.Tensor] = []  # small blocks are counted together: each count passes over all the bins
     for g in range(folds):
         for start, stop in _row_blocks(int(bounds[g]), int(bounds[g + 1]), len(e), block):
@@ -293,16 +293,15 @@ def score_histograms(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray, 
             if sum(len(p) for p in pending) >= block:
                 counts = _add_counts(counts, pending, spill + 1)
                 pending = []
-    counts = _add_counts(counts, pending, spill + 1)
+    if pending or counts is None:
+        counts = _add_counts(counts, pending, spill + 1)
     return counts[:-1].reshape(folds, 2, bins).cpu().numpy()
 
 
-def _add_counts(counts: torch.Tensor, indices: list[torch.Tensor], length: int) -> torch.Tensor:
-    """`counts` (empty: none yet) plus the occurrences of each number below `length` in `indices`."""
-    if not indices and len(counts):
-        return counts
+def _add_counts(counts: torch.Tensor | None, indices: list[torch.Tensor], length: int) -> torch.Tensor:
+    """`counts` (None: nothing counted yet) plus how often each number below `length` occurs in `indices`."""
     more = torch.bincount(torch.cat(indices) if len(indices) != 1 else indices[0], minlength=length)
-    return more if not len(counts) else counts.add_(more)
+    return more if counts is None else counts.add_(more)
 
 
 def _row_blocks(first: int, last: int, n: int, block: int) -> list[tuple[int, int]]:
@@ -323,7 +322,8 @@ def _triangle(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return t - j * (j - 1) // 2, j
 
 
-def _distinct(rng: np.random.Generator, population: int, size: int, wanted: int, keep: Any = None) -> np.ndarray:
+def _distinct(rng: np.random.Generator, population: int, size: int, wanted: int,
+              keep: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """`size` distinct numbers drawn uniformly from those of [0, population) that `keep` accepts (`wanted` of them).
 
     Rounds of uniform draws are merged until enough distinct accepted numbers are in
@@ -358,16 +358,28 @@ def draw_pairs(labels: np.ndarray, num_pairs: int, seed: int = 0) -> Pairs:
     c = np.searchsorted(offsets, g, side="right") - 1
     u, v = _triangle(g - offsets[c])
     pos_a, pos_b = order[starts[c] + u], order[starts[c] + v]
-    total = genuine + impostor
-    differ = lambda t: np.not_equal(*(labels[side] for side in _triangle(t)))  # noqa: E731
+
+    def differ(t: np.ndarray) -> np.ndarray:
+        i, j = _triangle(t)
+        return labels[i] != labels[j]
+
     if num_pairs >= impostor:
-        t = np.arange(total)
-        t = t[differ(t)]
+        neg_a, neg_b = _impostor_pairs(order, starts + sizes, sizes)
     else:
-        t = _distinct(rng, total, num_pairs, impostor, keep=differ)
-    neg_a, neg_b = _triangle(t)
+        neg_a, neg_b = _triangle(_distinct(rng, genuine + impostor, num_pairs, impostor, keep=differ))
     same = np.r_[np.ones(len(pos_a), dtype=bool), np.zeros(len(neg_a), dtype=bool)]
     return Pairs(np.r_[pos_a, neg_a].astype(np.int64), np.r_[pos_b, neg_b].astype(np.int64), same)
+
+
+def _impostor_pairs(order: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every impostor pair: with images `order`ed by identity (identity k ending at `ends[k]`), each image and
+    every image of a later identity."""
+    later = np.repeat(ends, sizes)  # of each position: where the next identity starts
+    counts = len(order) - later
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    a = np.repeat(np.arange(len(order)), counts)
+    b = np.arange(int(counts.sum())) - first + np.repeat(later, counts)
+    return order[a], order[b]
 
 
 def _check_labels(labels: np.ndarray) -> None:
