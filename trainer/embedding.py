@@ -187,10 +187,11 @@ def format_verification(figures: dict[str, Any]) -> list[str]:
 
     tar = "  ".join(f"TAR@FAR={far:g} {pct(figures['tar_at_far'][f'{far:g}'])}" for far in FAR_TARGETS
                     if f"{far:g}" in figures["tar_at_far"])
-    which = {"all": "all pairs", "sampled": "pairs sampled without replacement", "file": "pairs of --pairs"}
+    count = f"{figures['num_pairs']:,}"
+    which = {"all": f"all {count} pairs", "sampled": f"{count} pairs sampled without replacement",
+             "file": f"{count} pairs of --pairs"}
     these = {"all": "all pairs", "sampled": "the sampled pairs", "file": "these pairs"}
-    return [f"{figures['num_pairs']:,} {which[figures['pairs']]} ({figures['num_genuine']:,} genuine, "
-            f"{figures['num_impostor']:,} impostor)",
+    return [f"{which[figures['pairs']]} ({figures['num_genuine']:,} genuine, {figures['num_impostor']:,} impostor)",
             f"  AUC {figures['auc']:.4f}  EER {pct(figures['eer'])}  accuracy {pct(figures['accuracy'])} "
             f"(10-fold over {these[figures['pairs']]}, threshold {figures['threshold']:.3f})",
             f"  {tar or 'TAR@FAR: too few impostor pairs (need 10 for FAR 0.1)'}",
