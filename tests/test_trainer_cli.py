@@ -47,7 +47,8 @@ def test_run_learns_and_writes_everything(trained: Path) -> None:
     required = {"epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds",
                 "images_per_second", "data_wait_fraction"}
     assert all(required <= set(r) for r in records)
-    assert max(r["val_top1"] for r in records) >= 0.6  # chance is 0.25
+    # Chance is 0.25. Best val top-1 measured over seeds 0-3 at 1 and 2 threads: 0.75 to 0.84 (of 32 images).
+    assert max(r["val_top1"] for r in records) >= 0.6
     summary = json.loads((trained / "summary.json").read_text())
     assert {"best_epoch", "stopped_early", "stop_reason", "test_loss", "test_top1", "test_top5", "epochs_run", "train_seconds"} <= set(summary)
     assert summary["epochs_run"] == 8 and not summary["stopped_early"]
@@ -138,8 +139,14 @@ def test_resume_ends_with_the_same_metrics(learn_pack: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_early_stopping_is_recorded(learn_pack: Path, tmp_path: Path) -> None:
-    code, output = _run("run", "--pack", str(learn_pack), "--arch", "resnet18", *FAST, "--batch-size", "16", "--epochs", "8",
-                        "--lr", "0", "--patience", "1", "--monitor", "val_top1", "--backend", "torch", "--out", str(tmp_path / "r"))
+    # With lr 0 alone the batch norms' running statistics still move, and val top-1 rose at epoch 2 for seeds 1
+    # and 2 of 0-3 (at 1 and 2 threads). Frozen blocks keep them: the model cannot change, so val top-1 cannot
+    # improve (measured: equal at epochs 1 and 2 for seeds 0-3 at 1 and 2 threads).
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pt")
+    code, output = _run("run", "--pack", str(learn_pack), "--arch", "resnet18", *FAST, "--weights",
+                        str(tmp_path / "r18.pt"), "--freeze", "5", "--batch-size", "16", "--epochs", "8", "--lr", "0",
+                        "--patience", "1", "--monitor", "val_top1", "--backend", "torch", "--out", str(tmp_path / "r"))
     assert code == 0, output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["stopped_early"] and summary["epochs_run"] == 2 and "val_top1 did not improve" in summary["stop_reason"]

@@ -17,6 +17,7 @@ from dali_pipes import LoaderError, OutputError, PackError, plural
 from trainer.cli_usage import HELP_OPTIONS, TrainerGroup
 from trainer.config import BACKEND_HELP, DEVICE_HELP, FORCE_HELP, TTA_HELP, TTA_MODES, WORKERS_HELP, run_options
 from trainer.errors import RunInterrupted, TrainerError
+from trainer.verification import MAX_ALL_PAIRS, SAMPLED_PAIRS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -312,16 +313,18 @@ def embed(checkpoint: Path, pack: Path | None, split: str, inputs: tuple[Path, .
 @loader_options()
 @click.option("--pairs", "pairs_file", type=click.Path(path_type=Path),
               help="File of path_a,path_b,same lines (paths relative to the packed folder, absolute, or relative to "
-                   "the working directory); default: drawn pairs.")
-@click.option("--num-pairs", default=3000, show_default=True, type=click.IntRange(min=1),
-              help="Genuine and as many impostor pairs to draw.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the drawn pairs and of the 10 folds.")
+                   "the working directory); default: all pairs.")
+@click.option("--num-pairs", type=click.IntRange(min=1),
+              help=f"Sample this many genuine and as many impostor pairs without replacement (a kind with fewer is "
+                   f"taken whole) instead of scoring all pairs. Default: all pairs, up to {MAX_ALL_PAIRS:,}; above "
+                   f"that {SAMPLED_PAIRS:,} of each kind are sampled.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampled pairs and of the 10 folds.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for roc.png.")
 @tta_option
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
-def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int, seed: int,
+def verify(checkpoint: Path, pack: Path, split: str, pairs_file: Path | None, num_pairs: int | None, seed: int,
            batch_size: int, backend: str, workers: int | None, device: str, out: Path | None, tta: str | None,
            force: bool, as_json: bool) -> None:
     """Face verification (AUC, EER, 10-fold accuracy, TAR@FAR) and rank-1/5 identification on a pack split."""

@@ -23,9 +23,7 @@ from trainer.errors import TrainerError
 from trainer.inference import checkpoint_file, image_batches, load_model
 from trainer.scoring import HostGather
 from trainer.tta import tta_embed
-from trainer.verification import FAR_TARGETS, Pairs, draw_pairs, parse_pairs, verification_report
-
-DEFAULT_NUM_PAIRS = 3000  # per kind, as LFW's 3,000 genuine + 3,000 impostor pairs
+from trainer.verification import FAR_TARGETS, MAX_SAMPLED_PAIRS, Pairs, parse_pairs, verification_report
 
 
 @torch.no_grad()
@@ -88,12 +86,13 @@ def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: D
     return gather_in_pack_order(ctx, embeddings, local_labels, len(reader.split_indices(split)))
 
 
-def verification_figures(embeddings: np.ndarray, labels: np.ndarray, *, num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0,
-                         pairs: Pairs | None = None) -> tuple[dict[str, Any], Any]:
-    """`verification_report` over `pairs`, or over `num_pairs` genuine and impostor pairs drawn with `seed`."""
+def verification_figures(embeddings: np.ndarray, labels: np.ndarray, *, num_pairs: int | None = None, seed: int = 0,
+                         pairs: Pairs | None = None,
+                         device: torch.device | None = None) -> tuple[dict[str, Any], Any]:
+    """`verification_report` over `pairs`, all pairs, or `num_pairs` of each kind drawn with `seed`; scored on `device`."""
     try:
-        pairs = pairs if pairs is not None else draw_pairs(labels, num_pairs, seed)
-        return verification_report(embeddings, labels, pairs, seed=seed)
+        scored = torch.from_numpy(embeddings).to(device) if device is not None else embeddings
+        return verification_report(scored, labels, pairs, num_pairs=num_pairs, seed=seed)
     except ValueError as exc:
         raise TrainerError(f"cannot verify: {exc}") from None
 
@@ -201,13 +200,19 @@ def _packed_name(path: str, packed: Mapping[str, int], source: Path) -> str | No
 
 
 def verify_command(checkpoint: Path, pack: Path, *, split: str = "test", pairs_file: Path | None = None,
-                   num_pairs: int = DEFAULT_NUM_PAIRS, seed: int = 0, device: torch.device, batch_size: int = 64,
+                   num_pairs: int | None = None, seed: int = 0, device: torch.device, batch_size: int = 64,
                    backend: str = "auto", workers: int | None = None, out: Path | None = None,
                    force: bool = False, tta: str | None = None) -> dict[str, Any]:
     """`trainer verify`: verification and rank-k identification figures of `checkpoint` on `split`; roc.png with `out`.
 
+    Pairs: those of `pairs_file`, else `num_pairs` of each kind sampled without replacement, else all of them.
     `tta` None is the checkpoint's own (its run's --tta).
     """
+    if pairs_file is not None and num_pairs is not None:
+        raise TrainerError("give --pairs or --num-pairs, not both: a pairs file fixes the pairs")
+    if num_pairs is not None and not 1 <= num_pairs <= MAX_SAMPLED_PAIRS:
+        raise TrainerError(f"--num-pairs {num_pairs}: give 1 to {MAX_SAMPLED_PAIRS:,} (or leave it out to score all "
+                           "pairs)")
     if out is not None:  # checked before any work; an existing roc.png is replaced only with `force`
         check_output(check_output_folder(out) / "roc.png", force)
     reader = PackReader(pack)
@@ -219,13 +224,14 @@ def verify_command(checkpoint: Path, pack: Path, *, split: str = "test", pairs_f
     if pairs is not None and unread:
         raise TrainerError(f"{pack}: {plural(unread, 'image')} of {split} could not be read, so a pairs file cannot be "
                            "matched")
-    figures, roc = verification_figures(embeddings, labels, num_pairs=num_pairs, seed=seed, pairs=pairs)
+    figures, roc = verification_figures(embeddings, labels, num_pairs=num_pairs, seed=seed, pairs=pairs, device=device)
     if out is not None:
         from trainer.plots import plot_roc
 
         out.mkdir(parents=True, exist_ok=True)
         plot_roc(roc.far, roc.tar, out / "roc.png", title=f"{loaded.arch} on {split} of {Path(pack).name} "
-                                                           f"({figures['num_pairs']} pairs, AUC {figures['auc']:.4f})")
+                                                           f"({figures['num_pairs']:,} pairs, {figures['pairs']}, "
+                                                           f"AUC {figures['auc']:.4f})")
     return figures
 
 
@@ -234,8 +240,14 @@ def format_verification(figures: dict[str, Any]) -> list[str]:
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
-    tar = "  ".join(f"TAR@FAR={far:g} {pct(figures['tar_at_far'][f'{far:g}'])}" for far in FAR_TARGETS if f"{far:g}" in figures["tar_at_far"])
-    return [f"{figures['num_pairs']} pairs: AUC {figures['auc']:.4f}  EER {pct(figures['eer'])}  "
-            f"accuracy {pct(figures['accuracy'])} (10-fold, threshold {figures['threshold']:.3f})",
+    tar = "  ".join(f"TAR@FAR={far:g} {pct(figures['tar_at_far'][f'{far:g}'])}" for far in FAR_TARGETS
+                    if f"{far:g}" in figures["tar_at_far"])
+    count = f"{figures['num_pairs']:,}"
+    which = {"all": f"all {count} pairs", "sampled": f"{count} pairs sampled without replacement",
+             "file": f"{count} pairs of --pairs"}
+    these = {"all": "all pairs", "sampled": "the sampled pairs", "file": "these pairs"}
+    return [f"{which[figures['pairs']]} ({figures['num_genuine']:,} genuine, {figures['num_impostor']:,} impostor)",
+            f"  AUC {figures['auc']:.4f}  EER {pct(figures['eer'])}  accuracy {pct(figures['accuracy'])} "
+            f"(10-fold over {these[figures['pairs']]}, threshold {figures['threshold']:.3f})",
             f"  {tar or 'TAR@FAR: too few impostor pairs (need 10 for FAR 0.1)'}",
             f"  identification: rank-1 {pct(figures['rank1'])}  rank-5 {pct(figures['rank5'])}"]

@@ -181,7 +181,7 @@ class VerificationValidation(Validation):
     def _figures(self, model: nn.Module, split: str) -> dict[str, Any]:
         embeddings, labels = split_embeddings(model, self.reader, split, ctx=self.ctx, amp_dtype=self.amp_dtype,
                                               loader=self.loader(split), tta=self.tta)
-        return verification_figures(embeddings, labels, seed=self.seed)[0]
+        return verification_figures(embeddings, labels, seed=self.seed, device=self.device)[0]
 
     def validate(self, model: nn.Module, epoch: int, suffix: str = "") -> dict[str, Any]:
         figures = self._figures(model, "val")
