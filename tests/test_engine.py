@@ -76,8 +76,8 @@ def test_evaluate_sums_not_batch_means() -> None:
 
 def test_evaluate_all_reduce_is_applied() -> None:
     loader = [(torch.zeros(2, 1), torch.tensor([0, 1]))]
-    doubled = evaluate(_Fixed([torch.tensor([[2.0, 0.0], [0.0, 2.0]])]), loader, device=torch.device("cpu"), num_classes=2,
-                       all_reduce=lambda t: t * 2)
+    doubled = evaluate(_Fixed([torch.tensor([[2.0, 0.0], [0.0, 2.0]])]), loader, device=torch.device("cpu"),
+                       num_classes=2, all_reduce=lambda t: t * 2)
     assert doubled["num_samples"] == 4 and doubled["top1"] == 1.0
 
 
@@ -109,7 +109,8 @@ def test_plateau_decays_after_patience() -> None:
     p = Plateau("min", patience=2, gamma=0.5)
     for value in (1.0, 0.9, 0.95, 0.95):
         p.step(value)
-    assert p.scale == 0.5 and lr_factor("plateau", 3, epochs=9, step_size=2, gamma=0.5, warmup_epochs=0, plateau_scale=p.scale) == 0.5
+    assert p.scale == 0.5
+    assert lr_factor("plateau", 3, epochs=9, step_size=2, gamma=0.5, warmup_epochs=0, plateau_scale=p.scale) == 0.5
 
 
 def test_early_stopping_min_and_max() -> None:
@@ -167,7 +168,8 @@ def test_config_file_and_command_line_precedence(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("pack: a.h5\nbatch-size: 8\nlr: 0.01\nchannels_last: false\n")
     cfg = build_config({"lr": 0.5}, load_config_file(path))
-    assert (cfg.pack, cfg.batch_size, cfg.lr, cfg.channels_last, cfg.epochs) == ("a.h5", 8, 0.5, False, RunConfig.epochs)
+    assert (cfg.pack, cfg.batch_size, cfg.lr, cfg.channels_last, cfg.epochs) == ("a.h5", 8, 0.5, False,
+                                                                                  RunConfig.epochs)
     json_path = tmp_path / "c.json"
     json_path.write_text(json.dumps({"pack": "b.h5", "optimizer": "sgd"}))
     assert build_config({}, load_config_file(json_path)).optimizer == "sgd"
@@ -189,8 +191,9 @@ def test_bad_config_files(tmp_path: Path, content: str, message: str) -> None:
 
 def test_run_options_are_the_issue_contract() -> None:
     names = {option_name(f.name) for f in config_fields()}
-    promised = ("--pack --arch --weights --freeze --head --hidden --dropout --activation --optimizer --lr --weight-decay "
-                "--momentum --scheduler --step-size --gamma --warmup-epochs --label-smoothing --epochs --batch-size "
+    promised = ("--pack --arch --weights --freeze --head --hidden --dropout --activation --optimizer --lr "
+                "--weight-decay --momentum --scheduler --step-size --gamma --warmup-epochs --label-smoothing --epochs "
+                "--batch-size "
                 "--image-size --backend --workers --seed --out --amp --channels-last --compile --monitor --patience "
                 "--min-delta --log-every").split()
     assert set(promised) <= names

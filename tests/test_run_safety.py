@@ -1,4 +1,4 @@
-"""What a new user tripped on (issue 12): defaults, safe resume, progress in logs, epochs from 1, nothing left behind."""
+"""What a new user tripped on: defaults, safe resume, progress in logs, epochs from 1, nothing left behind."""
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +53,8 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize("optimizer, expected", [("adam", 0.0), ("adamw", 0.05), ("sgd", 1e-4)])
 def test_weight_decay_default_follows_the_optimizer(optimizer: str, expected: float) -> None:
     cfg = build_config({"pack": "p.h5", "optimizer": optimizer})
-    assert cfg.weight_decay == expected and cfg.to_dict()["weight_decay"] == expected  # config.json holds the value used
+    # config.json holds the value used
+    assert cfg.weight_decay == expected and cfg.to_dict()["weight_decay"] == expected
     assert build_config({"pack": "p.h5", "optimizer": optimizer, "weight_decay": 0.3}).weight_decay == 0.3
     assert build_config({"pack": "p.h5"}, {"optimizer": optimizer}).weight_decay == expected
 
@@ -270,7 +271,8 @@ def test_an_old_checkpoint_still_resumes(pack: Path, tmp_path: Path, monkeypatch
 @pytest.fixture(scope="module")
 def finished(pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "r"
-    code, output = _run("run", "--pack", str(pack), *RUN, "--backend", "auto", "--epochs", "2", "--lr", str(LR), "--out", str(out))
+    code, output = _run("run", "--pack", str(pack), *RUN, "--backend", "auto", "--epochs", "2", "--lr", str(LR),
+                        "--out", str(out))
     assert code == 0, output
     assert output.count("backend auto -> torch") == 1  # said once, by the trainer
     # 36 training images in batches of 8: 32 trained, 4 (11%) left out each epoch, and said so.
@@ -500,7 +502,8 @@ def test_a_pack_without_val_split_trains_and_says_so(tmp_path: Path) -> None:
     assert code == 0, output
     assert "has no val split: no early stopping, and best.pt is the last epoch" in output
     records = _metrics(out)
-    assert [r["epoch"] for r in records] == [1, 2] and all(r["val_loss"] is None and r["val_top1"] is None for r in records)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["val_loss"] is None and r["val_top1"] is None for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_epoch"] == 2 and summary["test_split"] == "test" and summary["test_samples"] == 9
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1  # the last epoch's index

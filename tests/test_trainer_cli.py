@@ -33,9 +33,9 @@ def learn_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(learn_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "r"
-    code, output = _run("run", "--pack", str(learn_pack), "--arch", "resnet18", *FAST, "--epochs", "8", "--batch-size", "16",
-                        "--optimizer", "adam", "--lr", "0.002", "--scheduler", "cosine", "--backend", "torch", "--out", str(out),
-                        "--patience", "0", "--seed", "0")
+    code, output = _run("run", "--pack", str(learn_pack), "--arch", "resnet18", *FAST, "--epochs", "8",
+                        "--batch-size", "16", "--optimizer", "adam", "--lr", "0.002", "--scheduler", "cosine",
+                        "--backend", "torch", "--out", str(out), "--patience", "0", "--seed", "0")
     assert code == 0, output
     return out
 
@@ -50,7 +50,8 @@ def test_run_learns_and_writes_everything(trained: Path) -> None:
     # Chance is 0.25. Best val top-1 measured over seeds 0-3 at 1 and 2 threads: 0.75 to 0.84 (of 32 images).
     assert max(r["val_top1"] for r in records) >= 0.6
     summary = json.loads((trained / "summary.json").read_text())
-    assert {"best_epoch", "stopped_early", "stop_reason", "test_loss", "test_top1", "test_top5", "epochs_run", "train_seconds"} <= set(summary)
+    assert {"best_epoch", "stopped_early", "stop_reason", "test_loss", "test_top1", "test_top5", "epochs_run",
+            "train_seconds"} <= set(summary)
     assert summary["epochs_run"] == 8 and not summary["stopped_early"]
     best = min(records, key=lambda r: r["val_loss"])
     assert summary["best_epoch"] == best["epoch"]
@@ -62,7 +63,8 @@ def test_run_learns_and_writes_everything(trained: Path) -> None:
 @pytest.mark.slow
 def test_checkpoint_contents_and_plain_torchvision_load(trained: Path, learn_pack: Path) -> None:
     ckpt = torch.load(trained / "best.pt", weights_only=True)
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "early_stopping", "rng", "config", "classes", "arch", "head", "spec"):
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "early_stopping", "rng", "config", "classes",
+                "arch", "head", "spec"):
         assert key in ckpt, key
     assert ckpt["classes"] == PackReader(learn_pack).classes
     assert ckpt["spec"]["image_size"] == 32 and ckpt["spec"]["mean"] == [0.485, 0.456, 0.406]
@@ -71,13 +73,14 @@ def test_checkpoint_contents_and_plain_torchvision_load(trained: Path, learn_pac
 
 @pytest.mark.slow
 def test_eval_matches_the_run_summary(trained: Path, learn_pack: Path) -> None:
-    code, output = _run("eval", "--checkpoint", str(trained / "best.pt"), "--pack", str(learn_pack), "--topk", "3", "--json",
-                        "--backend", "torch", "--workers", "0", "--out", str(trained / "eval"))
+    code, output = _run("eval", "--checkpoint", str(trained / "best.pt"), "--pack", str(learn_pack), "--topk", "3",
+                        "--json", "--backend", "torch", "--workers", "0", "--out", str(trained / "eval"))
     assert code == 0, output
     result = json.loads(output)
     summary = json.loads((trained / "summary.json").read_text())
     assert result["num_samples"] == len(PackReader(learn_pack).split_indices("test"))
-    assert result["top1"] == pytest.approx(summary["test_top1"]) and result["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert result["top1"] == pytest.approx(summary["test_top1"])
+    assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     assert result["epoch"] == summary["best_epoch"]  # both count from 1
     assert {"top1", "top2", "top3", "per_class"} <= set(result) and "top4" not in result
     assert sum(v["num_samples"] for v in result["per_class"].values()) == result["num_samples"]
@@ -86,8 +89,8 @@ def test_eval_matches_the_run_summary(trained: Path, learn_pack: Path) -> None:
 
 @pytest.mark.slow
 def test_eval_topk_above_classes_is_clamped_with_a_warning(trained: Path, learn_pack: Path) -> None:
-    result = CliRunner().invoke(trainer_main, ["eval", "--checkpoint", str(trained / "best.pt"), "--pack", str(learn_pack),
-                                               "--topk", "9", "--backend", "torch", "--workers", "0"])
+    result = CliRunner().invoke(trainer_main, ["eval", "--checkpoint", str(trained / "best.pt"), "--pack",
+                                               str(learn_pack), "--topk", "9", "--backend", "torch", "--workers", "0"])
     assert result.exit_code == 0 and "using 4" in result.output and "top4 1.0000" in result.output
 
 
@@ -98,8 +101,8 @@ def test_predict_files_and_folders(trained: Path, learn_pack: Path, tmp_path: Pa
     for i in reader.split_indices("test")[:3]:
         (tmp_path / "imgs" / f"{i}.jpg").write_bytes(bytes(reader.image_bytes(i)))
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"nope")
-    result = CliRunner().invoke(trainer_main, ["predict", "--checkpoint", str(trained / "best.pt"), str(tmp_path / "imgs"),
-                                               "--topk", "2", "--json"])
+    result = CliRunner().invoke(trainer_main, ["predict", "--checkpoint", str(trained / "best.pt"),
+                                               str(tmp_path / "imgs"), "--topk", "2", "--json"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert len(lines) == 3 and all(len(r["top"]) == 2 for r in lines)
@@ -119,7 +122,8 @@ def test_predict_files_and_folders(trained: Path, learn_pack: Path, tmp_path: Pa
 @pytest.mark.slow
 def test_resume_ends_with_the_same_metrics(learn_pack: Path, tmp_path: Path) -> None:
     common = ["--pack", str(learn_pack), "--arch", "resnet18", *FAST, "--batch-size", "16", "--optimizer", "adamw",
-              "--scheduler", "step", "--step-size", "2", "--gamma", "0.5", "--backend", "torch", "--head", "mlp", "--hidden", "16"]
+              "--scheduler", "step", "--step-size", "2", "--gamma", "0.5", "--backend", "torch", "--head", "mlp",
+              "--hidden", "16"]
     code, output = _run("run", *common, "--epochs", "3", "--out", str(tmp_path / "full"))
     assert code == 0, output
     code, output = _run("run", *common, "--epochs", "2", "--out", str(tmp_path / "part"))
@@ -149,7 +153,8 @@ def test_early_stopping_is_recorded(learn_pack: Path, tmp_path: Path) -> None:
                         "--patience", "1", "--monitor", "val_top1", "--backend", "torch", "--out", str(tmp_path / "r"))
     assert code == 0, output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["stopped_early"] and summary["epochs_run"] == 2 and "val_top1 did not improve" in summary["stop_reason"]
+    assert summary["stopped_early"] and summary["epochs_run"] == 2
+    assert "val_top1 did not improve" in summary["stop_reason"]
     assert "early stopping" in output
 
 
@@ -164,7 +169,8 @@ def test_early_stopping_is_recorded(learn_pack: Path, tmp_path: Path) -> None:
 def test_bad_run_options_are_one_line(demo_pack: Path, tmp_path: Path, args: list[str], message: str) -> None:
     if "cuda" in " ".join(args) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, output = _run("run", "--pack", str(demo_pack), *FAST, "--batch-size", "8", "--out", str(tmp_path / "r"), *args)
+    code, output = _run("run", "--pack", str(demo_pack), *FAST, "--batch-size", "8", "--out", str(tmp_path / "r"),
+                        *args)
     assert code == 1 and message in output, output
     assert len(output.strip().splitlines()) == 1
 

@@ -46,7 +46,8 @@ def embed_batches(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]],
     return embeddings.numpy(), keys
 
 
-def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.ndarray, expected: int) -> tuple[np.ndarray, np.ndarray]:
+def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.ndarray,
+                         expected: int) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's embeddings and labels on every rank, each sample once, in pack order.
 
     Eval shards are `split[rank::world_size]`, so interleaving the ranks' arrays restores
@@ -64,8 +65,8 @@ def gather_in_pack_order(ctx: DistContext, embeddings: np.ndarray, labels: np.nd
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     out_e = np.empty((expected, embeddings.shape[1]), dtype=embeddings.dtype)
     out_l = np.empty(expected, dtype=labels.dtype)
-    for r, (e, l) in enumerate(parts):
-        out_e[r :: ctx.world_size], out_l[r :: ctx.world_size] = e, l
+    for rank, (rank_embeddings, rank_labels) in enumerate(parts):
+        out_e[rank :: ctx.world_size], out_l[rank :: ctx.world_size] = rank_embeddings, rank_labels
     return out_e, out_l
 
 
@@ -89,7 +90,8 @@ def split_embeddings(model: nn.Module, reader: PackReader, split: str, *, ctx: D
 def verification_figures(embeddings: np.ndarray, labels: np.ndarray, *, num_pairs: int | None = None, seed: int = 0,
                          pairs: Pairs | None = None,
                          device: torch.device | None = None) -> tuple[dict[str, Any], Any]:
-    """`verification_report` over `pairs`, all pairs, or `num_pairs` of each kind drawn with `seed`; scored on `device`."""
+    """`verification_report` over `pairs`, all pairs, or `num_pairs` of each kind drawn with `seed`; scored on
+    `device`."""
     try:
         scored = torch.from_numpy(embeddings).to(device) if device is not None else embeddings
         return verification_report(scored, labels, pairs, num_pairs=num_pairs, seed=seed)
@@ -108,7 +110,8 @@ def embedding_files(out: Path, force: bool = False) -> list[Path]:
 
 
 def write_embeddings(out: Path, embeddings: np.ndarray, meta: dict[str, Any]) -> list[Path]:
-    """Write `embeddings` with `meta` (labels or paths, classes...): one HDF5 file, or OUT.npy + OUT.json; atomically."""
+    """Write `embeddings` with `meta` (labels or paths, classes...): one HDF5 file, or OUT.npy + OUT.json;
+    atomically."""
     if len(embedding_files(out, force=True)) == 1:
         import h5py
 
@@ -155,7 +158,8 @@ def embed_command(checkpoint: Path, out: Path, *, pack: Path | None, split: str 
                                               device=device, num_workers=workers, spec=loaded.spec, tta=tta)
         indices = reader.split_indices(split)
         paths = [reader.paths[i] for i in indices] if len(labels) == len(indices) else []
-        meta.update(pack=str(pack), split=split, labels=labels.astype(np.int64), paths=paths, classes=list(reader.classes))
+        meta.update(pack=str(pack), split=split, labels=labels.astype(np.int64), paths=paths,
+                    classes=list(reader.classes))
     else:
         embeddings, keys = embed_batches(loaded.model, image_batches(inputs, loaded.spec, device, batch_size, warn),
                                          tta=tta)

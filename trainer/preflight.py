@@ -2,9 +2,10 @@
 
 Every check that needs no process group runs here, so a mistake is one line, not one per
 process followed by torchrun's traceback: the pack and its splits, the batch size, the
-device and --sync-bn, a sharded head's options, the decoded cache's room, --monitor against the pack's kind of validation, --tensorboard's
-package, the weights, the architecture at --image-size, the run folder, and a resume's
-checkpoint. Each check is the one the processes run again where they meet its subject.
+device and --sync-bn, a sharded head's options, the decoded cache's room, --monitor against
+the pack's kind of validation, --tensorboard's package, the weights, the architecture at
+--image-size, the run folder, and a resume's checkpoint. Each check is the one the processes
+run again where they meet its subject.
 """
 from __future__ import annotations
 
