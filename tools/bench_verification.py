@@ -16,6 +16,7 @@ from typing import Any
 import click
 import torch
 
+from trainer.cli_usage import HELP_OPTIONS
 from trainer.verification import SAMPLED_PAIRS, draw_pairs, pair_counts, score_histograms, verification_report
 
 
@@ -50,7 +51,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--images", default=28000, show_default=True, type=click.IntRange(min=3))
 @click.option("--identities", default=1400, show_default=True, type=click.IntRange(min=2))
 @click.option("--dim", default=512, show_default=True, type=click.IntRange(min=1))
