@@ -27,8 +27,8 @@ from trainer.accumulation import gradient_sync, group_length, is_update_step
 from trainer.data_wait import DataWaitClock
 from trainer.ema import ModelEma
 from trainer.errors import TrainerError
-from trainer.mixing import MixConfig, draw_mix, mix_batch, soft_target_cross_entropy
 from trainer.margin_heads import HeadLoss
+from trainer.mixing import MixConfig, draw_mix, mix_batch, soft_target_cross_entropy
 from trainer.partial_fc import grad_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]
