@@ -14,10 +14,9 @@ from trainer.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpo
 from trainer.config import RunConfig, build_config
 from trainer.errors import TrainerError
 from trainer.inference import load_model
+from trainer.margin_heads import MarginHead, MarginModel
 from trainer.models import (
     HeadConfig,
-    MarginHead,
-    MarginModel,
     backbone_blocks,
     build_model,
     freeze_blocks,
