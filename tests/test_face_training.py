@@ -27,8 +27,9 @@ from trainer.distributed import DistContext
 from trainer.face_backbones import face_backbone
 from trainer.inference import load_torchscript
 from trainer.loop import StepConfig, top1_correct, train_step
+from trainer.margin_heads import MarginHead
 from trainer.margins import margin_target
-from trainer.models import FaceClassifier, HeadConfig, MarginHead, build_model, embed
+from trainer.models import FaceClassifier, HeadConfig, build_model, embed
 from trainer.partial_fc import grad_norm
 from trainer.resume import restore_state
 from trainer.run import wrap_model

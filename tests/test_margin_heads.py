@@ -10,14 +10,12 @@ from torch import nn
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.loop import StepConfig, train_step
+from trainer.margin_heads import MarginHead, MarginModel, margin_logits
 from trainer.models import (
     HeadConfig,
-    MarginHead,
-    MarginModel,
     build_model,
     embed,
     freeze_blocks,
-    margin_logits,
     takes_labels,
 )
 

@@ -14,10 +14,9 @@ from trainer.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpo
 from trainer.config import RunConfig, build_config
 from trainer.errors import TrainerError
 from trainer.inference import load_model
+from trainer.margin_heads import MarginHead, MarginModel
 from trainer.models import (
     HeadConfig,
-    MarginHead,
-    MarginModel,
     backbone_blocks,
     build_model,
     freeze_blocks,
@@ -224,7 +223,8 @@ def test_head_config_is_what_the_checkpoint_stores() -> None:
     head = HeadConfig.from_run(cfg)
     assert head == HeadConfig(type="cosface", hidden=7, embedding_dim=32, scale=30.0, margin=0.35)
     assert HeadConfig.from_dict(head.to_dict()) == head
-    assert set(head.to_dict()) == {"type", "hidden", "dropout", "activation", "embedding_dim", "margin", "scale"}
+    assert set(head.to_dict()) == {"type", "hidden", "dropout", "activation", "embedding_dim", "margin", "scale",
+                                     "subcenters"}
     # Every field but `type` is a `trainer run` option of the same name, so a new field cannot be left out of a run.
     options = {f.name for f in dataclasses.fields(RunConfig)}
     assert {f.name for f in dataclasses.fields(HeadConfig)} - {"type"} <= options and "head" in options

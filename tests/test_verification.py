@@ -10,19 +10,17 @@ import numpy as np
 import pytest
 
 from tools.bench_verification import bench
+from trainer.pairs import draw_pairs, parse_pairs
 from trainer.verification import (
     FAR_TARGETS,
     Pairs,
     auc,
     best_threshold,
     cosine_scores,
-    draw_pairs,
     eer,
     fold_groups,
     kfold_accuracy,
-    parse_pairs,
     rank_identification,
-    read_pairs,
     roc_curve,
     score_histograms,
     tar_at_far,
@@ -184,12 +182,6 @@ def test_parse_pairs(tmp_path) -> None:
         parse_pairs("a,b,1\na,b,maybe\n")
     with pytest.raises(ValueError, match="no pairs"):
         parse_pairs("# nothing\n")
-    (tmp_path / "p.txt").write_text(text)
-    pairs = read_pairs(tmp_path / "p.txt", ["b/2.jpg", "a/1.jpg", "a/2.jpg", "b/1.jpg"])
-    assert pairs.a.tolist() == [1, 1, 3] and pairs.b.tolist() == [2, 3, 0]
-    assert pairs.same.tolist() == [True, False, True]
-    with pytest.raises(ValueError, match="not in the split"):
-        read_pairs(tmp_path / "p.txt", ["a/1.jpg"])
 
 
 def _brute_force(embeddings: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dali_pipes.atomic import atomic_write_bytes
 from trainer.cli_usage import HELP_OPTIONS
-from trainer.models import MarginHead
+from trainer.margin_heads import MarginHead
 from trainer.partial_fc import PartialFC, class_shard
 
 GIB = 2 ** 30

@@ -17,7 +17,8 @@ import click
 import torch
 
 from trainer.cli_usage import HELP_OPTIONS
-from trainer.verification import SAMPLED_PAIRS, draw_pairs, pair_counts, score_histograms, verification_report
+from trainer.pairs import draw_pairs, pair_counts
+from trainer.verification import SAMPLED_PAIRS, score_histograms, verification_report
 
 
 def bench(images: int, identities: int, dim: int, device: str, seed: int = 0) -> dict[str, Any]:

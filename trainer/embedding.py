@@ -21,9 +21,10 @@ from trainer.checkpoint import atomic_write_bytes
 from trainer.distributed import DistContext
 from trainer.errors import TrainerError
 from trainer.inference import checkpoint_file, image_batches, load_model
+from trainer.pairs import Pairs, parse_pairs
 from trainer.scoring import HostGather
 from trainer.tta import tta_embed
-from trainer.verification import FAR_TARGETS, MAX_SAMPLED_PAIRS, Pairs, parse_pairs, verification_report
+from trainer.verification import FAR_TARGETS, MAX_SAMPLED_PAIRS, verification_report
 
 
 @torch.no_grad()

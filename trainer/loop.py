@@ -3,7 +3,7 @@
 
 The loop receives an iterable of `(images, labels)` already on the device and never
 learns which backend made it, nor which head it trains: a model gives logits, or its own
-loss and top-1 hits as a `models.HeadLoss` (a sharded margin head). Host-device syncs
+loss and top-1 hits as a `margin_heads.HeadLoss` (a sharded margin head). Host-device syncs
 (`.item()`) happen only every `log_every` optimizer steps (counted across epochs, so short
 epochs are logged too), at the first optimizer step of each epoch, and at its end.
 
@@ -27,8 +27,8 @@ from trainer.accumulation import gradient_sync, group_length, is_update_step
 from trainer.data_wait import DataWaitClock
 from trainer.ema import ModelEma
 from trainer.errors import TrainerError
+from trainer.margin_heads import HeadLoss
 from trainer.mixing import MixConfig, draw_mix, mix_batch, soft_target_cross_entropy
-from trainer.models import HeadLoss
 from trainer.partial_fc import grad_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]

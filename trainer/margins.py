@@ -1,7 +1,7 @@
 """The arithmetic every margin head shares: cosines to the class centres, the true class's harder cosine,
 sub-centre cosines.
 
-Pure functions on tensors, used by `models.MarginHead` (all centres on one process) and by
+Pure functions on tensors, used by `margin_heads.MarginHead` (all centres on one process) and by
 `partial_fc.PartialFC` (centres sharded over ranks), so both heads train the same objective.
 """
 from __future__ import annotations

@@ -273,7 +273,7 @@ class PartialFC(nn.Module):
         self.kind, self.margin, self.scale, self.sample_rate = kind, margin, scale, sample_rate
         self.seed, self.group, self.scale_grad_for_ddp = seed, group, scale_grad_for_ddp
         self.start, self.stop = class_shard(num_classes, self.rank, self.world_size)
-        # Unit-scale centres, as `models.MarginHead`: they are normalized anyway, and at a tiny scale Adam's
+        # Unit-scale centres, as `margin_heads.MarginHead`: they are normalized anyway, and at a tiny scale Adam's
         # steps (about lr per coordinate) would swing their directions wildly.
         self.centres = nn.Parameter(initial_centres(self.start, self.stop, subcenters, embedding_dim, seed))
         self.step = 0  # training steps taken: part of the sampling seed (a resumed run sets it)

@@ -1,4 +1,4 @@
-"""Face-style evaluation over embeddings: pairs, ROC, AUC, EER, TAR@FAR, k-fold accuracy, rank-k identification.
+"""Face-style evaluation over embeddings: ROC, AUC, EER, TAR@FAR, k-fold accuracy, rank-k identification.
 
 Functions on arrays, no model and no data code. A verification score is the cosine
 similarity of two L2-normalized embeddings; a pair is predicted "same" when its score is
@@ -10,11 +10,12 @@ pairs, pairs are drawn without replacement and their scores sorted exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from trainer.pairs import Pairs, check_labels, draw_pairs, pair_counts
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4)
 FOLDS = 10  # the LFW protocol's 10-fold accuracy
@@ -44,18 +45,6 @@ class Roc:
     thresholds: np.ndarray
     num_positives: int
     num_negatives: int
-
-
-@dataclass(frozen=True)
-class Pairs:
-    """Index pairs into an embedding array, and whether each pair shows one identity."""
-
-    a: np.ndarray
-    b: np.ndarray
-    same: np.ndarray  # bool
-
-    def __len__(self) -> int:
-        return len(self.same)
 
 
 @dataclass(frozen=True)
@@ -221,10 +210,6 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def unit_rows(embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
     """L2-normalized rows as a floating-point tensor, on the device the embeddings are on (numpy: the CPU)."""
     e = torch.as_tensor(embeddings)
@@ -242,14 +227,6 @@ def cosine_scores(embeddings: np.ndarray | torch.Tensor, pairs: Pairs) -> np.nda
     step = max(1, BLOCK_ELEMENTS // max(e.shape[1], 1))
     chunks = [(e[a[i : i + step]] * e[b[i : i + step]]).sum(1) for i in range(0, len(a), step)]
     return torch.cat(chunks).double().cpu().numpy() if chunks else np.zeros(0)
-
-
-def pair_counts(labels: np.ndarray) -> tuple[int, int]:
-    """(genuine, impostor): how many unordered pairs of distinct images show one identity, and how many two."""
-    counts = np.unique(np.asarray(labels), return_counts=True)[1].astype(np.int64)
-    genuine = int((counts * (counts - 1) // 2).sum())
-    n = int(counts.sum())
-    return genuine, n * (n - 1) // 2 - genuine
 
 
 def fold_groups(n: int, folds: int, seed: int) -> np.ndarray:
@@ -314,114 +291,6 @@ def _row_blocks(first: int, last: int, n: int, block: int) -> list[tuple[int, in
     return runs
 
 
-def _triangle(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pair number t -> (i, j), i < j, in the order (0,1) (0,2) (1,2) (0,3) ...: t = j(j-1)/2 + i."""
-    j = np.floor((1.0 + np.sqrt(1.0 + 8.0 * t.astype(np.float64))) / 2.0).astype(np.int64)
-    j -= j * (j - 1) // 2 > t  # the square root may round up or down by one
-    j += (j + 1) * j // 2 <= t
-    return t - j * (j - 1) // 2, j
-
-
-def _distinct(rng: np.random.Generator, population: int, size: int, wanted: int,
-              keep: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """`size` distinct numbers drawn uniformly from those of [0, population) that `keep` accepts (`wanted` of them).
-
-    Rounds of uniform draws are merged until enough distinct accepted numbers are in
-    hand; a uniform choice among those is then a uniform choice among all accepted ones.
-    """
-    chosen = np.zeros(0, dtype=np.int64)
-    while len(chosen) < size:
-        fresh = (wanted - len(chosen)) / population  # share of a draw that is new and accepted
-        draws = rng.integers(population, size=int(1.5 * (size - len(chosen)) / fresh) + 64)
-        chosen = np.sort(np.r_[chosen, draws if keep is None else draws[keep(draws)]])
-        chosen = chosen[np.r_[True, chosen[1:] != chosen[:-1]]]  # np.union1d hashes, several times slower
-    return np.sort(rng.choice(chosen, size, replace=False))
-
-
-def draw_pairs(labels: np.ndarray, num_pairs: int, seed: int = 0) -> Pairs:
-    """`num_pairs` genuine and `num_pairs` impostor pairs of distinct images, drawn (seeded) without replacement.
-
-    Each unordered pair comes at most once; a kind with fewer than `num_pairs` pairs is
-    taken whole. Genuine pairs first, each kind in a fixed order.
-    """
-    labels = np.asarray(labels)
-    _check_labels(labels)
-    rng = np.random.default_rng(seed)
-    order = np.argsort(labels, kind="stable")
-    starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)[1:]
-    offsets = np.r_[0, np.cumsum(sizes * (sizes - 1) // 2)]  # genuine pairs numbered identity by identity
-    genuine, impostor = pair_counts(labels)
-    if num_pairs >= genuine:
-        g = np.arange(genuine)
-    else:
-        g = _distinct(rng, genuine, num_pairs, genuine)
-    c = np.searchsorted(offsets, g, side="right") - 1
-    u, v = _triangle(g - offsets[c])
-    pos_a, pos_b = order[starts[c] + u], order[starts[c] + v]
-
-    def differ(t: np.ndarray) -> np.ndarray:
-        i, j = _triangle(t)
-        return labels[i] != labels[j]
-
-    if num_pairs >= impostor:
-        neg_a, neg_b = _impostor_pairs(order, starts + sizes, sizes)
-    else:
-        neg_a, neg_b = _triangle(_distinct(rng, genuine + impostor, num_pairs, impostor, keep=differ))
-    same = np.r_[np.ones(len(pos_a), dtype=bool), np.zeros(len(neg_a), dtype=bool)]
-    return Pairs(np.r_[pos_a, neg_a].astype(np.int64), np.r_[pos_b, neg_b].astype(np.int64), same)
-
-
-def _impostor_pairs(order: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every impostor pair: with images `order`ed by identity (identity k ending at `ends[k]`), each image and
-    every image of a later identity."""
-    later = np.repeat(ends, sizes)  # of each position: where the next identity starts
-    counts = len(order) - later
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    a = np.repeat(np.arange(len(order)), counts)
-    b = np.arange(int(counts.sum())) - first + np.repeat(later, counts)
-    return order[a], order[b]
-
-
-def _check_labels(labels: np.ndarray) -> None:
-    identities = len(np.unique(labels))
-    if identities < 2:
-        raise ValueError(f"verification needs at least 2 identities, found {identities}")
-    if pair_counts(labels)[0] == 0:
-        raise ValueError("verification needs an identity with at least 2 images")
-
-
-def parse_pairs(text: str, source: str = "pairs file") -> list[tuple[str, str, bool]]:
-    """Lines `path_a,path_b,same` (same: 1/0 or true/false); blank lines, `#` comments and a header skipped."""
-    pairs = []
-    truth = {"1": True, "true": True, "0": False, "false": False}
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) != 3 or fields[2].lower() not in truth:
-            if number == 1 and len(fields) == 3:
-                continue  # a header such as path_a,path_b,same
-            raise ValueError(f"{source}, line {number}: expected path_a,path_b,same (same: 1 or 0), got {line[:80]!r}")
-        pairs.append((fields[0], fields[1], truth[fields[2].lower()]))
-    if not pairs:
-        raise ValueError(f"{source}: no pairs found (expected lines path_a,path_b,same)")
-    return pairs
-
-
-def read_pairs(path: Path, known: Sequence[str]) -> Pairs:
-    """A pairs file resolved against `known` paths (the i-th embedding's path); unknown paths are an error."""
-    index = {p: i for i, p in enumerate(known)}
-    rows = parse_pairs(Path(path).read_text(), str(path))
-    missing = [p for row in rows for p in row[:2] if p not in index]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} paths are not in the split, e.g. {missing[0]!r} "
-                         f"(paths are relative to the packed folder)")
-    a = np.array([index[r[0]] for r in rows], dtype=np.int64)
-    b = np.array([index[r[1]] for r in rows], dtype=np.int64)
-    return Pairs(a, b, np.array([r[2] for r in rows], dtype=bool))
-
-
 def verification_report(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray, pairs: Pairs | None = None, *,
                         num_pairs: int | None = None, seed: int = 0,
                         max_all_pairs: int = MAX_ALL_PAIRS) -> tuple[dict[str, Any], Roc]:
@@ -433,7 +302,7 @@ def verification_report(embeddings: np.ndarray | torch.Tensor, labels: np.ndarra
     without replacement. Scoring runs on the embeddings' device; `seed` also deals the folds.
     """
     labels = np.asarray(labels)
-    _check_labels(labels)
+    check_labels(labels)
     genuine, impostor = pair_counts(labels)
     everything = genuine + impostor <= max_all_pairs and (num_pairs is None or num_pairs >= max(genuine, impostor))
     if pairs is None and everything:
