@@ -60,11 +60,12 @@ class Trainee:
         self.step = StepConfig(nn.CrossEntropyLoss(), resolve_amp(cfg.amp, device), self.state.scaler,
                                log_every=cfg.log_every)
 
-    def train(self, batches: Iterable[Batch]) -> float:
-        """`train_one_epoch` over `batches`; returns the seconds it waited for them."""
+    def train(self, batches: Iterable[Batch], count: int) -> float:
+        """`train_one_epoch` over the `count` `batches`; returns the seconds it waited for them."""
         result = train_one_epoch(self.model, batches, self.state.optimizer, self.step, device=self.device,
                                  set_lr=lambda i: self.cfg.lr,
-                                 set_train_mode=lambda: set_train_mode(self.state.model, self.state.frozen))
+                                 set_train_mode=lambda: set_train_mode(self.state.model, self.state.frozen),
+                                 batches=count)
         return result.state.data_wait
 
 
@@ -95,10 +96,10 @@ def trainer_epoch(trainee: Trainee, pack: Path, backend: str, steps: int, warmup
     loader = build_loader(PackReader(pack), "train", backend=backend, batch_size=cfg.batch_size, train=True,
                           device=device, num_workers=workers, seed=0, spec=PipelineSpec(image_size=cfg.image_size))
     batches = _batches(loader, warmup + steps)
-    trainee.train(itertools.islice(batches, warmup))  # workers, allocator, cuDNN, the prefetcher's fill
+    trainee.train(itertools.islice(batches, warmup), warmup)  # workers, allocator, cuDNN, the prefetcher's fill
     _sync(device)
     start = time.perf_counter()
-    waited = trainee.train(batches)  # the same iterator: no restart inside the timed steps
+    waited = trainee.train(batches, steps)  # the same iterator: no restart inside the timed steps
     _sync(device)
     seconds = time.perf_counter() - start
     return {"images_per_second": steps * cfg.batch_size / seconds, "data_wait_fraction": waited / seconds}
